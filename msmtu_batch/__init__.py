@@ -1,0 +1,8 @@
+"""msmtu-batch: LULC abundance mapping from MODIS monthly time series with BRITS."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("msmtu-batch")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,240 @@
+"""Input-cube contract (DESIGN.md section 4): names, encodings, opening and validation.
+
+Every other module reads input cubes through :func:`open_input_cube`, so the rules below
+are the single definition of what a valid cube is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+
+from msmtu_batch.errors import CubeValidationError
+
+BAND_NAMES: tuple[str, ...] = tuple(f"sur_refl_b0{i}" for i in range(1, 8))
+"""MOD09A1 bands 1-7, in product order: red, nir1, blue, green, nir2, swir1, swir2."""
+BAND_COMMON_NAMES: tuple[str, ...] = ("red", "nir1", "blue", "green", "nir2", "swir1", "swir2")
+GEOTOPO_NAMES: tuple[str, ...] = ("longitude", "latitude", "altitude", "slope")
+CLIMATIC_NAMES: tuple[str, ...] = (
+    "precipitation",
+    "evapotranspiration",
+    "temperature_ave",
+    "temperature_max",
+    "temperature_min",
+)
+ANCILLARY_NAMES: tuple[str, ...] = GEOTOPO_NAMES + CLIMATIC_NAMES
+ANCILLARY_UNITS: dict[str, str] = {
+    "longitude": "degrees_east",
+    "latitude": "degrees_north",
+    "altitude": "m",
+    "slope": "degree",
+    "precipitation": "mm year-1",
+    "evapotranspiration": "mm year-1",
+    "temperature_ave": "degC",
+    "temperature_max": "degC",
+    "temperature_min": "degC",
+}
+
+N_MONTHS = 12
+REFLECTANCE_FILL = -28672
+REFLECTANCE_SCALE = 1e-4
+REFLECTANCE_VALID_RANGE = (-100, 16000)  # MOD09A1 valid range, in stored integer units
+
+# MOD09A1 500 m StateQA bits (MOD09 user guide, table 13). The ones we reject:
+QA_CLOUD_STATE_MASK = 0b11  # bits 0-1: 00 clear, 01 cloudy, 10 mixed, 11 not set (assumed clear)
+QA_CLOUDY = 0b01
+QA_MIXED_CLOUD = 0b10
+QA_CLOUD_SHADOW = 1 << 2
+QA_LAND = 0b001 << 3  # bits 3-5 land/water flag: 001 land
+QA_SHALLOW_INLAND_WATER = 0b011 << 3
+QA_AEROSOL_LOW = 0b01 << 6  # bits 6-7 aerosol quantity
+QA_INTERNAL_CLOUD = 1 << 10
+QA_MOD35_SNOW = 1 << 12
+QA_ADJACENT_CLOUD = 1 << 13  # informative only: not rejected
+QA_INTERNAL_SNOW = 1 << 15
+
+
+def qa_rejected(state_qa: np.ndarray) -> np.ndarray:
+    """True where StateQA says cloudy, mixed cloud, cloud shadow or snow (DESIGN.md section 4)."""
+    qa = np.asarray(state_qa).astype(np.uint16, copy=False)
+    cloud_state = qa & QA_CLOUD_STATE_MASK
+    cloudy = (cloud_state == QA_CLOUDY) | (cloud_state == QA_MIXED_CLOUD)
+    return cloudy | ((qa & (QA_CLOUD_SHADOW | QA_MOD35_SNOW | QA_INTERNAL_SNOW)) != 0)
+
+
+def observed_mask(reflectance: np.ndarray, state_qa: np.ndarray | None = None) -> np.ndarray:
+    """Plain NumPy reference of the gap mask: True where a value is usable.
+
+    ``reflectance`` is ``(time, band, ...)`` in stored int16 units and ``state_qa``
+    ``(time, ...)``. A value is usable when it is not the fill value, lies in the MOD09A1
+    valid range, and (when QA is given) its month is not cloudy, shadowed or snowy.
+    """
+    refl = np.asarray(reflectance)
+    low, high = REFLECTANCE_VALID_RANGE
+    usable = (refl != REFLECTANCE_FILL) & (refl >= low) & (refl <= high)
+    if state_qa is not None:
+        usable &= ~qa_rejected(state_qa)[:, None]
+    return usable
+
+
+def open_input_cube(path: str | os.PathLike, *, validate: bool = True,
+                    ancillary: Sequence[str] = ANCILLARY_NAMES) -> xr.Dataset:
+    """Open an input cube lazily (dask-backed, raw int16 reflectance) and validate it."""
+    store = Path(path)
+    if not store.exists():
+        raise CubeValidationError(f"{store}: input cube not found")
+    try:
+        ds = xr.open_zarr(store, mask_and_scale=False, decode_coords="all",
+                          consolidated=False, chunks={})
+    except Exception as exc:
+        raise CubeValidationError(f"{store}: {_explain_open_failure(store, exc)}") from exc
+    if validate:
+        validate_input_cube(ds, store=store, ancillary=ancillary)
+    return ds
+
+
+def _explain_open_failure(store: Path, exc: Exception) -> str:
+    """Turn xarray's opening error into one line that names the offending variable."""
+    try:
+        group = zarr.open_group(store, mode="r")
+    except Exception:
+        return f"not a readable Zarr store ({type(exc).__name__}: {exc})"
+    shapes: dict[str, dict[str, int]] = {}  # dim -> {variable: size}
+    for name, array in group.arrays():
+        dims = array.metadata.dimension_names if array.metadata.zarr_format == 3 \
+            else array.attrs.get("_ARRAY_DIMENSIONS")
+        for dim, size in zip(dims or (), array.shape):
+            shapes.setdefault(dim, {})[name] = size
+    for dim, sizes in shapes.items():
+        expected = Counter(sizes.values()).most_common(1)[0][0]
+        for name, size in sorted(sizes.items()):
+            if size != expected:
+                return (f"variable '{name}' has {dim}={size}, expected {dim}={expected} like the "
+                        "other variables (all variables must share one grid)")
+    return f"cannot be opened as an xarray dataset ({type(exc).__name__}: {exc})"
+
+
+def cube_encoding(ds: xr.Dataset, chunk: int | None = None) -> dict[str, dict]:
+    """Zarr encoding that stores ``ds`` by the contract: grid mapping on every spatial
+    variable, the reflectance fill value, and spatial chunks holding all months and bands."""
+    encoding: dict[str, dict] = {}
+    for name, var in ds.data_vars.items():
+        if "x" not in var.dims:
+            continue
+        encoding[name] = {"grid_mapping": "spatial_ref"} if "spatial_ref" in ds.variables else {}
+        if chunk is not None:
+            encoding[name]["chunks"] = tuple(
+                min(chunk, var.sizes[d]) if d in ("y", "x") else var.sizes[d] for d in var.dims)
+    if "reflectance" in encoding:
+        encoding["reflectance"]["_FillValue"] = REFLECTANCE_FILL
+    return encoding
+
+
+def write_input_cube(ds: xr.Dataset, store: str | os.PathLike, chunk: int = 128) -> None:
+    """Write ``ds`` (raw int16 reflectance with a ``scale_factor`` attribute) as a Zarr cube."""
+    # spatial chunks of `chunk` pixels holding every month and band, as the contract asks
+    ds = ds.chunk({dim: (chunk if dim in ("y", "x") else -1) for dim in ds.dims})
+    for var in ds.variables.values():
+        var.encoding = {}
+        var.attrs = {k: v for k, v in var.attrs.items() if k != "_FillValue"}
+    ds.to_zarr(store, mode="w", encoding=cube_encoding(ds, chunk), consolidated=False)
+
+
+def _expect(condition: bool, store: Path | str, variable: str, expected: str, found: object) -> None:
+    if not condition:
+        raise CubeValidationError(
+            f"{store}: variable '{variable}': expected {expected}, found {found}")
+
+
+def validate_input_cube(ds: xr.Dataset, *, store: Path | str = "<dataset>",
+                        ancillary: Sequence[str] = ANCILLARY_NAMES) -> None:
+    """Check ``ds`` against the input-cube contract; raise one clear error on the first breach.
+
+    ``ds`` must be opened with ``mask_and_scale=False`` (as :func:`open_input_cube` does) so
+    the stored dtypes and fill values are visible. ``ancillary`` lists the ancillary
+    variables required (a model without ancillary data needs none).
+    """
+    _expect("reflectance" in ds.data_vars, store, "reflectance", "a data variable",
+            "none (data variables: " + ", ".join(sorted(map(str, ds.data_vars))) + ")")
+    refl = ds["reflectance"]
+    _expect(refl.dims == ("time", "band", "y", "x"), store, "reflectance",
+            "dims (time, band, y, x)", "(" + ", ".join(map(str, refl.dims)) + ")")
+    _expect(refl.dtype == np.int16, store, "reflectance", "dtype int16", f"dtype {refl.dtype}")
+    fill = refl.attrs.get("_FillValue", refl.encoding.get("_FillValue"))
+    _expect(fill is not None and int(fill) == REFLECTANCE_FILL, store, "reflectance",
+            f"_FillValue {REFLECTANCE_FILL}", f"_FillValue {fill}")
+    scale = refl.attrs.get("scale_factor", refl.encoding.get("scale_factor", REFLECTANCE_SCALE))
+    _expect(np.isclose(float(scale), REFLECTANCE_SCALE, rtol=1e-6, atol=0), store, "reflectance",
+            f"scale_factor {REFLECTANCE_SCALE:g}", f"scale_factor {scale}")
+
+    bands = [str(b) for b in ds["band"].values]
+    _expect(len(bands) == len(BAND_NAMES), store, "band",
+            f"{len(BAND_NAMES)} bands", f"{len(bands)} bands")
+    _expect(bands == list(BAND_NAMES), store, "band",
+            "labels " + ", ".join(BAND_NAMES), "labels " + ", ".join(bands))
+
+    _validate_time(ds, store)
+    _validate_grid(ds, store)
+
+    if "state_qa" in ds.data_vars:
+        qa = ds["state_qa"]
+        _expect(qa.dims == ("time", "y", "x"), store, "state_qa", "dims (time, y, x)",
+                "(" + ", ".join(map(str, qa.dims)) + ")")
+        _expect(qa.dtype == np.uint16, store, "state_qa", "dtype uint16", f"dtype {qa.dtype}")
+
+    for name in ancillary:
+        _expect(name in ds.data_vars, store, name, "an ancillary data variable (y, x)", "nothing")
+        var = ds[name]
+        _expect(var.dims == ("y", "x"), store, name, "dims (y, x)",
+                "(" + ", ".join(map(str, var.dims)) + ")")
+        _expect(var.dtype == np.float32, store, name, "dtype float32", f"dtype {var.dtype}")
+    if ancillary:
+        _validate_ancillary_finite(ds, store, ancillary)
+
+
+def _validate_time(ds: xr.Dataset, store: Path | str) -> None:
+    times = pd.DatetimeIndex(ds["time"].values) if np.issubdtype(ds["time"].dtype, np.datetime64) \
+        else None
+    _expect(times is not None, store, "time", "datetime64 timestamps", f"dtype {ds['time'].dtype}")
+    _expect(len(times) == N_MONTHS, store, "time", f"{N_MONTHS} monthly steps", f"{len(times)} steps")
+    expected = pd.date_range(times[0].to_period("M").to_timestamp(), periods=N_MONTHS, freq="MS")
+    _expect(bool((times == expected).all()), store, "time",
+            f"first-of-month timestamps {expected[0].date()} .. {expected[-1].date()}",
+            ", ".join(str(t.date()) for t in times))
+
+
+def _validate_grid(ds: xr.Dataset, store: Path | str) -> None:
+    for dim in ("y", "x"):
+        _expect(dim in ds.coords and ds[dim].ndim == 1, store, dim, "a 1-D coordinate", "none")
+        coord = ds[dim].values.astype(np.float64)
+        if coord.size > 1:
+            step = np.diff(coord)
+            regular = bool(np.all(step != 0) and np.allclose(step, step[0], rtol=1e-6, atol=0))
+            _expect(regular, store, dim, "regularly spaced pixel centres",
+                    f"spacings from {step.min():g} to {step.max():g}")
+    crs = ds.rio.crs
+    _expect(crs is not None, store, "spatial_ref",
+            "a CRS (rioxarray convention: 'spatial_ref' coordinate with crs_wkt)", "no CRS")
+
+
+def _validate_ancillary_finite(ds: xr.Dataset, store: Path | str, names: Sequence[str]) -> None:
+    """Ancillary values must be finite wherever any reflectance was observed."""
+    has_obs = (ds["reflectance"] != REFLECTANCE_FILL).any(("time", "band"))
+    bad_counts = [(~np.isfinite(ds[name]) & has_obs).sum() for name in names]
+    counts = xr.concat(bad_counts, dim="variable").compute().values
+    for name, count in zip(names, counts):
+        if count:
+            bad = (~np.isfinite(ds[name]) & has_obs).values
+            row, col = (int(i[0]) for i in np.nonzero(bad))
+            raise CubeValidationError(
+                f"{store}: variable '{name}': expected finite values where reflectance is "
+                f"observed, found {int(count)} non-finite pixel(s), first at y index {row}, "
+                f"x index {col}")

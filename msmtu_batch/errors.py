@@ -1,0 +1,13 @@
+"""Exceptions whose message is the one line a user sees (the CLI prints it and exits 2)."""
+
+
+class MsmtuError(Exception):
+    """Base class: bad input or a refused operation, explained in one line."""
+
+
+class CubeValidationError(MsmtuError, ValueError):
+    """An input cube breaks the data contract of DESIGN.md section 4."""
+
+
+class TrainingDataError(MsmtuError, ValueError):
+    """Training data (Andalusia-MSMTU layout or reference cube) is missing or inconsistent."""

@@ -1,0 +1,35 @@
+"""Shared fixtures: small simulated regions written to real Zarr stores on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import xarray as xr
+
+from msmtu_batch.cube import open_input_cube
+from msmtu_batch.simulate import SimulationConfig, SimulationResult, simulate
+
+SMALL = SimulationConfig(height=72, width=96, seed=7, chunk=32, msmtu_pixels=300, split_block=12)
+
+
+@pytest.fixture(scope="session")
+def region(tmp_path_factory: pytest.TempPathFactory) -> SimulationResult:
+    """A 72 x 96 region (three row blocks, 48 split blocks, 300 MSMTU pixels)."""
+    return simulate(SMALL, tmp_path_factory.mktemp("region"))
+
+
+@pytest.fixture(scope="session")
+def cube(region: SimulationResult) -> xr.Dataset:
+    return open_input_cube(region.cube).load()
+
+
+@pytest.fixture(scope="session")
+def reference(region: SimulationResult) -> dict[str, xr.Dataset]:
+    return {level: xr.open_zarr(region.reference, group=level, consolidated=False).load()
+            for level in ("level1", "level2")}
+
+
+def zarr_files(store: Path) -> dict[str, bytes]:
+    """Every file of a store (chunks and metadata) by relative path."""
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}

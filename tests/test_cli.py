@@ -1,0 +1,102 @@
+"""The command line, run as a user runs it: a real process, its output and exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import xarray as xr
+
+from msmtu_batch.cube import open_input_cube
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "msmtu_batch.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize("command", ["simulate", "validate", "demo"])
+def test_every_command_has_help(command):
+    result = cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+
+
+def test_simulate_writes_the_three_products_then_validates(tmp_path):
+    result = cli("simulate", "--out", str(tmp_path), "--height", "20", "--width", "30",
+                 "--seed", "4", "--msmtu-pixels", "25")
+    assert result.returncode == 0, result.stderr
+    assert "(20 x 30 pixels, seed 4)" in result.stdout
+    assert open_input_cube(tmp_path / "cube.zarr").sizes["x"] == 30
+    assert len(list((tmp_path / "msmtu" / "ts_files").iterdir())) == 25
+    checked = cli("validate", str(tmp_path / "cube.zarr"))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.strip() == (f"{tmp_path / 'cube.zarr'}: valid input cube "
+                                      "(20 x 30 pixels, 12 months, CRS EPSG:25830)")
+
+
+def test_workflow_file_drives_simulate_and_flags_override_it(tmp_path):
+    result = cli("simulate", "--config", "workflows/synthetic_andalusia.yaml", "--out", str(tmp_path),
+                 "--height", "16", "--width", "24", "--msmtu-pixels", "10")
+    assert result.returncode == 0, result.stderr
+    ds = xr.open_zarr(tmp_path / "cube.zarr", consolidated=False)
+    assert (ds.sizes["y"], ds.sizes["x"]) == (16, 24)
+    assert '"split_block":16' in ds.attrs["simulation_config"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("simulate", "--out", "{tmp}", "--height", "4"),
+     "msmtu-batch: error: invalid configuration: height: Input should be greater than or equal to 8"),
+    (("simulate", "--out", "{tmp}", "--config", "{tmp}/absent.yaml"),
+     "msmtu-batch: error: {tmp}/absent.yaml: configuration file not found"),
+    (("validate", "{tmp}/absent.zarr"), "msmtu-batch: error: {tmp}/absent.zarr: input cube not found"),
+])
+def test_bad_input_gives_one_line_and_status_2(tmp_path, args, message):
+    result = cli(*(a.format(tmp=tmp_path) for a in args))
+    assert result.returncode == 2
+    assert result.stderr.strip() == message.format(tmp=tmp_path)
+    assert "Traceback" not in result.stderr
+
+
+def test_simulate_refuses_to_replace_outputs_without_overwrite(tmp_path):
+    args = ("simulate", "--out", str(tmp_path), "--height", "16", "--width", "16", "--msmtu-pixels", "5")
+    assert cli(*args).returncode == 0
+    again = cli(*args)
+    assert again.returncode == 2
+    assert again.stderr.strip() == (f"msmtu-batch: error: {tmp_path / 'cube.zarr'} already exists; "
+                                    "pass --overwrite to replace it")
+    assert cli(*args, "--overwrite").returncode == 0
+
+
+def test_validate_names_the_ancillary_a_model_needs(region, tmp_path):
+    from msmtu_batch.cube import write_input_cube
+
+    store = tmp_path / "no_climate.zarr"
+    write_input_cube(open_input_cube(region.cube).drop_vars("precipitation"), store)
+    assert cli("validate", str(store), "--ancillary", "geotopo").returncode == 0
+    result = cli("validate", str(store))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"msmtu-batch: error: {store}: variable 'precipitation': expected "
+                                     "an ancillary data variable (y, x), found nothing")
+
+
+def test_demo_prints_a_summary(tmp_path):
+    result = cli("demo", "--out", str(tmp_path / "demo"), "--height", "40", "--width", "48")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"simulated and validated {tmp_path / 'demo' / 'cube.zarr'} in ")
+    assert [line.split()[0] for line in lines[1:]] == [
+        "region", "position", "terrain", "climate", "observed", "gaps", "mixing", "classes", "msmtu"]
+    assert "40 x 48 pixels" in lines[1]
+
+
+def test_example_runs(tmp_path):
+    result = subprocess.run([sys.executable, "examples/simulate_and_validate.py", "--out",
+                             str(tmp_path), "--height", "40", "--width", "56"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "valid input cube" in result.stdout
