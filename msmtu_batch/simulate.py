@@ -413,7 +413,8 @@ class SyntheticAndalusia:
         surface = linear + c.nonlinearity * 0.5 * (linear * linear - squares)
         del squares
 
-        noise = self._row_normals(row0, row1, "noise", 2)
+        noise = self._per_row(row0, row1, "noise", lambda rng, width: rng.standard_normal(
+            (2, N_MONTHS, len(BAND_NAMES), width), dtype=np.float32))
         surface *= 1.0 + np.float32(GAIN_NOISE_SD) * noise[0]
         surface += BAND_NOISE_SD.astype(np.float32)[None, :, None, None] * noise[1]
         del noise
@@ -425,7 +426,8 @@ class SyntheticAndalusia:
         gap = clouds > threshold
         adjacent = ~gap & (clouds > threshold - 0.25)
         persistent = self.fields["persistent_gaps"](ym, xm) > ndtri(0.99)
-        draws = self._row_uniforms(row0, row1, "gaps", 3)
+        draws = self._per_row(row0, row1, "gaps",
+                              lambda rng, width: rng.random((3, N_MONTHS, width), dtype=np.float32))
         gap |= persistent[None] & (draws[0] < 0.85)
         t_month = t_ave[None] - 8.0 * np.cos(2 * np.pi * np.arange(N_MONTHS) / N_MONTHS)[:, None, None]
         snow = (t_month < 0.5) & ~gap
@@ -455,19 +457,12 @@ class SyntheticAndalusia:
         refl[((gap | snow) & ~slipped)[:, None].repeat(len(BAND_NAMES), axis=1)] = REFLECTANCE_FILL
         return refl, qa
 
-    def _row_normals(self, row0: int, row1: int, name: str, n: int) -> np.ndarray:
-        """(n, 12, 7, ny, nx) standard normals, drawn row by row so blocks are independent."""
-        c = self.config
-        per_row = [np.random.default_rng(_stable_seed(c.seed, name, r)).standard_normal(
-            (n, N_MONTHS, len(BAND_NAMES), c.width), dtype=np.float32) for r in range(row0, row1)]
-        return np.stack(per_row, axis=-2)
-
-    def _row_uniforms(self, row0: int, row1: int, name: str, n: int) -> np.ndarray:
-        """(n, 12, ny, nx) uniforms, drawn row by row."""
-        c = self.config
-        per_row = [np.random.default_rng(_stable_seed(c.seed, name, r)).random(
-            (n, N_MONTHS, c.width), dtype=np.float32) for r in range(row0, row1)]
-        return np.stack(per_row, axis=-2)
+    def _per_row(self, row0: int, row1: int, name: str,
+                 draw: Callable[[np.random.Generator, int], np.ndarray]) -> np.ndarray:
+        """Random draws made row by row (``draw(rng, width)`` for each row, stacked on the
+        second-last axis), so any block of rows sees the same numbers."""
+        seeds = (_stable_seed(self.config.seed, name, r) for r in range(row0, row1))
+        return np.stack([draw(np.random.default_rng(s), self.config.width) for s in seeds], axis=-2)
 
 
 # --- Writing -----------------------------------------------------------------------------
