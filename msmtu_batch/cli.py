@@ -20,6 +20,7 @@ from msmtu_batch import __version__
 from msmtu_batch.cube import ANCILLARY_NAMES, GEOTOPO_NAMES, open_input_cube
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.simulate import SimulationConfig, describe_region, simulate
+from msmtu_batch.training_data import PARTITIONS, PixelSet
 
 app = typer.Typer(help="LULC abundance mapping from MODIS monthly time series with BRITS.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -142,6 +143,160 @@ def demo_command(
         open_input_cube(out / "cube.zarr")
         print(f"simulated and validated {out / 'cube.zarr'} in {seconds:.1f} s")
         print(describe_region(out))
+
+
+# --- training and evaluation ------------------------------------------------------------------
+
+MsmtuOption = Annotated[Path | None, typer.Option("--msmtu", help="Andalusia-MSMTU folder.")]
+CubeOption = Annotated[Path | None, typer.Option("--cube", help="Input cube (Zarr), with --reference.")]
+ReferenceOption = Annotated[Path | None, typer.Option(
+    "--reference", help="Reference abundance cube (Zarr) on the cube's grid.")]
+LevelOption = Annotated[str, typer.Option("--level", help="Label level, e.g. level1 or level2.")]
+
+
+def _read_pixels(msmtu: Path | None, cube: Path | None, reference: Path | None, level: str,
+                 ancillary: tuple[str, ...]) -> tuple[PixelSet, str]:
+    from msmtu_batch.training_data import read_cube_reference, read_msmtu
+
+    if msmtu is not None and cube is None and reference is None:
+        return read_msmtu(msmtu, level), str(msmtu)
+    if msmtu is None and cube is not None and reference is not None:
+        return read_cube_reference(cube, reference, level, ancillary=ancillary), f"{cube} + {reference}"
+    raise MsmtuError("give either --msmtu DIR or --cube CUBE with --reference REF")
+
+
+def _train_config(config: Path | None, **overrides: object):
+    from msmtu_batch.train import TrainConfig
+
+    values: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise MsmtuError(f"{config}: configuration file not found")
+        loaded = yaml.safe_load(config.read_text()) or {}
+        values = dict(loaded.get("train", {})) if isinstance(loaded, dict) else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+@contextmanager
+def _epoch_progress(epochs: int, label: str = "training") -> Iterator:
+    """A progress bar over epochs showing the losses; yields the per-epoch callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_epoch(record: dict, name: str = label) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=epochs, status="")
+            bar.update(tasks[name], completed=record["epoch"], status=(
+                f"loss {record['loss']:.4f}  val RMSE {record['validation_rmse']:.4f} "
+                f"(best {record['best_validation_rmse']:.4f})"))
+        yield on_epoch
+
+
+@app.command("train")
+def train_command(
+    out: Annotated[Path, typer.Option("--out", help="Model artifact to write (.safetensors).")],
+    level: LevelOption,
+    msmtu: MsmtuOption = None,
+    cube: CubeOption = None,
+    reference: ReferenceOption = None,
+    ancillary: Annotated[AncillaryChoice, typer.Option(
+        help="Ancillary data: none, geotopo (lon, lat, altitude, slope) or all (+ climate).")]
+        = AncillaryChoice.all,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 60).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pixels per batch (default 256).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Adam learning rate (default 3e-3).")] = None,
+    hidden: Annotated[int | None, typer.Option(help="LSTM hidden size (default 100).")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (default 8).")]
+        = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with a 'train' section; flags override it.")]
+        = None,
+) -> None:
+    """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput)."""
+    import json
+
+    from msmtu_batch.artifact import save_artifact
+    from msmtu_batch.train import train
+
+    with _user_errors():
+        cfg = _train_config(config, ancillary=ancillary.value, epochs=epochs, batch_size=batch_size,
+                            learning_rate=learning_rate, hidden=hidden, patience=patience, seed=seed)
+        pixels, source = _read_pixels(msmtu, cube, reference, level, ancillary.names)
+        with _epoch_progress(cfg.epochs) as on_epoch:
+            result = train(pixels, level, cfg, on_epoch=on_epoch, source=source)
+        save_artifact(result.artifact, out)
+        metrics = out.with_suffix(".metrics.json")
+        metrics.write_text(json.dumps({
+            "level": level, "source": source, "config": cfg.model_dump(), "best_epoch": result.best_epoch,
+            "validation_rmse": result.validation_rmse, "seconds": result.seconds,
+            "train_pixels_per_second": result.train_pixels_per_second, "history": result.history}, indent=2))
+        print(f"wrote {out} and {metrics}: best validation RMSE {result.validation_rmse:.4f} at epoch "
+              f"{result.best_epoch} of {len(result.history)}, {result.train_pixels_per_second:,.0f} "
+              f"training pixels/s, {result.seconds:.0f} s")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Option("--model", help="Model artifact (.safetensors).")],
+    level: LevelOption,
+    out: Annotated[Path, typer.Option("--out", help="Report folder (metrics.json, report.md, plots).")],
+    msmtu: MsmtuOption = None,
+    cube: CubeOption = None,
+    reference: ReferenceOption = None,
+    split: Annotated[str, typer.Option(help="Partition to score: " + ", ".join(PARTITIONS) + ".")] = "test",
+    baselines: Annotated[bool, typer.Option(help="Also score the train-mean, FCLS and random-forest "
+                                                 "baselines.")] = True,
+    trees: Annotated[int, typer.Option(help="Trees of the random-forest baselines.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the baselines and hidden values.")] = 0,
+) -> None:
+    """Score a model on a partition against classical baselines; write a Markdown report."""
+    from msmtu_batch.artifact import load_artifact
+    from msmtu_batch.evaluate import comparison_table, evaluate
+
+    with _user_errors():
+        if split not in PARTITIONS:
+            raise MsmtuError(f"--split {split}: expected one of {', '.join(PARTITIONS)}")
+        artifact = load_artifact(model)
+        if artifact.level != level:
+            raise MsmtuError(f"{model}: model was trained for level '{artifact.level}', --level is '{level}'")
+        pixels, source = _read_pixels(msmtu, cube, reference, level, artifact.ancillary_names)
+        report = evaluate(artifact, pixels, out, split=split, model_path=model, baselines=baselines,
+                          trees=trees, seed=seed, source=source)
+        print(comparison_table(report["methods"]))
+        imp = report["imputation"]
+        print(f"imputation MAE on {imp['hidden_values']} hidden values: BRITS {imp['brits_mae']:.5f}, "
+              f"linear interpolation {imp['linear_interpolation_mae']:.5f}")
+        print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+
+
+@app.command("ablation")
+def ablation_command(
+    level: LevelOption,
+    out: Annotated[Path, typer.Option("--out", help="Folder for models, reports and ablation.md.")],
+    msmtu: MsmtuOption = None,
+    cube: CubeOption = None,
+    reference: ReferenceOption = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs per variant (default 60).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
+    trees: Annotated[int, typer.Option(help="Trees of the random-forest baselines.")] = 100,
+    config: Annotated[Path | None, typer.Option(help="YAML file with a 'train' section.")] = None,
+) -> None:
+    """Train and evaluate BRITS with no, geo-topographic, and all ancillary data, plus baselines."""
+    from msmtu_batch.evaluate import comparison_table, run_ablation
+
+    with _user_errors():
+        cfg = _train_config(config, epochs=epochs, seed=seed)
+        pixels, source = _read_pixels(msmtu, cube, reference, level, ANCILLARY_NAMES)
+        with _epoch_progress(cfg.epochs) as on_epoch:
+            summary = run_ablation(pixels, level, cfg, out, trees=trees, source=source,
+                                   on_epoch=lambda variant, r: on_epoch(r, f"brits_{variant}"))
+        print(comparison_table(summary["methods"]))
+        print(f"wrote {out / 'ablation.md'}")
 
 
 def run() -> None:

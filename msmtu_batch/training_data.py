@@ -13,14 +13,93 @@ Layout (DESIGN.md section 4), as published on Zenodo (record 7752348)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import xarray as xr
+
+from msmtu_batch.cube import (
+    ANCILLARY_NAMES,
+    N_MONTHS,
+    REFLECTANCE_SCALE,
+    observed_mask,
+    open_input_cube,
+)
+from msmtu_batch.errors import TrainingDataError
 
 PARTITIONS: tuple[str, ...] = ("train", "validation", "test")
+N_BANDS = 7
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PixelSet:
+    """Labelled pixels in memory: what training and evaluation consume.
+
+    ``values``/``masks`` are (n, 12, 7) reflectance (scale applied, 0 at gaps) and 0/1
+    masks; ``ancillary`` (n, A) follows ``ancillary_names``; ``abundance`` (n, K) follows
+    ``classes``; ``ids`` are square_ids (flat pixel indices ``row * width + col`` for a
+    cube, whose ``grid_shape`` is then set); ``partition`` indexes :data:`PARTITIONS`.
+    """
+
+    values: np.ndarray
+    masks: np.ndarray
+    ancillary: np.ndarray
+    abundance: np.ndarray
+    ids: np.ndarray
+    partition: np.ndarray
+    ancillary_names: tuple[str, ...]
+    classes: tuple[str, ...]
+    grid_shape: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: np.ndarray) -> PixelSet:
+        return replace(self, **{f: getattr(self, f)[index] for f in _ARRAY_FIELDS})
+
+    def split(self, name: str) -> PixelSet:
+        return self.subset(self.partition == PARTITIONS.index(name))
+
+    def with_ancillary(self, names: Sequence[str]) -> PixelSet:
+        """Keep only the ancillary variables ``names`` (in that order)."""
+        missing = [n for n in names if n not in self.ancillary_names]
+        if missing:
+            raise TrainingDataError(f"ancillary variable(s) {', '.join(missing)} not in the "
+                                    f"training data (have: {', '.join(self.ancillary_names)})")
+        columns = [self.ancillary_names.index(n) for n in names]
+        return replace(self, ancillary=self.ancillary[:, columns], ancillary_names=tuple(names))
+
+    def save(self, path: Path, fingerprint: str = "") -> None:
+        np.savez(path, **{f: getattr(self, f) for f in _ARRAY_FIELDS},
+                 ancillary_names=np.array(self.ancillary_names, dtype=str),
+                 classes=np.array(self.classes, dtype=str),
+                 grid_shape=np.array(self.grid_shape or (0, 0)),
+                 fingerprint=np.array(fingerprint), format=np.array(CACHE_FORMAT))
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str | None = None) -> PixelSet | None:
+        """Load a saved set (never unpickles); ``None`` if it is stale or unreadable."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if int(data["format"]) != CACHE_FORMAT or (
+                        fingerprint is not None and str(data["fingerprint"]) != fingerprint):
+                    return None
+                grid = tuple(int(v) for v in data["grid_shape"])
+                return cls(**{f: data[f] for f in _ARRAY_FIELDS},
+                           ancillary_names=tuple(str(v) for v in data["ancillary_names"]),
+                           classes=tuple(str(v) for v in data["classes"]),
+                           grid_shape=grid if grid != (0, 0) else None)
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+_ARRAY_FIELDS = tuple(f.name for f in fields(PixelSet) if f.type == "np.ndarray")
 
 
 def spatial_block_split(height: int, width: int, block: int,
@@ -78,3 +157,169 @@ def write_msmtu_layout(root: Path, *, square_ids: np.ndarray, values: np.ndarray
         table.insert(0, "square_id", square_ids)
         for index, name in enumerate(PARTITIONS):
             table[partition == index].to_csv(part_dir / f"{name}.csv", index=False)
+
+
+# --- Readers -------------------------------------------------------------------------------
+
+def _partition_files(root: Path, level: str) -> dict[str, Path]:
+    folder = root / "labels" / level / "partitions"
+    if not folder.is_dir():
+        levels = sorted(p.name for p in (root / "labels").glob("*") if p.is_dir())
+        raise TrainingDataError(f"{folder}: no such label level folder (levels found: "
+                                f"{', '.join(levels) or 'none'})")
+    files = {name: folder / f"{name}.csv" for name in PARTITIONS}
+    for path in files.values():
+        if not path.is_file():
+            raise TrainingDataError(f"{path}: missing partition file")
+    return files
+
+
+def _fingerprint(root: Path, files: Sequence[Path]) -> str:
+    """Changes whenever a label, ancillary or time-series file changes."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    for entry in sorted((root / "ts_files").iterdir()):
+        stat = entry.stat()
+        digest.update(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def read_msmtu(root: str | Path, level: str, *, cache: bool = True) -> PixelSet:
+    """Read an Andalusia-MSMTU folder for one label level.
+
+    The one-JSON-per-pixel layout is converted once into a compact ``.npz`` under
+    ``root/.msmtu_cache/`` (rebuilt when any input file changes) so training reads arrays
+    from memory, not thousands of files per epoch.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TrainingDataError(f"{root}: Andalusia-MSMTU folder not found")
+    files = _partition_files(root, level)
+    ancillary_csv = root / "ancillary" / "topo_climatic.csv"
+    if not ancillary_csv.is_file():
+        raise TrainingDataError(f"{ancillary_csv}: missing ancillary table")
+    if not (root / "ts_files").is_dir():
+        raise TrainingDataError(f"{root / 'ts_files'}: missing time-series folder")
+    fingerprint = _fingerprint(root, [*files.values(), ancillary_csv])
+    cache_path = root / ".msmtu_cache" / f"{level}.npz"
+    if cache and (cached := PixelSet.load(cache_path, fingerprint)) is not None:
+        return cached
+
+    tables, classes = [], None
+    for index, path in enumerate(files.values()):
+        table = pd.read_csv(path)
+        if "square_id" not in table.columns:
+            raise TrainingDataError(f"{path}: no 'square_id' column")
+        these = tuple(c for c in table.columns if c not in ("square_id", "Class_max"))
+        if classes is None:
+            classes, first = these, path
+        elif these != classes:
+            raise TrainingDataError(f"{path}: class columns {', '.join(these)} differ from "
+                                    f"{first.name}'s {', '.join(classes)}")
+        tables.append(table.assign(_partition=index, _file=str(path)))
+    labels = pd.concat(tables, ignore_index=True)
+    duplicated = labels["square_id"][labels["square_id"].duplicated()]
+    if len(duplicated):
+        raise TrainingDataError(f"{files['train'].parent}: square_id {int(duplicated.iloc[0])} "
+                                "appears in more than one partition row")
+    abundance = labels[list(classes)].to_numpy(np.float32)
+    if not np.isfinite(abundance).all():
+        row = int(np.nonzero(~np.isfinite(abundance).all(axis=1))[0][0])
+        raise TrainingDataError(f"{labels['_file'][row]}: non-finite abundance for square_id "
+                                f"{int(labels['square_id'][row])}")
+
+    ancillary = pd.read_csv(ancillary_csv)
+    names = tuple(c for c in ancillary.columns if c != "square_id")
+    ancillary = ancillary.set_index("square_id")
+    missing_ids = labels["square_id"][~labels["square_id"].isin(ancillary.index)]
+    if len(missing_ids):
+        raise TrainingDataError(f"{ancillary_csv}: no row for square_id {int(missing_ids.iloc[0])}")
+    ancillary = ancillary.loc[labels["square_id"]]
+    bad = ancillary.isna()
+    if bad.to_numpy().any():
+        square_id = int(ancillary.index[bad.any(axis=1).to_numpy()][0])
+        column = bad.columns[bad.loc[square_id].to_numpy().ravel()][0]
+        raise TrainingDataError(f"{ancillary_csv}: NaN in '{column}' for square_id {square_id}")
+
+    values = np.zeros((len(labels), N_MONTHS, N_BANDS), np.float32)
+    masks = np.zeros_like(values)
+    for i, (square_id, source) in enumerate(zip(labels["square_id"], labels["_file"])):
+        values[i], masks[i] = _read_series(root, int(square_id), source)
+    pixels = PixelSet(values=values, masks=masks, ancillary=ancillary.to_numpy(np.float32),
+                      abundance=abundance, ids=labels["square_id"].to_numpy(np.int64),
+                      partition=labels["_partition"].to_numpy(np.int8),
+                      ancillary_names=names, classes=classes)
+    if cache:
+        try:
+            cache_path.parent.mkdir(exist_ok=True)
+            pixels.save(cache_path, fingerprint)
+        except OSError:
+            pass  # a read-only dataset is still readable, only slower next time
+    return pixels
+
+
+def _read_series(root: Path, square_id: int, listed_in: str) -> tuple[np.ndarray, np.ndarray]:
+    path = root / "ts_files" / f"{square_id:07d}.json"
+    if not path.is_file():
+        raise TrainingDataError(f"{path}: missing time series for square_id {square_id} listed in "
+                                f"{listed_in}")
+    try:
+        forward = json.loads(path.read_text())["ts_data"]["forward"]
+        values = np.asarray(forward["values"], dtype=np.float32)
+        masks = np.asarray(forward["masks"], dtype=np.float32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainingDataError(f"{path}: expected ts_data.forward.values and .masks "
+                                f"({type(exc).__name__}: {exc})") from None
+    for name, array in (("values", values), ("masks", masks)):
+        if array.shape != (N_MONTHS, N_BANDS):
+            raise TrainingDataError(f"{path}: ts_data.forward.{name} is "
+                                    f"{' x '.join(map(str, array.shape))}, expected {N_MONTHS} x {N_BANDS}")
+    masks = (masks > 0) & np.isfinite(values)
+    return np.where(masks, values, 0.0), masks.astype(np.float32)
+
+
+def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
+                        ancillary: Sequence[str] = ANCILLARY_NAMES, split_block: int = 16,
+                        fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> PixelSet:
+    """Every pixel of an input cube with its reference abundances on the same grid.
+
+    The reference is a Zarr store with ``abundance(class, y, x)``, either at its root or
+    in a group named after the level (as ``simulate`` writes). The split is the store's
+    ``partition(y, x)`` when it has one, else a spatial block split of ``split_block``.
+    Pixels whose reference is not finite are left out.
+    """
+    ds = open_input_cube(cube, ancillary=ancillary)
+    ref_path = Path(reference)
+    if not ref_path.exists():
+        raise TrainingDataError(f"{ref_path}: reference abundance cube not found")
+    root = xr.open_zarr(ref_path, consolidated=False)
+    group = level if (ref_path / level).is_dir() else None
+    ref = xr.open_zarr(ref_path, group=group, consolidated=False) if group else root
+    if "abundance" not in ref:
+        raise TrainingDataError(f"{ref_path}: no 'abundance(class, y, x)' variable for level "
+                                f"'{level}' (looked in group '{group or '/'}')")
+    abundance = ref["abundance"]
+    for dim in ("y", "x"):
+        if ds.sizes[dim] != abundance.sizes.get(dim) or not np.allclose(ds[dim], abundance[dim]):
+            raise TrainingDataError(f"{ref_path}: grid differs from {cube} along {dim} "
+                                    "(reference and cube must share one grid)")
+    height, width = ds.sizes["y"], ds.sizes["x"]
+    partition = (root["partition"].values.astype(np.int8) if "partition" in root
+                 else spatial_block_split(height, width, split_block, fractions, seed))
+
+    refl = ds["reflectance"].values
+    qa = ds["state_qa"].values if "state_qa" in ds else None
+    masks = observed_mask(refl, qa)  # (T, B, y, x)
+    values = np.where(masks, refl * np.float32(REFLECTANCE_SCALE), 0.0).astype(np.float32)
+    to_pixels = lambda a: a.reshape(N_MONTHS, N_BANDS, -1).transpose(2, 0, 1)  # noqa: E731
+    truth = abundance.transpose("class", "y", "x").values.reshape(abundance.sizes["class"], -1).T
+    keep = np.isfinite(truth).all(axis=1)
+    ids = np.nonzero(keep)[0].astype(np.int64)
+    return PixelSet(
+        values=to_pixels(values)[keep], masks=to_pixels(masks.astype(np.float32))[keep],
+        ancillary=np.stack([ds[n].values.ravel() for n in ancillary], axis=1)[keep].astype(np.float32)
+        if ancillary else np.zeros((len(ids), 0), np.float32),
+        abundance=truth[keep].astype(np.float32), ids=ids, partition=partition.ravel()[keep],
+        ancillary_names=tuple(ancillary), classes=tuple(str(c) for c in abundance["class"].values),
+        grid_shape=(height, width))

@@ -1,0 +1,147 @@
+"""The model artifact: one safetensors file, loadable without executing code.
+
+Tensors hold the weights and the normalisation statistics; the safetensors header's
+string metadata holds, as JSON, the architecture hyperparameters, the class names and
+hierarchy level, the band and ancillary variable lists, training facts and the software
+version. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from msmtu_batch import __version__
+from msmtu_batch.cube import BAND_NAMES
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.model import BRITS, BritsConfig
+from msmtu_batch.preprocess import Standardizer
+
+ARTIFACT_FORMAT = "msmtu-batch-model/1"
+METADATA_KEY = "msmtu_batch"
+_STATS = ("band_mean", "band_std", "ancillary_mean", "ancillary_std")
+
+
+class ArtifactError(MsmtuError, ValueError):
+    """A model artifact is unreadable, corrupted, or does not match the data."""
+
+
+@dataclass
+class ModelArtifact:
+    model: BRITS
+    level: str
+    classes: tuple[str, ...]
+    ancillary_names: tuple[str, ...]
+    band_stats: Standardizer
+    ancillary_stats: Standardizer | None
+    band_names: tuple[str, ...] = BAND_NAMES
+    software_version: str = __version__
+    training: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> BritsConfig:
+        return self.model.cfg
+
+    def check_matches(self, band_names: Sequence[str], ancillary_available: Sequence[str],
+                      source: str) -> None:
+        """Refuse data whose bands or ancillary variables differ from the training data's."""
+        if tuple(band_names) != self.band_names:
+            raise ArtifactError(f"model bands {', '.join(self.band_names)} do not match {source} "
+                                f"bands {', '.join(band_names)}")
+        missing = [n for n in self.ancillary_names if n not in ancillary_available]
+        if missing:
+            raise ArtifactError(f"model needs ancillary variable(s) {', '.join(missing)} that "
+                                f"{source} lacks")
+
+
+def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
+    """Write atomically (temporary file, then rename) so a crash never leaves half a model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in artifact.model.state_dict().items()}
+    tensors["band_mean"] = torch.from_numpy(artifact.band_stats.mean)
+    tensors["band_std"] = torch.from_numpy(artifact.band_stats.std)
+    if artifact.ancillary_stats is not None:
+        tensors["ancillary_mean"] = torch.from_numpy(artifact.ancillary_stats.mean)
+        tensors["ancillary_std"] = torch.from_numpy(artifact.ancillary_stats.std)
+    metadata = {
+        "format": ARTIFACT_FORMAT, "software_version": artifact.software_version,
+        "architecture": "BRITS", "hyperparameters": artifact.config.to_dict(),
+        "level": artifact.level, "classes": list(artifact.classes),
+        "band_names": list(artifact.band_names), "ancillary_names": list(artifact.ancillary_names),
+        "training": artifact.training,
+    }
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
+    tmp.replace(path)
+    return path
+
+
+def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelArtifact:
+    """Read an artifact; every inconsistency is an :class:`ArtifactError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: model artifact not found")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a readable safetensors model artifact ({exc})") from None
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise ArtifactError(f"{path}: no msmtu-batch metadata in the safetensors header") from None
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path}: artifact format {meta.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
+    try:
+        cfg = BritsConfig(**meta["hyperparameters"])
+        classes, ancillary = tuple(meta["classes"]), tuple(meta["ancillary_names"])
+        if cfg.n_classes != len(classes) or cfg.n_ancillary != len(ancillary):
+            raise ArtifactError(f"{path}: metadata lists {len(classes)} classes and {len(ancillary)} "
+                                f"ancillary variables but the architecture has {cfg.n_classes} and "
+                                f"{cfg.n_ancillary}")
+        model = BRITS(cfg)
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: incomplete metadata ({exc})") from None
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    problems = sorted(set(expected) ^ set(state)) + [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+        if k in state and state[k].shape != v.shape]
+    if problems:
+        raise ArtifactError(f"{path}: weights do not match the architecture in its metadata "
+                            f"({', '.join(problems[:4])})")
+    if any(not torch.isfinite(v).all() for v in state.values()):
+        raise ArtifactError(f"{path}: weights contain non-finite values")
+    model.load_state_dict(state)
+    model.to(device).eval()
+    stats = {k: tensors[k].numpy() for k in _STATS if k in tensors}
+    n_bands = len(meta["band_names"])
+    if stats.get("band_mean", np.empty(0)).shape != (n_bands,) or \
+            stats.get("band_std", np.empty(0)).shape != (n_bands,):
+        raise ArtifactError(f"{path}: band normalisation statistics missing or not of length {n_bands}")
+    ancillary_stats = None
+    if ancillary:
+        if stats.get("ancillary_mean", np.empty(0)).shape != (len(ancillary),):
+            raise ArtifactError(f"{path}: ancillary normalisation statistics missing or not of "
+                                f"length {len(ancillary)}")
+        ancillary_stats = Standardizer(stats["ancillary_mean"], stats["ancillary_std"])
+    return ModelArtifact(model=model, level=meta["level"], classes=classes, ancillary_names=ancillary,
+                         band_stats=Standardizer(stats["band_mean"], stats["band_std"]),
+                         ancillary_stats=ancillary_stats, band_names=tuple(meta["band_names"]),
+                         software_version=meta["software_version"], training=meta.get("training", {}))
+
+
+def artifact_hash(path: str | os.PathLike) -> str:
+    """sha256 of the artifact file, recorded in outputs for provenance."""
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,53 @@
+"""Abundance and imputation metrics (per class and averaged), on plain arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+
+def rmse(pred: np.ndarray, true: np.ndarray) -> float:
+    """Root mean squared error over every pixel and class."""
+    return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - true) ** 2)))
+
+
+def per_class_metrics(pred: np.ndarray, true: np.ndarray, classes: Sequence[str]) -> dict[str, dict]:
+    """RMSE, MAE, Pearson r and R2 for each class column of (n, K) abundances."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    out = {}
+    for k, name in enumerate(classes):
+        p, t = pred[:, k], true[:, k]
+        err = p - t
+        ss_tot = np.sum((t - t.mean()) ** 2)
+        r = np.corrcoef(p, t)[0, 1] if p.std() > 0 and t.std() > 0 else float("nan")
+        out[name] = {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err))),
+                     "pearson_r": float(r),
+                     "r2": float(1 - np.sum(err**2) / ss_tot) if ss_tot > 0 else float("nan")}
+    return out
+
+
+def abundance_metrics(pred: np.ndarray, true: np.ndarray, classes: Sequence[str]) -> dict:
+    """Per-class metrics, their (nan-aware) average, global RMSE/MAE and dominant-class scores."""
+    per_class = per_class_metrics(pred, true, classes)
+    names = ("rmse", "mae", "pearson_r", "r2")
+    average = {}
+    for name in names:  # classes with no variance have no r or R2; average over the others
+        scores = np.array([c[name] for c in per_class.values()])
+        average[name] = float(scores[~np.isnan(scores)].mean()) if (~np.isnan(scores)).any() else float("nan")
+    dominant_true, dominant_pred = np.argmax(true, axis=1), np.argmax(pred, axis=1)
+    return {
+        "rmse": rmse(pred, true), "mae": float(np.mean(np.abs(np.asarray(pred, np.float64) - true))),
+        "class_average": average, "per_class": per_class,
+        "dominant_accuracy": float(np.mean(dominant_true == dominant_pred)),
+        "dominant_macro_f1": float(f1_score(dominant_true, dominant_pred, average="macro",
+                                            labels=np.arange(len(classes)), zero_division=0)),
+        "pixels": len(true),
+    }
+
+
+def masked_mae(pred: np.ndarray, true: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute error over the entries where ``mask`` is true."""
+    mask = np.asarray(mask, bool)
+    return float(np.mean(np.abs(np.asarray(pred, np.float64)[mask] - np.asarray(true, np.float64)[mask])))

@@ -1,0 +1,147 @@
+"""Training BRITS on labelled pixels: Adam + cosine schedule, clipping, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from msmtu_batch.artifact import ModelArtifact
+from msmtu_batch.cube import ANCILLARY_NAMES, GEOTOPO_NAMES
+from msmtu_batch.errors import TrainingDataError
+from msmtu_batch.metrics import rmse
+from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss, predict
+from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
+from msmtu_batch.training_data import PixelSet
+
+AncillarySet = Literal["none", "geotopo", "all"]
+ANCILLARY_SETS: dict[str, tuple[str, ...]] = {"none": (), "geotopo": GEOTOPO_NAMES, "all": ANCILLARY_NAMES}
+
+
+class TrainConfig(BaseModel):
+    """Training settings (recorded in the artifact)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ancillary: AncillarySet = "all"
+    hidden: int = Field(100, ge=1)
+    embed: int = Field(50, ge=1)
+    head_hidden: int = Field(100, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    patience: int = Field(8, ge=1, description="epochs without validation improvement before stopping")
+    seed: int = 0
+    label_weight: float = 0.75
+    impute_weight: float = 0.25
+    consistency_weight: float = 0.1
+
+
+@dataclass
+class TrainResult:
+    artifact: ModelArtifact
+    history: list[dict]
+    best_epoch: int
+    validation_rmse: float
+    seconds: float
+    train_pixels_per_second: float
+
+
+def _batch(inputs: ModelInputs, target: np.ndarray, index: np.ndarray
+           ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    series = [torch.from_numpy(a[index]) for a in
+              (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward)]
+    ancillary = torch.from_numpy(inputs.ancillary[index]) if inputs.ancillary.shape[1] else None
+    return [*series, ancillary], torch.from_numpy(target[index])
+
+
+def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
+          on_epoch: Callable[[dict], None] | None = None, source: str = "") -> TrainResult:
+    """Train on ``pixels``' train partition, stop early on its validation partition."""
+    names = ANCILLARY_SETS[cfg.ancillary]
+    pixels = pixels.with_ancillary(names)
+    train_set, val_set = pixels.split("train"), pixels.split("validation")
+    for name, subset in (("train", train_set), ("validation", val_set)):
+        if len(subset) == 0:
+            raise TrainingDataError(f"{source or 'training data'}: no pixels in the {name} partition")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    band_stats = Standardizer.fit(train_set.values, train_set.masks)
+    ancillary_stats = Standardizer.fit(train_set.ancillary) if names else None
+    train_inputs = prepare_inputs(train_set.values, train_set.masks, train_set.ancillary, band_stats,
+                                  ancillary_stats)
+    val_inputs = prepare_inputs(val_set.values, val_set.masks, val_set.ancillary, band_stats,
+                                ancillary_stats)
+    model = BRITS(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names), hidden=cfg.hidden,
+                              embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout))
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimiser, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.learning_rate * 0.01)
+    weights = LossWeights(cfg.label_weight, cfg.impute_weight, cfg.consistency_weight)
+    target = train_set.abundance.astype(np.float32)
+
+    history: list[dict] = []
+    best_rmse, best_epoch, best_state, stale = math.inf, 0, None, 0
+    start = time.perf_counter()
+    train_seconds = 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        totals = {"loss": 0.0, "label": 0.0, "impute": 0.0, "consistency": 0.0}
+        order = rng.permutation(len(train_set))
+        for step in range(steps_per_epoch):
+            inputs, y = _batch(train_inputs, target, order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            loss, parts = brits_loss(model(*inputs), y, weights)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimiser.step()
+            schedule.step()
+            totals["loss"] += loss.detach().item()
+            for k, v in parts.items():
+                totals[k] += v
+        train_seconds += time.perf_counter() - epoch_start
+        val_rmse = rmse(predict(model, val_inputs)["abundance"], val_set.abundance)
+        record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in totals.items()},
+                  "validation_rmse": val_rmse, "learning_rate": schedule.get_last_lr()[0]}
+        history.append(record)
+        if val_rmse < best_rmse - 1e-6:
+            best_rmse, best_epoch, stale = val_rmse, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if on_epoch:
+            on_epoch({**record, "best_validation_rmse": best_rmse})
+        if stale >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    seconds = time.perf_counter() - start
+    artifact = ModelArtifact(
+        model=model, level=level, classes=pixels.classes, ancillary_names=names, band_stats=band_stats,
+        ancillary_stats=ancillary_stats,
+        training={"source": source, "config": cfg.model_dump(), "train_pixels": len(train_set),
+                  "validation_pixels": len(val_set), "epochs_run": len(history), "best_epoch": best_epoch,
+                  "validation_rmse": best_rmse})
+    return TrainResult(artifact, history, best_epoch, best_rmse, seconds,
+                       len(train_set) * len(history) / train_seconds)
+
+
+def artifact_inputs(artifact: ModelArtifact, pixels: PixelSet) -> ModelInputs:
+    """Prepare ``pixels`` for ``artifact`` with the statistics stored in it."""
+    artifact.check_matches(artifact.band_names, pixels.ancillary_names, "the evaluation data")
+    subset = pixels.with_ancillary(artifact.ancillary_names)
+    return prepare_inputs(subset.values, subset.masks, subset.ancillary, artifact.band_stats,
+                          artifact.ancillary_stats)
