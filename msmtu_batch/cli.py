@@ -14,7 +14,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import track
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 
 from msmtu_batch import __version__
 from msmtu_batch.cube import ANCILLARY_NAMES, GEOTOPO_NAMES, open_input_cube
@@ -180,9 +180,18 @@ def _train_config(config: Path | None, **overrides: object):
 
 @contextmanager
 def _epoch_progress(epochs: int, label: str = "training") -> Iterator:
-    """A progress bar over epochs showing the losses; yields the per-epoch callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Progress over epochs with the losses; yields the per-epoch callback.
 
+    On a terminal, a live bar; otherwise (batch jobs, CI logs) one plain line per epoch.
+    """
+    def status(record: dict) -> str:
+        return (f"loss {record['loss']:.4f}  val RMSE {record['validation_rmse']:.4f} "
+                f"(best {record['best_validation_rmse']:.4f})")
+
+    if not console.is_terminal:
+        yield lambda record, name=label: console.print(
+            f"{name} epoch {record['epoch']}/{epochs}: {status(record)}", highlight=False)
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console) as bar:
@@ -191,9 +200,7 @@ def _epoch_progress(epochs: int, label: str = "training") -> Iterator:
         def on_epoch(record: dict, name: str = label) -> None:
             if name not in tasks:
                 tasks[name] = bar.add_task(name, total=epochs, status="")
-            bar.update(tasks[name], completed=record["epoch"], status=(
-                f"loss {record['loss']:.4f}  val RMSE {record['validation_rmse']:.4f} "
-                f"(best {record['best_validation_rmse']:.4f})"))
+            bar.update(tasks[name], completed=record["epoch"], status=status(record))
         yield on_epoch
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,40 @@ def test_example_runs(tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "valid input cube" in result.stdout
+
+
+def test_train_evaluate_and_ablation_from_the_command_line(region, tmp_path):
+    model = tmp_path / "model.safetensors"
+    trained = cli("train", "--msmtu", str(region.msmtu), "--level", "level1", "--out", str(model),
+                  "--epochs", "2", "--hidden", "16", "--ancillary", "geotopo")
+    assert trained.returncode == 0, trained.stderr
+    assert trained.stdout.startswith(f"wrote {model} and {tmp_path / 'model.metrics.json'}: best validation RMSE")
+    history = json.loads((tmp_path / "model.metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+
+    report = tmp_path / "report"
+    scored = cli("evaluate", "--model", str(model), "--msmtu", str(region.msmtu), "--level", "level1",
+                 "--out", str(report), "--trees", "10", "--split", "validation")
+    assert scored.returncode == 0, scored.stderr
+    assert "| brits |" in scored.stdout and (report / "report.md").is_file()
+    assert json.loads((report / "metrics.json").read_text())["split"] == "validation"
+
+    wrong = cli("evaluate", "--model", str(model), "--msmtu", str(region.msmtu), "--level", "level2",
+                "--out", str(report))
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == (f"msmtu-batch: error: {model}: model was trained for level 'level1', "
+                                    "--level is 'level2'")
+
+    ablation = cli("ablation", "--msmtu", str(region.msmtu), "--level", "level1", "--out",
+                   str(tmp_path / "ablation"), "--epochs", "1", "--trees", "10")
+    assert ablation.returncode == 0, ablation.stderr
+    table = (tmp_path / "ablation" / "ablation.md").read_text()
+    for method in ("brits_none", "brits_geotopo", "brits_all", "fcls", "random_forest_ancillary"):
+        assert f"| {method} |" in table
+
+
+def test_train_needs_exactly_one_data_source(region, tmp_path):
+    result = cli("train", "--level", "level1", "--out", str(tmp_path / "m.safetensors"),
+                 "--msmtu", str(region.msmtu), "--cube", str(region.cube))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "msmtu-batch: error: give either --msmtu DIR or --cube CUBE with --reference REF"

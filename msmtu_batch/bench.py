@@ -1,0 +1,97 @@
+"""Measurements shared by the benchmarks: the machine's FLOP ceiling for BRITS and the
+research-code way of feeding it (one JSON file per pixel through a DataLoader)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.preprocess import Standardizer, compute_deltas
+from msmtu_batch.training_data import PARTITIONS
+
+BRITS_FLOPS_PER_PIXEL = 2.4e6  # forward pass, both directions (DESIGN.md section 5)
+TRAINING_FLOPS_FACTOR = 3.0  # forward + backward is about three forward passes
+
+
+def brits_flops_per_pixel(cfg: BritsConfig) -> float:
+    """Multiply-adds x 2 of one forward pass over both directions (matrix products only)."""
+    f, h, t = cfg.n_features, cfg.hidden, cfg.n_steps
+    per_step = (2 * f + h) * 4 * h + f * h + h * f + f * f + 2 * f * f + f * f
+    head = (h + (cfg.embed if cfg.n_ancillary else 0)) * cfg.head_hidden + cfg.head_hidden * cfg.n_classes
+    embed = cfg.n_ancillary * cfg.embed
+    return 2.0 * 2 * (t * per_step + head + embed)
+
+
+def lstm_gemm_rate(batch: int = 4096, hidden: int = 100, features: int = 14, seconds: float = 1.0) -> float:
+    """Measured fp32 FLOP/s of the LSTM cell's matrix product (batch x 114 @ 114 x 400)."""
+    a = torch.randn(batch, features + hidden)
+    w = torch.randn(features + hidden, 4 * hidden)
+    out = torch.empty(batch, 4 * hidden)
+    for _ in range(5):
+        torch.mm(a, w, out=out)
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(10):
+            torch.mm(a, w, out=out)
+        count += 10
+    return 2.0 * batch * (features + hidden) * 4 * hidden * count / elapsed
+
+
+class JsonPixelDataset(Dataset):
+    """Research-code style: every item opens and parses its pixel's JSON file."""
+
+    def __init__(self, root: Path, level: str, partition: str, ancillary_names: tuple[str, ...],
+                 bands: Standardizer, ancillary: Standardizer | None) -> None:
+        self.root = Path(root)
+        labels = pd.read_csv(self.root / "labels" / level / "partitions" / f"{partition}.csv")
+        self.classes = [c for c in labels.columns if c not in ("square_id", "Class_max")]
+        self.ids = labels["square_id"].to_numpy()
+        self.labels = labels[self.classes].to_numpy(np.float32)
+        table = pd.read_csv(self.root / "ancillary" / "topo_climatic.csv").set_index("square_id")
+        self.ancillary = table.loc[self.ids, list(ancillary_names)].to_numpy(np.float32)
+        self.bands, self.ancillary_stats = bands, ancillary
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        record = json.loads((self.root / "ts_files" / f"{int(self.ids[i]):07d}.json").read_text())
+        forward = record["ts_data"]["forward"]
+        values = np.asarray(forward["values"], np.float32)
+        masks = np.asarray(forward["masks"], np.float32)
+        item = {"values": self.bands.apply(values, masks), "masks": masks,
+                "deltas_forward": compute_deltas(masks), "deltas_backward": compute_deltas(masks[::-1]),
+                "label": self.labels[i]}
+        if self.ancillary_stats is not None:
+            item["ancillary"] = self.ancillary_stats.apply(self.ancillary[i])
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in item.items()}
+
+
+def naive_training_throughput(root: Path, level: str, model: BRITS, bands: Standardizer,
+                              ancillary_names: tuple[str, ...], ancillary: Standardizer | None,
+                              batch_size: int = 256, max_batches: int | None = None) -> float:
+    """Training pixels/s of one epoch fed per-sample from JSON files through a DataLoader."""
+    dataset = JsonPixelDataset(root, level, PARTITIONS[0], ancillary_names, bands, ancillary)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    seen, start = 0, time.perf_counter()
+    for step, batch in enumerate(loader):
+        out = model(batch["values"], batch["masks"], batch["deltas_forward"], batch["deltas_backward"],
+                    batch.get("ancillary"))
+        loss, _ = brits_loss(out, batch["label"], LossWeights())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        seen += len(batch["label"])
+        if max_batches is not None and step + 1 >= max_batches:
+            break
+    return seen / (time.perf_counter() - start)

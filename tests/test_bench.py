@@ -1,0 +1,41 @@
+"""The benchmark's research-code baseline feeds the model exactly what msmtu-batch does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from msmtu_batch.bench import JsonPixelDataset, brits_flops_per_pixel, lstm_gemm_rate, naive_training_throughput
+from msmtu_batch.model import BRITS, BritsConfig
+from msmtu_batch.preprocess import Standardizer, prepare_inputs
+from msmtu_batch.train import ANCILLARY_SETS
+from msmtu_batch.training_data import read_msmtu
+
+
+def test_json_dataset_items_equal_the_array_store(region):
+    pixels = read_msmtu(region.msmtu, "level2")
+    train = pixels.split("train")
+    bands, ancillary = Standardizer.fit(train.values, train.masks), Standardizer.fit(train.ancillary)
+    dataset = JsonPixelDataset(region.msmtu, "level2", "train", ANCILLARY_SETS["all"], bands, ancillary)
+    inputs = prepare_inputs(train.values, train.masks, train.ancillary, bands, ancillary)
+    order = {int(s): i for i, s in enumerate(train.ids)}
+    for i in (0, 5, len(dataset) - 1):
+        item, j = dataset[i], order[int(dataset.ids[i])]
+        np.testing.assert_allclose(item["values"].numpy(), inputs.values[j], atol=1e-5)
+        for key in ("masks", "deltas_forward", "deltas_backward"):
+            np.testing.assert_array_equal(item[key].numpy(), getattr(inputs, key)[j])
+        np.testing.assert_allclose(item["ancillary"].numpy(), inputs.ancillary[j], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(item["label"].numpy(), train.abundance[j])
+    model = BRITS(BritsConfig(n_classes=10, n_ancillary=9, hidden=8, embed=4, head_hidden=8))
+    assert naive_training_throughput(region.msmtu, "level2", model, bands, ANCILLARY_SETS["all"], ancillary,
+                                     batch_size=32, max_batches=2) > 0
+
+
+def test_flop_count_and_gemm_rate():
+    # the LSTM cell's (14 + 100) x 400 product dominates: 2 x 114 x 400 x 12 steps x 2 directions
+    flops = brits_flops_per_pixel(BritsConfig(n_classes=10, n_ancillary=9))
+    assert 2 * 114 * 400 * 12 * 2 < flops < 2.4e6 * 1.05
+    assert flops == pytest.approx(2.33e6, rel=0.01)
+    torch.manual_seed(0)
+    assert lstm_gemm_rate(batch=256, seconds=0.05) > 1e8

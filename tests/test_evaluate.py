@@ -1,0 +1,90 @@
+"""Baselines against exact answers, and a full evaluation report on a real small region."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from msmtu_batch.artifact import load_artifact, save_artifact
+from msmtu_batch.evaluate import evaluate, fcls_unmix, hide_observations, temporal_endmembers
+from msmtu_batch.metrics import rmse
+from msmtu_batch.model import predict
+from msmtu_batch.train import TrainConfig, artifact_inputs, train
+from msmtu_batch.training_data import PixelSet, read_cube_reference
+
+
+def linear_mixtures(n: int, seed: int) -> tuple[PixelSet, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    endmembers = rng.uniform(0.02, 0.6, size=(3, 12 * 7))
+    abundance = rng.dirichlet(np.full(3, 0.7), size=n)
+    masks = (rng.random((n, 12, 1)) > 0.25).repeat(7, axis=2).astype(np.float32)
+    values = (abundance @ endmembers).reshape(n, 12, 7) * masks
+    pixels = PixelSet(values=values.astype(np.float32), masks=masks, ancillary=np.zeros((n, 0), np.float32),
+                      abundance=abundance.astype(np.float32), ids=np.arange(n), partition=np.zeros(n, np.int8),
+                      ancillary_names=(), classes=("a", "b", "c"))
+    return pixels, endmembers
+
+
+def test_fcls_recovers_noiseless_linear_mixtures():
+    pixels, endmembers = linear_mixtures(400, seed=0)
+    estimated = temporal_endmembers(pixels)
+    np.testing.assert_allclose(estimated, endmembers, atol=1e-4)
+    unmixed = fcls_unmix(pixels, estimated, fallback=np.full(3, 1 / 3))
+    np.testing.assert_allclose(unmixed.sum(axis=1), 1.0, atol=1e-9)
+    assert unmixed.min() >= 0
+    np.testing.assert_allclose(unmixed, pixels.abundance, atol=2e-3)
+
+
+def test_fcls_falls_back_when_nothing_is_observed():
+    pixels, endmembers = linear_mixtures(5, seed=1)
+    empty = PixelSet(**{**pixels.__dict__, "masks": np.zeros_like(pixels.masks)})
+    np.testing.assert_allclose(fcls_unmix(empty, endmembers, np.array([0.2, 0.3, 0.5])),
+                               np.tile([0.2, 0.3, 0.5], (5, 1)))
+
+
+def test_hidden_values_are_a_tenth_of_the_observed_ones():
+    masks = (np.random.default_rng(0).random((50, 12, 7)) > 0.4).astype(np.float32)
+    hidden = hide_observations(masks, 0.1, seed=3)
+    assert hidden.sum() == round(0.1 * masks.sum())
+    assert (masks[hidden] == 1).all()
+    np.testing.assert_array_equal(hidden, hide_observations(masks, 0.1, seed=3))
+
+
+@pytest.fixture(scope="module")
+def trained(region, tmp_path_factory):
+    pixels = read_cube_reference(region.cube, region.reference, "level1")
+    result = train(pixels, "level1", TrainConfig(epochs=3, hidden=24, embed=8, head_hidden=24, batch_size=128))
+    path = save_artifact(result.artifact, tmp_path_factory.mktemp("model") / "m.safetensors")
+    return pixels, path, result
+
+
+def test_training_records_history_and_keeps_the_best_epoch(trained):
+    pixels, path, result = trained
+    assert len(result.history) == 3 and result.best_epoch in (1, 2, 3)
+    best = min(r["validation_rmse"] for r in result.history)
+    assert result.validation_rmse == pytest.approx(best)
+    artifact = load_artifact(path)
+    val = pixels.split("validation")
+    again = rmse(predict(artifact.model, artifact_inputs(artifact, val))["abundance"], val.abundance)
+    assert again == pytest.approx(best, rel=1e-5), "the saved model is the best epoch's"
+    assert artifact.training["best_epoch"] == result.best_epoch
+
+
+def test_evaluation_report(trained, tmp_path):
+    pixels, path, _ = trained
+    artifact = load_artifact(path)
+    report = evaluate(artifact, pixels, tmp_path, model_path=path, trees=10, source="small region")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.png", "metrics.json", "report.md", "scatter.png"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved["methods"]) == {"brits", "train_mean", "fcls", "random_forest", "random_forest_ancillary"}
+    test = pixels.split("test")
+    expected = rmse(predict(artifact.model, artifact_inputs(artifact, test))["abundance"], test.abundance)
+    assert saved["methods"]["brits"]["rmse"] == pytest.approx(expected)
+    assert saved["pixels"] == len(test) and saved["model"]["hash"].startswith("sha256:")
+    assert saved["imputation"]["hidden_values"] == round(0.1 * test.masks.sum())
+    # even three short epochs beat guessing the training mean
+    assert report["methods"]["brits"]["rmse"] < report["methods"]["train_mean"]["rmse"]
+    text = (tmp_path / "report.md").read_text()
+    assert "| brits |" in text and "| fcls |" in text and "![maps](maps.png)" in text
