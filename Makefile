@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/simulate_scaling.py
+	$(BIN)/python benchmarks/train_speed.py
 
 clean:
 	rm -rf demo-output .pytest_cache

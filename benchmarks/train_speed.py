@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from msmtu_batch.bench import TRAINING_FLOPS_FACTOR, brits_flops_per_pixel, lstm_gemm_rate, naive_training_throughput
+from msmtu_batch.cube import ANCILLARY_SETS
 from msmtu_batch.model import BRITS, BritsConfig
 from msmtu_batch.preprocess import Standardizer
 from msmtu_batch.simulate import SimulationConfig, simulate
-from msmtu_batch.train import ANCILLARY_SETS, TrainConfig, train
+from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import read_msmtu
 
 

@@ -24,7 +24,8 @@ from msmtu_batch import __version__
 from msmtu_batch.cube import BAND_NAMES
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.model import BRITS, BritsConfig
-from msmtu_batch.preprocess import Standardizer
+from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
+from msmtu_batch.training_data import PixelSet
 
 ARTIFACT_FORMAT = "msmtu-batch-model/1"
 METADATA_KEY = "msmtu_batch"
@@ -50,6 +51,11 @@ class ModelArtifact:
     @property
     def config(self) -> BritsConfig:
         return self.model.cfg
+
+    def inputs(self, pixels: PixelSet) -> ModelInputs:
+        """Model inputs for ``pixels``, prepared with the statistics stored in the artifact."""
+        subset = pixels.with_ancillary(self.ancillary_names)
+        return prepare_inputs(subset.values, subset.masks, subset.ancillary, self.band_stats, self.ancillary_stats)
 
     def check_matches(self, band_names: Sequence[str], ancillary_available: Sequence[str],
                       source: str) -> None:

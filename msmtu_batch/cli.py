@@ -1,7 +1,9 @@
-"""Command line: ``msmtu-batch simulate | validate | demo`` (DESIGN.md section 4b)."""
+"""Command line: ``msmtu-batch simulate | validate | demo | train | evaluate | ablation``
+(DESIGN.md section 4b)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 
 from msmtu_batch import __version__
-from msmtu_batch.cube import ANCILLARY_NAMES, GEOTOPO_NAMES, open_input_cube
+from msmtu_batch.cube import ANCILLARY_NAMES, ANCILLARY_SETS, open_input_cube
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.simulate import SimulationConfig, describe_region, simulate
 from msmtu_batch.training_data import PARTITIONS, PixelSet
@@ -34,7 +36,7 @@ class AncillaryChoice(StrEnum):
 
     @property
     def names(self) -> tuple[str, ...]:
-        return {"none": (), "geotopo": GEOTOPO_NAMES, "all": ANCILLARY_NAMES}[self.value]
+        return ANCILLARY_SETS[self.value]
 
 
 @contextmanager
@@ -65,17 +67,21 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
     """msmtu-batch command line."""
 
 
-def _simulation_config(config: Path | None, **overrides: object) -> SimulationConfig:
-    values: dict = {}
-    if config is not None:
-        if not config.is_file():
-            raise MsmtuError(f"{config}: configuration file not found")
-        loaded = yaml.safe_load(config.read_text()) or {}
-        values = loaded.get("simulate", loaded) if isinstance(loaded, dict) else None
-        if not isinstance(values, dict):
-            raise MsmtuError(f"{config}: expected a mapping of simulation settings")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return SimulationConfig(**values)
+def _config_section(config: Path | None, section: str) -> dict:
+    """The ``section`` mapping of a YAML settings file (or its top level if it has none)."""
+    if config is None:
+        return {}
+    if not config.is_file():
+        raise MsmtuError(f"{config}: configuration file not found")
+    loaded = yaml.safe_load(config.read_text()) or {}
+    values = loaded.get(section, loaded) if isinstance(loaded, dict) else None
+    if not isinstance(values, dict):
+        raise MsmtuError(f"{config}: expected a mapping of {section} settings")
+    return dict(values)
+
+
+def _with_overrides(values: dict, overrides: dict) -> dict:
+    return values | {k: v for k, v in overrides.items() if v is not None}
 
 
 def _run_simulation(cfg: SimulationConfig, out: Path, overwrite: bool) -> float:
@@ -108,8 +114,8 @@ def simulate_command(
     level1 and level2, plus the spatial split) and OUT/msmtu/ (Andalusia-MSMTU layout).
     """
     with _user_errors():
-        cfg = _simulation_config(config, height=height, width=width, seed=seed, year=year,
-                                 msmtu_pixels=msmtu_pixels, chunk=chunk)
+        cfg = SimulationConfig(**_with_overrides(_config_section(config, "simulate"), dict(
+            height=height, width=width, seed=seed, year=year, msmtu_pixels=msmtu_pixels, chunk=chunk)))
         seconds = _run_simulation(cfg, out, overwrite)
         print(f"wrote {out / 'cube.zarr'}, {out / 'reference.zarr'}, {out / 'msmtu'} "
               f"({cfg.height} x {cfg.width} pixels, seed {cfg.seed}) in {seconds:.1f} s")
@@ -168,14 +174,7 @@ def _read_pixels(msmtu: Path | None, cube: Path | None, reference: Path | None, 
 def _train_config(config: Path | None, **overrides: object):
     from msmtu_batch.train import TrainConfig
 
-    values: dict = {}
-    if config is not None:
-        if not config.is_file():
-            raise MsmtuError(f"{config}: configuration file not found")
-        loaded = yaml.safe_load(config.read_text()) or {}
-        values = dict(loaded.get("train", {})) if isinstance(loaded, dict) else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    return TrainConfig(**_with_overrides(_config_section(config, "train"), overrides))
 
 
 @contextmanager
@@ -225,8 +224,6 @@ def train_command(
         = None,
 ) -> None:
     """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput)."""
-    import json
-
     from msmtu_batch.artifact import save_artifact
     from msmtu_batch.train import train
 

@@ -31,6 +31,8 @@ CLIMATIC_NAMES: tuple[str, ...] = (
     "temperature_min",
 )
 ANCILLARY_NAMES: tuple[str, ...] = GEOTOPO_NAMES + CLIMATIC_NAMES
+# The ancillary variants a model can use (the paper's ablation): none, geo-topographic, all.
+ANCILLARY_SETS: dict[str, tuple[str, ...]] = {"none": (), "geotopo": GEOTOPO_NAMES, "all": ANCILLARY_NAMES}
 ANCILLARY_UNITS: dict[str, str] = {
     "longitude": "degrees_east",
     "latitude": "degrees_north",

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -28,11 +29,13 @@ import numpy as np
 from scipy.optimize import nnls
 from sklearn.ensemble import RandomForestRegressor
 
-from msmtu_batch.artifact import ModelArtifact, artifact_hash
+from msmtu_batch.artifact import ModelArtifact, artifact_hash, save_artifact
+from msmtu_batch.cube import ANCILLARY_SETS, BAND_NAMES
 from msmtu_batch.errors import TrainingDataError
 from msmtu_batch.metrics import abundance_metrics, masked_mae
 from msmtu_batch.model import predict
-from msmtu_batch.preprocess import linear_interpolate_gaps, prepare_inputs
+from msmtu_batch.preprocess import linear_interpolate_gaps
+from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import PixelSet
 
 HIDE_FRACTION = 0.10
@@ -106,8 +109,7 @@ def imputation_scores(artifact: ModelArtifact, test: PixelSet, seed: int) -> dic
     hidden = hide_observations(test.masks, HIDE_FRACTION, seed)
     masks = np.where(hidden, 0.0, test.masks).astype(np.float32)
     values = np.where(hidden, 0.0, test.values).astype(np.float32)
-    subset = test.with_ancillary(artifact.ancillary_names)
-    inputs = prepare_inputs(values, masks, subset.ancillary, artifact.band_stats, artifact.ancillary_stats)
+    inputs = artifact.inputs(replace(test, values=values, masks=masks))
     imputed = artifact.band_stats.invert(predict(artifact.model, inputs)["imputed"])
     interpolated = linear_interpolate_gaps(values, masks)
     band_mean = artifact.band_stats.mean
@@ -127,16 +129,14 @@ def evaluate(artifact: ModelArtifact, pixels: PixelSet, out_dir: str | Path, *, 
     if tuple(pixels.classes) != tuple(artifact.classes):
         raise TrainingDataError(f"{source or 'evaluation data'}: classes {', '.join(pixels.classes)} "
                                 f"differ from the model's {', '.join(artifact.classes)}")
-    artifact.check_matches(artifact.band_names, pixels.ancillary_names, source or "the evaluation data")
+    artifact.check_matches(BAND_NAMES, pixels.ancillary_names, source or "the evaluation data")
     test = pixels.split(split)
     if len(test) == 0:
         raise TrainingDataError(f"{source or 'evaluation data'}: no pixels in the {split} partition")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    subset = test.with_ancillary(artifact.ancillary_names)
-    inputs = prepare_inputs(subset.values, subset.masks, subset.ancillary, artifact.band_stats,
-                            artifact.ancillary_stats)
+    inputs = artifact.inputs(test)
     start = time.perf_counter()
     prediction = predict(artifact.model, inputs)
     seconds = time.perf_counter() - start
@@ -229,13 +229,10 @@ def _map_plot(pred: np.ndarray, test: PixelSet, classes: Sequence[str], out_dir:
     return "maps.png"
 
 
-def run_ablation(pixels: PixelSet, level: str, cfg, out_dir: str | Path, *, trees: int = 100,
-                 source: str = "", on_epoch=None) -> dict:
+def run_ablation(pixels: PixelSet, level: str, cfg: TrainConfig, out_dir: str | Path, *, trees: int = 100,
+                 source: str = "", on_epoch: Callable[[str, dict], None] | None = None) -> dict:
     """Train and evaluate BRITS without ancillary data, with geo-topographic data, and with
     geo-topographic + climatic data (as the paper's experiment); baselines scored once."""
-    from msmtu_batch.artifact import save_artifact
-    from msmtu_batch.train import ANCILLARY_SETS, train
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods: dict[str, dict] = {}

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch.artifact import ModelArtifact
-from msmtu_batch.cube import ANCILLARY_NAMES, GEOTOPO_NAMES
+from msmtu_batch.cube import ANCILLARY_SETS
 from msmtu_batch.errors import TrainingDataError
 from msmtu_batch.metrics import rmse
 from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss, predict
@@ -22,7 +22,6 @@ from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
 from msmtu_batch.training_data import PixelSet
 
 AncillarySet = Literal["none", "geotopo", "all"]
-ANCILLARY_SETS: dict[str, tuple[str, ...]] = {"none": (), "geotopo": GEOTOPO_NAMES, "all": ANCILLARY_NAMES}
 
 
 class TrainConfig(BaseModel):
@@ -137,11 +136,3 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
                   "validation_rmse": best_rmse})
     return TrainResult(artifact, history, best_epoch, best_rmse, seconds,
                        len(train_set) * len(history) / train_seconds)
-
-
-def artifact_inputs(artifact: ModelArtifact, pixels: PixelSet) -> ModelInputs:
-    """Prepare ``pixels`` for ``artifact`` with the statistics stored in it."""
-    artifact.check_matches(artifact.band_names, pixels.ancillary_names, "the evaluation data")
-    subset = pixels.with_ancillary(artifact.ancillary_names)
-    return prepare_inputs(subset.values, subset.masks, subset.ancillary, artifact.band_stats,
-                          artifact.ancillary_stats)

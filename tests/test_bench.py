@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from msmtu_batch.bench import JsonPixelDataset, brits_flops_per_pixel, lstm_gemm_rate, naive_training_throughput
+from msmtu_batch.cube import ANCILLARY_SETS
 from msmtu_batch.model import BRITS, BritsConfig
 from msmtu_batch.preprocess import Standardizer, prepare_inputs
-from msmtu_batch.train import ANCILLARY_SETS
 from msmtu_batch.training_data import read_msmtu
 
 

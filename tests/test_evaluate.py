@@ -11,7 +11,7 @@ from msmtu_batch.artifact import load_artifact, save_artifact
 from msmtu_batch.evaluate import evaluate, fcls_unmix, hide_observations, temporal_endmembers
 from msmtu_batch.metrics import rmse
 from msmtu_batch.model import predict
-from msmtu_batch.train import TrainConfig, artifact_inputs, train
+from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import PixelSet, read_cube_reference
 
 
@@ -67,7 +67,7 @@ def test_training_records_history_and_keeps_the_best_epoch(trained):
     assert result.validation_rmse == pytest.approx(best)
     artifact = load_artifact(path)
     val = pixels.split("validation")
-    again = rmse(predict(artifact.model, artifact_inputs(artifact, val))["abundance"], val.abundance)
+    again = rmse(predict(artifact.model, artifact.inputs(val))["abundance"], val.abundance)
     assert again == pytest.approx(best, rel=1e-5), "the saved model is the best epoch's"
     assert artifact.training["best_epoch"] == result.best_epoch
 
@@ -80,7 +80,7 @@ def test_evaluation_report(trained, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert set(saved["methods"]) == {"brits", "train_mean", "fcls", "random_forest", "random_forest_ancillary"}
     test = pixels.split("test")
-    expected = rmse(predict(artifact.model, artifact_inputs(artifact, test))["abundance"], test.abundance)
+    expected = rmse(predict(artifact.model, artifact.inputs(test))["abundance"], test.abundance)
     assert saved["methods"]["brits"]["rmse"] == pytest.approx(expected)
     assert saved["pixels"] == len(test) and saved["model"]["hash"].startswith("sha256:")
     assert saved["imputation"]["hidden_values"] == round(0.1 * test.masks.sum())
