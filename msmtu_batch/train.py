@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch.artifact import ModelArtifact
 from msmtu_batch.cube import ANCILLARY_SETS
-from msmtu_batch.errors import TrainingDataError
+from msmtu_batch.errors import MsmtuError, TrainingDataError
 from msmtu_batch.metrics import rmse
 from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss, predict
 from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
@@ -113,6 +113,9 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
                 totals[k] += v
         train_seconds += time.perf_counter() - epoch_start
         val_rmse = rmse(predict(model, val_inputs)["abundance"], val_set.abundance)
+        if not math.isfinite(val_rmse):
+            raise MsmtuError(f"training diverged at epoch {epoch} (validation RMSE {val_rmse}); "
+                             "lower the learning rate")
         record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in totals.items()},
                   "validation_rmse": val_rmse, "learning_rate": schedule.get_last_lr()[0]}
         history.append(record)

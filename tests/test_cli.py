@@ -138,3 +138,12 @@ def test_train_needs_exactly_one_data_source(region, tmp_path):
                  "--msmtu", str(region.msmtu), "--cube", str(region.cube))
     assert result.returncode == 2
     assert result.stderr.strip() == "msmtu-batch: error: give either --msmtu DIR or --cube CUBE with --reference REF"
+
+
+def test_workflow_train_section_is_a_valid_training_config():
+    import yaml
+
+    from msmtu_batch.train import TrainConfig
+
+    section = yaml.safe_load((ROOT / "workflows" / "synthetic_andalusia.yaml").read_text())["train"]
+    assert TrainConfig(**section) == TrainConfig(), "the workflow documents the defaults"

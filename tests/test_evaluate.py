@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from msmtu_batch.artifact import load_artifact, save_artifact
 from msmtu_batch.evaluate import evaluate, fcls_unmix, hide_observations, temporal_endmembers
@@ -88,3 +89,21 @@ def test_evaluation_report(trained, tmp_path):
     assert report["methods"]["brits"]["rmse"] < report["methods"]["train_mean"]["rmse"]
     text = (tmp_path / "report.md").read_text()
     assert "| brits |" in text and "| fcls |" in text and "![maps](maps.png)" in text
+
+
+def test_training_is_reproducible_by_seed(region):
+    pixels = read_cube_reference(region.cube, region.reference, "level1").subset(np.arange(0, 6912, 5))
+    cfg = TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8, batch_size=64, seed=5)
+    first, second = (train(pixels, "level1", cfg).artifact.model.state_dict() for _ in range(2))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    other = train(pixels, "level1", cfg.model_copy(update={"seed": 6})).artifact.model.state_dict()
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_divergence_stops_with_a_clear_message(region):
+    from msmtu_batch.errors import MsmtuError
+
+    pixels = read_cube_reference(region.cube, region.reference, "level1").subset(np.arange(0, 6912, 9))
+    with pytest.raises(MsmtuError, match=r"training diverged at epoch 1 \(validation RMSE nan\); lower the"):
+        train(pixels, "level1", TrainConfig(epochs=2, hidden=8, embed=4, head_hidden=8, learning_rate=1e30))
