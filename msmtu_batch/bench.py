@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.model import BRITS, RITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.preprocess import Standardizer, compute_deltas
 from msmtu_batch.training_data import PARTITIONS
 
@@ -42,6 +42,41 @@ def lstm_gemm_rate(batch: int = 4096, hidden: int = 100, features: int = 14, sec
             torch.mm(a, w, out=out)
         count += 10
     return 2.0 * batch * (features + hidden) * 4 * hidden * count / elapsed
+
+
+class ResearchRITS(RITS):
+    """The straightforward per-step formulation of the research code: decays, combination
+    weight and losses computed inside the time loop, one small operation after another.
+    Same parameters as :class:`RITS`, so the same weights load into both."""
+
+    def forward(self, values, masks, deltas, ancillary, with_loss=True):
+        batch, steps, _ = values.shape
+        h = values.new_zeros(batch, self.hidden)
+        c = values.new_zeros(batch, self.hidden)
+        imputed, loss = [], values.new_zeros(())
+        for t in range(steps):
+            x, m, d = values[:, t], masks[:, t], deltas[:, t]
+            h = h * self.decay_hidden(d)
+            x_hist = self.history_regression(h)
+            z_feat = self.feature_regression(m * x + (1 - m) * x_hist)
+            alpha = torch.sigmoid(self.combine(torch.cat([self.decay_input(d), m], dim=1)))
+            x_comb = alpha * z_feat + (1 - alpha) * x_hist
+            if with_loss:
+                observed = m.sum() + 1e-5
+                for estimate in (x_hist, z_feat, x_comb):
+                    loss = loss + ((estimate - x).abs() * m).sum() / observed
+            x_filled = m * x + (1 - m) * x_comb
+            h, c = self.cell(torch.cat([x_filled, m], dim=1), (h, c))
+            imputed.append(x_filled)
+        features = h if self.ancillary_embedding is None else torch.cat([h, self.ancillary_embedding(ancillary)], 1)
+        return self.head(features), torch.stack(imputed, dim=1), loss / (3 * steps)
+
+
+def research_brits(cfg: BritsConfig) -> BRITS:
+    """BRITS whose two passes use the research code's per-step formulation."""
+    model = BRITS(cfg)
+    model.forward_pass, model.backward_pass = ResearchRITS(cfg), ResearchRITS(cfg)
+    return model
 
 
 class JsonPixelDataset(Dataset):

@@ -98,25 +98,31 @@ class RITS(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (class logits (B, K), imputed series (B, T, F), masked L1 imputation loss)."""
         batch, steps, _ = values.shape
+        # What does not depend on the hidden state is computed for all steps at once: the
+        # decays and the combination weight come from the deltas and masks alone.
+        decay_hidden = self.decay_hidden(deltas)
+        alpha = torch.sigmoid(self.combine(torch.cat([self.decay_input(deltas), masks], dim=2)))
         h = values.new_zeros(batch, self.hidden)
         c = values.new_zeros(batch, self.hidden)
-        imputed = []
-        loss = values.new_zeros(())
+        hist, feat, comb, imputed = [], [], [], []
         for t in range(steps):
-            x, m, d = values[:, t], masks[:, t], deltas[:, t]
-            h = h * self.decay_hidden(d)
+            x, m = values[:, t], masks[:, t]
+            h = h * decay_hidden[:, t]
             x_hist = self.history_regression(h)
-            x_comp = m * x + (1 - m) * x_hist
-            z_feat = self.feature_regression(x_comp)
-            alpha = torch.sigmoid(self.combine(torch.cat([self.decay_input(d), m], dim=1)))
-            x_comb = alpha * z_feat + (1 - alpha) * x_hist
-            if with_loss:
-                observed = m.sum() + 1e-5
-                loss = loss + ((x_hist - x).abs() * m).sum() / observed \
-                    + ((z_feat - x).abs() * m).sum() / observed + ((x_comb - x).abs() * m).sum() / observed
+            z_feat = self.feature_regression(m * x + (1 - m) * x_hist)
+            x_comb = alpha[:, t] * z_feat + (1 - alpha[:, t]) * x_hist
             x_filled = m * x + (1 - m) * x_comb
             h, c = self.cell(torch.cat([x_filled, m], dim=1), (h, c))
+            hist.append(x_hist)
+            feat.append(z_feat)
+            comb.append(x_comb)
             imputed.append(x_filled)
+        loss = values.new_zeros(())
+        if with_loss:  # masked L1 of the three estimates, normalised per step as in BRITS
+            observed = masks.sum(dim=(0, 2)) + 1e-5
+            for estimate in (hist, feat, comb):
+                error = ((torch.stack(estimate, dim=1) - values).abs() * masks).sum(dim=(0, 2))
+                loss = loss + (error / observed).sum()
         features = h
         if self.ancillary_embedding is not None:
             features = torch.cat([h, self.ancillary_embedding(ancillary)], dim=1)

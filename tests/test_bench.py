@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from msmtu_batch.bench import JsonPixelDataset, brits_flops_per_pixel, lstm_gemm_rate, naive_training_throughput
+from msmtu_batch.bench import (
+    JsonPixelDataset,
+    brits_flops_per_pixel,
+    lstm_gemm_rate,
+    naive_training_throughput,
+    research_brits,
+)
 from msmtu_batch.cube import ANCILLARY_SETS
-from msmtu_batch.model import BRITS, BritsConfig
+from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.preprocess import Standardizer, prepare_inputs
 from msmtu_batch.training_data import read_msmtu
+from tests.test_model import synthetic_problem, tensors
 
 
 def test_json_dataset_items_equal_the_array_store(region):
@@ -39,3 +46,23 @@ def test_flop_count_and_gemm_rate():
     assert flops == pytest.approx(2.33e6, rel=0.01)
     torch.manual_seed(0)
     assert lstm_gemm_rate(batch=256, seconds=0.05) > 1e8
+
+
+def test_restructured_model_equals_the_research_formulation():
+    torch.manual_seed(2)
+    cfg = BritsConfig(n_classes=4, n_ancillary=3, hidden=24, embed=8, head_hidden=16, dropout=0.0)
+    ours, research = BRITS(cfg), research_brits(cfg)
+    research.load_state_dict(ours.state_dict())
+    inputs, abundance = synthetic_problem(n=40, seed=4)
+    series, ancillary = tensors(inputs)
+    a, b = ours(*series, ancillary), research(*series, ancillary)
+    for name in ("abundance", "forward_abundance", "backward_abundance", "imputed", "impute_loss",
+                 "consistency_loss"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6, msg=name)
+    target = torch.from_numpy(abundance)
+    loss_a, _ = brits_loss(a, target, LossWeights())
+    loss_b, _ = brits_loss(b, target, LossWeights())
+    loss_a.backward()
+    loss_b.backward()
+    for (name, p), (_, q) in zip(ours.named_parameters(), research.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
