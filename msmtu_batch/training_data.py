@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -76,11 +78,14 @@ class PixelSet:
         return replace(self, ancillary=self.ancillary[:, columns], ancillary_names=tuple(names))
 
     def save(self, path: Path, fingerprint: str = "") -> None:
-        np.savez(path, **{f: getattr(self, f) for f in _ARRAY_FIELDS},
+        """Write atomically (temporary file, then rename): readers never see half a file."""
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.npz")
+        np.savez(tmp, **{f: getattr(self, f) for f in _ARRAY_FIELDS},
                  ancillary_names=np.array(self.ancillary_names, dtype=str),
                  classes=np.array(self.classes, dtype=str),
                  grid_shape=np.array(self.grid_shape or (0, 0)),
                  fingerprint=np.array(fingerprint), format=np.array(CACHE_FORMAT))
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path, fingerprint: str | None = None) -> PixelSet | None:
@@ -95,7 +100,7 @@ class PixelSet:
                            ancillary_names=tuple(str(v) for v in data["ancillary_names"]),
                            classes=tuple(str(v) for v in data["classes"]),
                            grid_shape=grid if grid != (0, 0) else None)
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
             return None
 
 

@@ -229,3 +229,12 @@ def test_cube_reader_refuses_another_grid(region, tmp_path):
         read_cube_reference(region.cube, tmp_path / "ref.zarr", "level2")
     assert str(err.value) == (f"{tmp_path / 'ref.zarr'}: grid differs from {region.cube} along x "
                               "(reference and cube must share one grid)")
+
+
+def test_a_damaged_cache_is_rebuilt(msmtu_copy):
+    first = read_msmtu(msmtu_copy, "level2")
+    cache = msmtu_copy / ".msmtu_cache" / "level2.npz"
+    cache.write_bytes(cache.read_bytes()[:500])
+    again = read_msmtu(msmtu_copy, "level2")
+    np.testing.assert_array_equal(again.values, first.values)
+    assert cache.stat().st_size > 500 and not list(cache.parent.glob("*.partial.npz"))
