@@ -303,6 +303,42 @@ def ablation_command(
         print(f"wrote {out / 'ablation.md'}")
 
 
+@app.command("run")
+def run_command(
+    cube: Annotated[Path, typer.Option("--cube", help="Input cube (Zarr).")],
+    model: Annotated[Path, typer.Option("--model", help="Model artifact (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Output cube (Zarr) to write.")],
+    scheduler: Annotated[str | None, typer.Option(
+        help="Dask scheduler address (tcp://host:port) or cluster spec (YAML); default: a LocalCluster "
+             "on 127.0.0.1 sized to this machine.")] = None,
+    chunk: Annotated[int, typer.Option(help="Spatial chunk side in pixels (all months and bands).")] = 256,
+    min_months: Annotated[int, typer.Option(help="Fewer observed months give NaN abundances and a flag.")] = 3,
+    imputed: Annotated[bool, typer.Option(help="Also write imputed_reflectance(time, band, y, x).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an output made from another model, input or "
+                                                 "settings.")] = False,
+) -> None:
+    """Unmix an input cube with a model into an output cube; resumable and idempotent."""
+    from msmtu_batch.pipeline import RunConfig, run
+
+    def announce(client) -> None:
+        if client.dashboard_link:
+            console.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
+
+    def progress(items, total: int):
+        return track(items, description="unmixing chunks", total=total, console=console, transient=True) \
+            if console.is_terminal else items
+
+    with _user_errors():
+        summary = run(cube, model, out, config=RunConfig(chunk=chunk, min_months=min_months, imputed=imputed),
+                      scheduler=scheduler, overwrite=overwrite, progress=progress, on_client=announce)
+        if summary.already_complete:
+            print(f"{out} is already complete for this model, input and settings; nothing to do")
+            return
+        print(f"wrote {out}: {summary.pixels:,} pixels, {summary.valid_pixels:,} estimated, "
+              f"{summary.computed_chunks} of {summary.chunks} chunks computed in {summary.seconds:.1f} s "
+              f"({summary.pixels_per_second:,.0f} pixels/s)")
+
+
 def run() -> None:
     """Console-script entry point."""
     app(prog_name="msmtu-batch")

@@ -1,0 +1,344 @@
+"""Distributed batch unmixing: input cube + model artifact -> output cube (Zarr), resumable.
+
+The driver plans spatial chunks (all months and bands each) and submits one task per chunk
+that is not done yet. A task reads its window straight from the input store, prepares it
+with the Numba kernel, runs BRITS (the artifact is loaded once per worker process), writes
+its chunk-aligned region of the output store and then drops a marker. The output is built
+at a hidden ``.NAME.partial`` sibling and renamed to ``NAME`` only when every chunk has its
+marker, so nothing incomplete ever sits at the final path; rerunning the same command
+after a crash computes only the missing chunks, and since each chunk's computation is the
+same, the result is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+import xarray as xr
+import zarr
+from distributed import as_completed
+from pydantic import BaseModel, ConfigDict, Field
+
+from msmtu_batch import __version__
+from msmtu_batch.artifact import ModelArtifact, artifact_hash, load_artifact
+from msmtu_batch.clusters import connect, has_gpu_workers, threads_per_task
+from msmtu_batch.cube import BAND_NAMES, REFLECTANCE_FILL, REFLECTANCE_SCALE, cube_encoding, open_input_cube
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.kernels import prepare_chunk
+from msmtu_batch.model import predict
+from msmtu_batch.preprocess import ModelInputs
+
+MANIFEST_ATTR = "msmtu_run_manifest"  # root attribute: JSON of what made the store
+DONE_GROUP = "msmtu_done"  # one empty Zarr group per finished chunk, its stats as attributes
+FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS = 0, 1
+DOMINANT_FILL = -1
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chunk: int = Field(256, ge=8, description="spatial chunk side (pixels)")
+    min_months: int = Field(3, ge=1, le=12, description="fewer observed months -> NaN and a flag")
+    batch_size: int = Field(8192, ge=1, description="pixels per model batch")
+    imputed: bool = Field(False, description="also write imputed_reflectance(time, band, y, x)")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every task needs: small and picklable (paths, not data or models)."""
+
+    cube: str
+    model: str
+    model_hash: str
+    store: str
+    ancillary: tuple[str, ...]
+    has_qa: bool
+    config: RunConfig
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class ChunkWindow:
+    iy: int
+    ix: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.iy}-{self.ix}"
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    pixels: int
+    valid_pixels: int
+    chunks: int
+    computed_chunks: int
+    seconds: float
+    already_complete: bool = False
+
+    @property
+    def pixels_per_second(self) -> float:
+        return self.pixels / self.seconds if self.seconds > 0 else float("inf")
+
+
+# --- worker side --------------------------------------------------------------------------
+
+_WORKER_STATE: dict = {"models": {}, "inputs": {}, "model_loads": 0}
+
+
+def worker_model(spec: RunSpec) -> ModelArtifact:
+    """The artifact, loaded once per worker process (and per model hash)."""
+    key = (spec.model, spec.model_hash)
+    if key not in _WORKER_STATE["models"]:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _WORKER_STATE["models"][key] = load_artifact(spec.model, device=device)
+        _WORKER_STATE["model_loads"] += 1
+    return _WORKER_STATE["models"][key]
+
+
+def _input_group(path: str) -> zarr.Group:
+    if path not in _WORKER_STATE["inputs"]:
+        _WORKER_STATE["inputs"][path] = zarr.open_group(path, mode="r")
+    return _WORKER_STATE["inputs"][path]
+
+
+def model_loads() -> int:
+    """How many times this process loaded an artifact (for tests and diagnostics)."""
+    return _WORKER_STATE["model_loads"]
+
+
+def _subset(inputs: ModelInputs, index: np.ndarray) -> ModelInputs:
+    return ModelInputs(*(getattr(inputs, f)[index] for f in
+                         ("values", "masks", "deltas_forward", "deltas_backward", "ancillary")))
+
+
+def _marker(store: str | Path, window: ChunkWindow) -> Path:
+    return Path(store) / DONE_GROUP / window.name / "zarr.json"
+
+
+def chunk_stats(store: str | Path, window: ChunkWindow) -> dict | None:
+    """The stats of a finished chunk, or None if it is not (completely) written."""
+    try:
+        return json.loads(_marker(store, window).read_text())["attributes"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _mark_done(store: str | Path, window: ChunkWindow, stats: dict) -> None:
+    """Write the chunk's marker group atomically, after its data."""
+    marker = _marker(store, window)
+    marker.parent.mkdir(exist_ok=True)
+    tmp = marker.with_name(".zarr.json.tmp")
+    tmp.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": stats}))
+    tmp.replace(marker)
+
+
+def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
+    """Compute and write one chunk of the output; idempotent (a done chunk is skipped)."""
+    if (done := chunk_stats(spec.store, window)) is not None:
+        return done
+    torch.set_num_threads(spec.threads)
+    numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
+    artifact = worker_model(spec)
+    group = _input_group(spec.cube)
+    ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
+    try:
+        reflectance = group["reflectance"][:, :, ys, xs]
+        state_qa = group["state_qa"][:, ys, xs] if spec.has_qa else None
+        height, width = reflectance.shape[2:]
+        ancillary = (np.stack([group[name][ys, xs] for name in spec.ancillary]) if spec.ancillary
+                     else np.zeros((0, height, width), np.float32))
+    except Exception as exc:
+        raise MsmtuError(f"{spec.cube}: cannot read chunk y {window.y0}:{window.y1}, x {window.x0}:{window.x1} "
+                         f"({type(exc).__name__}: {exc})") from exc
+    inputs, observed = prepare_chunk(reflectance, state_qa, ancillary, artifact.band_stats,
+                                     artifact.ancillary_stats)
+    months = inputs.masks.max(axis=2).sum(axis=1)
+    valid = (months >= spec.config.min_months) & np.isfinite(inputs.ancillary).all(axis=1)
+    index = np.flatnonzero(valid)
+    device = next(artifact.model.parameters()).device
+    prediction = predict(artifact.model, _subset(inputs, index), spec.config.batch_size, device=device)
+
+    n, k = height * width, len(artifact.classes)
+    abundance = np.full((n, k), np.nan, np.float32)
+    abundance[index] = prediction["abundance"]
+    uncertainty = np.full(n, np.nan, np.float32)
+    uncertainty[index] = prediction["uncertainty"]
+    dominant = np.full(n, DOMINANT_FILL, np.int16)
+    dominant[index] = prediction["abundance"].argmax(axis=1)
+    steps, bands = inputs.masks.shape[1:]
+    out = zarr.open_group(spec.store, mode="r+")
+    out["abundance"][:, ys, xs] = abundance.T.reshape(k, height, width)
+    out["dominant_class"][ys, xs] = dominant.reshape(height, width)
+    out["uncertainty"][ys, xs] = uncertainty.reshape(height, width)
+    out["valid_fraction"][ys, xs] = (observed / (steps * bands)).astype(np.float32).reshape(height, width)
+    out["quality_flag"][ys, xs] = np.where(valid, FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS).astype(
+        np.uint8).reshape(height, width)
+    if spec.config.imputed:
+        imputed = np.full((n, steps, bands), REFLECTANCE_FILL, np.int16)
+        reflectance_units = artifact.band_stats.invert(prediction["imputed"]) / REFLECTANCE_SCALE
+        imputed[index] = np.clip(np.rint(reflectance_units), -32767, 32767).astype(np.int16)
+        out["imputed_reflectance"][:, :, ys, xs] = imputed.transpose(1, 2, 0).reshape(steps, bands, height, width)
+    stats = {"pixels": n, "valid_pixels": int(valid.sum())}
+    _mark_done(spec.store, window, stats)
+    return stats
+
+
+# --- driver side --------------------------------------------------------------------------
+
+def chunk_windows(height: int, width: int, chunk: int) -> list[ChunkWindow]:
+    return [ChunkWindow(iy, ix, y0, min(y0 + chunk, height), x0, min(x0 + chunk, width))
+            for iy, y0 in enumerate(range(0, height, chunk)) for ix, x0 in enumerate(range(0, width, chunk))]
+
+
+def _input_identity(cube: Path) -> str:
+    """Fingerprint of the input store's metadata (names, shapes, encodings, attributes)."""
+    digest = hashlib.sha256()
+    for meta in sorted(cube.rglob("zarr.json")) + sorted(cube.rglob(".zarray")) + sorted(cube.rglob(".zattrs")):
+        digest.update(str(meta.relative_to(cube)).encode())
+        digest.update(meta.read_bytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _identity(cube: Path, model_hash: str, config: RunConfig) -> dict:
+    return {"input": str(cube.resolve()), "input_metadata": _input_identity(cube), "model_hash": model_hash,
+            "settings": config.model_dump(), "software_version": __version__}
+
+
+def _read_manifest(store: Path) -> dict | None:
+    try:
+        return json.loads(zarr.open_group(store, mode="r").attrs[MANIFEST_ATTR])
+    except Exception:
+        return None
+
+
+def _write_manifest(store: Path, manifest: dict) -> None:
+    zarr.open_group(store, mode="r+").attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
+
+
+def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity: dict, run_id: str,
+                  config: RunConfig, model_path: Path) -> None:
+    """An empty output store carrying the grid, CRS, encodings and CF attributes."""
+    height, width, k = ds.sizes["y"], ds.sizes["x"], len(artifact.classes)
+    c = config.chunk
+    lazy = lambda shape, dtype, fill: xr.DataArray(  # noqa: E731
+        np.broadcast_to(np.array(fill, dtype), shape)).chunk(-1).data
+    out = xr.Dataset(coords={"y": ds["y"], "x": ds["x"], "class": np.array(artifact.classes, dtype=object)})
+    out["abundance"] = (("class", "y", "x"), lazy((k, height, width), np.float32, np.nan))
+    out["abundance"].attrs.update(long_name=f"{artifact.level} LULC abundance", units="1", valid_range=[0.0, 1.0],
+                                  comment="fraction of each class in the pixel; sums to 1 where quality_flag is 0")
+    out["dominant_class"] = (("y", "x"), lazy((height, width), np.int16, DOMINANT_FILL))
+    out["dominant_class"].attrs.update(long_name="class of largest abundance",
+                                       flag_values=list(range(k)), flag_meanings=" ".join(artifact.classes))
+    out["uncertainty"] = (("y", "x"), lazy((height, width), np.float32, np.nan))
+    out["uncertainty"].attrs.update(long_name="disagreement of the forward and backward passes", units="1",
+                                    comment="total-variation distance between their abundance vectors")
+    out["valid_fraction"] = (("y", "x"), lazy((height, width), np.float32, np.nan))
+    out["valid_fraction"].attrs.update(long_name="share of observed values (12 months x 7 bands)", units="1")
+    out["quality_flag"] = (("y", "x"), lazy((height, width), np.uint8, FLAG_TOO_FEW_OBSERVATIONS))
+    out["quality_flag"].attrs.update(long_name="estimation flag", flag_values=[FLAG_ESTIMATED,
+                                     FLAG_TOO_FEW_OBSERVATIONS], flag_meanings="estimated too_few_observations",
+                                     comment=f"fewer than {config.min_months} observed months: abundances are NaN")
+    if config.imputed:
+        out = out.assign_coords(time=ds["time"], band=np.array(BAND_NAMES, dtype=object))
+        out["imputed_reflectance"] = (("time", "band", "y", "x"), lazy(
+            (ds.sizes["time"], len(BAND_NAMES), height, width), np.int16, REFLECTANCE_FILL))
+        out["imputed_reflectance"].attrs.update(long_name="gap-filled surface reflectance (BRITS)", units="1",
+                                                scale_factor=REFLECTANCE_SCALE)
+    out = out.rio.write_crs(ds.rio.crs).rio.write_transform(ds.rio.transform())
+    out.attrs.update(Conventions="CF-1.8", title="LULC abundances (msmtu-batch)", source=f"msmtu-batch {__version__}",
+                     software_version=__version__, run_id=run_id, model=str(model_path),
+                     model_hash=identity["model_hash"], input_store=identity["input"], level=artifact.level,
+                     model_ancillary=", ".join(artifact.ancillary_names) or "none",
+                     min_observed_months=config.min_months)
+    encoding = cube_encoding(out, c)
+    encoding["dominant_class"]["_FillValue"] = DOMINANT_FILL
+    encoding["abundance"]["chunks"] = (k, c, c)
+    if config.imputed:
+        encoding["imputed_reflectance"]["_FillValue"] = REFLECTANCE_FILL
+    for var in out.data_vars.values():
+        var.attrs.pop("_FillValue", None)
+    out.to_zarr(store, mode="w", compute=False, encoding=encoding, consolidated=False)
+    zarr.open_group(store, mode="r+").create_group(DONE_GROUP)
+    _write_manifest(store, {**identity, "run_id": run_id, "complete": False})
+
+
+def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConfig | None = None,
+        scheduler: str | None = None, overwrite: bool = False,
+        progress: Callable[[Iterator, int], Iterator] | None = None,
+        on_client: Callable[[object], None] | None = None) -> RunSummary:
+    """Unmix ``cube`` with ``model`` into the Zarr store ``out`` (see the module docstring)."""
+    cube, model, out = Path(cube), Path(model), Path(out)
+    config = config or RunConfig()
+    start = time.perf_counter()
+    artifact = load_artifact(model)
+    ds = open_input_cube(cube, ancillary=artifact.ancillary_names)
+    artifact.check_matches([str(b) for b in ds["band"].values], list(ds.data_vars), str(cube))
+    model_hash = artifact_hash(model)
+    identity = _identity(cube, model_hash, config)
+    run_id = "run-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    height, width = ds.sizes["y"], ds.sizes["x"]
+    windows = chunk_windows(height, width, config.chunk)
+
+    staging = out.with_name(f".{out.name}.partial")
+    if out.exists():
+        manifest = _read_manifest(out)
+        same = manifest is not None and {k: manifest.get(k) for k in identity} == identity
+        if same and manifest.get("complete") and not overwrite:
+            return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
+                              time.perf_counter() - start, already_complete=True)
+        if not overwrite:
+            raise MsmtuError(f"{out} exists and was made from another model, input or settings; "
+                             "pass --overwrite to replace it")
+    if staging.exists():
+        manifest = _read_manifest(staging)
+        if manifest is None or {k: manifest.get(k) for k in identity} != identity:
+            if not overwrite:
+                raise MsmtuError(f"{staging} holds an interrupted run of another model, input or settings; "
+                                 "pass --overwrite to discard it")
+            shutil.rmtree(staging)
+    if not staging.exists():
+        _create_store(staging, ds, artifact, identity, run_id, config, model)
+
+    todo = [w for w in windows if chunk_stats(staging, w) is None]
+    with connect(scheduler) as client:
+        if on_client:
+            on_client(client)
+        spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
+                       "state_qa" in ds.data_vars, config, threads_per_task(client))
+        resources = {"GPU": 1} if has_gpu_workers(client) else None
+        futures = [client.submit(process_chunk, spec, w, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
+                                 resources=resources, retries=2) for w in todo]
+        finished = as_completed(futures, with_results=True)
+        for _future, _stats in (progress(finished, len(futures)) if progress else finished):
+            pass
+    stats = {w.name: chunk_stats(staging, w) for w in windows}
+    missing = [name for name, s in stats.items() if s is None]
+    if missing:
+        raise MsmtuError(f"{staging}: chunks {', '.join(missing[:5])} were not written; rerun to resume")
+    valid = sum(s["valid_pixels"] for s in stats.values())
+    _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, "valid_pixels": valid})
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start)
+
+
+def open_output(path: str | Path) -> xr.Dataset:
+    """Open an output cube with its CRS (the plain ``xr.open_zarr`` works too)."""
+    return xr.open_zarr(path, decode_coords="all", consolidated=False)
+
