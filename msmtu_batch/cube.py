@@ -227,11 +227,31 @@ def _validate_grid(ds: xr.Dataset, store: Path | str) -> None:
             "a CRS (rioxarray convention: 'spatial_ref' coordinate with crs_wkt)", "no CRS")
 
 
+def unreadable_chunk(store: Path | str, variable: str) -> str | None:
+    """Find the first chunk of ``variable`` that cannot be read; describe it, or None."""
+    array = zarr.open_array(Path(store) / variable, mode="r")
+    dims = array.metadata.dimension_names or tuple(f"dim_{i}" for i in range(array.ndim))
+    for index in np.ndindex(*array.cdata_shape):
+        try:
+            array.blocks[index]
+        except Exception as exc:
+            window = ", ".join(f"{d} {i * c}:{min((i + 1) * c, n)}"
+                               for d, i, c, n in zip(dims, index, array.chunks, array.shape))
+            return f"chunk at {window} is unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
 def _validate_ancillary_finite(ds: xr.Dataset, store: Path | str, names: Sequence[str]) -> None:
     """Ancillary values must be finite wherever any reflectance was observed."""
     has_obs = (ds["reflectance"] != REFLECTANCE_FILL).any(("time", "band"))
     bad_counts = [(~np.isfinite(ds[name]) & has_obs).sum() for name in names]
-    counts = xr.concat(bad_counts, dim="variable").compute().values
+    try:
+        counts = xr.concat(bad_counts, dim="variable").compute().values
+    except Exception as exc:
+        for variable in ("reflectance", *names):  # name the chunk that failed to decode
+            if Path(store).is_dir() and (problem := unreadable_chunk(store, variable)):
+                raise CubeValidationError(f"{store}: variable '{variable}': {problem}") from exc
+        raise CubeValidationError(f"{store}: cannot read the data ({type(exc).__name__}: {exc})") from exc
     for name, count in zip(names, counts):
         if count:
             bad = (~np.isfinite(ds[name]) & has_obs).values

@@ -17,7 +17,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numba
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
-from distributed import as_completed
+from distributed import as_completed, get_worker
 from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch import __version__
@@ -89,6 +89,7 @@ class RunSummary:
     computed_chunks: int
     seconds: float
     already_complete: bool = False
+    workers: dict[str, int] = field(default_factory=dict)  # worker -> model loads in its process
 
     @property
     def pixels_per_second(self) -> float:
@@ -147,10 +148,23 @@ def _mark_done(store: str | Path, window: ChunkWindow, stats: dict) -> None:
     tmp.replace(marker)
 
 
+def _where() -> dict:
+    """Which worker ran a task and how often its process has loaded a model."""
+    try:
+        address = get_worker().address
+    except ValueError:
+        address = "local"
+    return {"worker": address, "model_loads": model_loads()}
+
+
 def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
-    """Compute and write one chunk of the output; idempotent (a done chunk is skipped)."""
+    """Compute and write one chunk of the output; idempotent (a done chunk is skipped).
+
+    Returns the chunk's stats plus where it ran (the marker keeps only the stats, so the
+    store's bytes do not depend on the cluster).
+    """
     if (done := chunk_stats(spec.store, window)) is not None:
-        return done
+        return done | _where()
     torch.set_num_threads(spec.threads)
     numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
     artifact = worker_model(spec)
@@ -195,7 +209,7 @@ def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
         out["imputed_reflectance"][:, :, ys, xs] = imputed.transpose(1, 2, 0).reshape(steps, bands, height, width)
     stats = {"pixels": n, "valid_pixels": int(valid.sum())}
     _mark_done(spec.store, window, stats)
-    return stats
+    return stats | _where()
 
 
 # --- driver side --------------------------------------------------------------------------
@@ -324,8 +338,9 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         futures = [client.submit(process_chunk, spec, w, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
                                  resources=resources, retries=2) for w in todo]
         finished = as_completed(futures, with_results=True)
-        for _future, _stats in (progress(finished, len(futures)) if progress else finished):
-            pass
+        workers: dict[str, int] = {}
+        for _future, result in (progress(finished, len(futures)) if progress else finished):
+            workers[result["worker"]] = max(workers.get(result["worker"], 0), result["model_loads"])
     stats = {w.name: chunk_stats(staging, w) for w in windows}
     missing = [name for name, s in stats.items() if s is None]
     if missing:
@@ -335,7 +350,8 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
-    return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start)
+    return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
+                      workers=workers)
 
 
 def open_output(path: str | Path) -> xr.Dataset:

@@ -1,0 +1,217 @@
+"""The distributed pipeline with real Dask processes: contract, values, resume, failures."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from msmtu_batch.artifact import save_artifact
+from msmtu_batch.cube import observed_mask
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.model import predict
+from msmtu_batch.pipeline import DONE_GROUP, RunConfig, open_output, run
+from msmtu_batch.train import TrainConfig, train
+from msmtu_batch.training_data import read_cube_reference
+from tests.conftest import zarr_files
+
+CHUNK = 8  # 9 x 12 = 108 chunks on the 72 x 96 test region: long enough to interrupt
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def model(region, tmp_path_factory) -> Path:
+    pixels = read_cube_reference(region.cube, region.reference, "level2")
+    result = train(pixels, "level2", TrainConfig(epochs=2, hidden=16, embed=8, head_hidden=16, batch_size=256))
+    return save_artifact(result.artifact, tmp_path_factory.mktemp("model") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def clean_run(region, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out.zarr"
+    summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK, imputed=True))
+    return out, summary
+
+
+def test_output_contract(region, cube, clean_run):
+    out, summary = clean_run
+    ds = open_output(out).load()
+    assert ds.rio.crs == cube.rio.crs
+    np.testing.assert_array_equal(ds["x"].values, cube["x"].values)
+    np.testing.assert_array_equal(ds["y"].values, cube["y"].values)
+    plain = xr.open_zarr(out, consolidated=False)
+    assert plain["abundance"].dims == ("class", "y", "x") and plain["abundance"].dtype == np.float32
+    a, flag = ds["abundance"].values, ds["quality_flag"].values
+    estimated = flag == 0
+    np.testing.assert_allclose(a[:, estimated].sum(axis=0), 1.0, atol=1e-5)
+    assert (a[:, estimated] >= 0).all() and (a[:, estimated] <= 1).all()
+    assert np.isnan(a[:, ~estimated]).all() and np.isnan(ds["uncertainty"].values[~estimated]).all()
+    np.testing.assert_array_equal(ds["dominant_class"].values[estimated], a[:, estimated].argmax(axis=0))
+    usable = observed_mask(cube["reflectance"].values, cube["state_qa"].values)
+    np.testing.assert_allclose(ds["valid_fraction"].values, usable.mean(axis=(0, 1)), atol=1e-6)
+    months = usable.any(axis=1).sum(axis=0)
+    np.testing.assert_array_equal(estimated, months >= 3)
+    assert (~estimated).any(), "the region has pixels with too few observations"
+    assert summary.valid_pixels == int(estimated.sum()) and summary.chunks == 108
+    assert ds.attrs["model_hash"].startswith("sha256:") and ds.attrs["run_id"].startswith("run-")
+    assert ds.attrs["input_store"] == str(region.cube.resolve())
+    assert list(ds["class"].values) == list(xr.open_zarr(region.reference, group="level2",
+                                                          consolidated=False)["class"].values)
+    assert ds["imputed_reflectance"].dims == ("time", "band", "y", "x")
+    assert not any(p.name.endswith(".partial") for p in out.parent.iterdir())
+
+
+def test_values_equal_the_numpy_path(region, model, clean_run):
+    from msmtu_batch.artifact import load_artifact
+
+    out, _ = clean_run
+    artifact = load_artifact(model)
+    pixels = read_cube_reference(region.cube, region.reference, "level2")
+    expected = predict(artifact.model, artifact.inputs(pixels))["abundance"]  # (n, K), row-major pixels
+    got = open_output(out)["abundance"].values.reshape(len(artifact.classes), -1).T
+    estimated = open_output(out)["quality_flag"].values.ravel() == 0
+    np.testing.assert_allclose(got[estimated], expected[estimated], atol=2e-5)
+
+
+def test_model_is_loaded_once_per_worker(clean_run):
+    _, summary = clean_run
+    assert len(summary.workers) == 2 and set(summary.workers.values()) == {1}
+
+
+def start(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "dask"), *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1; one says GPU=1."""
+    scheduler_file = tmp_path / "scheduler.json"
+    common = ("--host", "127.0.0.1", "--no-dashboard")
+    scheduler = start("scheduler", *common, "--port", "0", "--scheduler-file", str(scheduler_file),
+                      log=tmp_path / "scheduler.log")
+    deadline = time.time() + 60
+    while not scheduler_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    address = __import__("json").loads(scheduler_file.read_text())["address"]
+    workers = {
+        "gpu": start("worker", address, *common, "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu",
+                     log=tmp_path / "gpu.log"),
+        "cpu": start("worker", address, *common, "--nthreads", "1", "--name", "cpu", log=tmp_path / "cpu.log"),
+    }
+    from distributed import Client
+
+    with Client(address, timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+        names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+    try:
+        yield address, workers, names
+    finally:
+        for process in [*workers.values(), scheduler]:
+            stop(process)
+
+
+def test_real_scheduler_routes_inference_to_gpu_workers(region, model, clean_run, dask_cluster, tmp_path):
+    address, _, names = dask_cluster
+    out = tmp_path / "out.zarr"
+    summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK, imputed=True), scheduler=address)
+    assert set(summary.workers) == {names["gpu"]}, "only the worker advertising GPU=1 ran inference"
+    assert zarr_files(out) == zarr_files(clean_run[0]), "same bytes as on a LocalCluster"
+
+
+def test_killed_worker_is_survived(region, model, clean_run, tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    common = ("--host", "127.0.0.1", "--no-dashboard")
+    scheduler = start("scheduler", *common, "--port", "0", "--scheduler-file", str(scheduler_file),
+                      log=tmp_path / "scheduler.log")
+    workers = []
+    try:
+        while not scheduler_file.exists():
+            time.sleep(0.2)
+        workers = [start("worker", "--scheduler-file", str(scheduler_file), *common, "--nthreads", "1",
+                         log=tmp_path / f"worker{i}.log") for i in range(2)]
+        out = tmp_path / "out.zarr"
+        staging = tmp_path / ".out.zarr.partial"
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(summary=run(
+            region.cube, model, out, config=RunConfig(chunk=CHUNK, imputed=True),
+            scheduler=str(scheduler_file.with_suffix(".yaml")))))
+        scheduler_file.with_suffix(".yaml").write_text(
+            f"cluster: address\naddress: {__import__('json').loads(scheduler_file.read_text())['address']}\n")
+        thread.start()
+        while not (staging / DONE_GROUP).is_dir() or len(list((staging / DONE_GROUP).iterdir())) < 3:
+            assert thread.is_alive(), "the run ended before a worker could be killed"
+            time.sleep(0.02)
+        stop(workers[0])
+        thread.join(timeout=240)
+        assert "summary" in result, "the run did not survive the killed worker"
+        assert zarr_files(out) == zarr_files(clean_run[0])
+    finally:
+        for process in [*workers, scheduler]:
+            stop(process)
+
+
+def test_driver_killed_then_resumed_gives_identical_bytes(region, model, clean_run, tmp_path):
+    out = tmp_path / "out.zarr"
+    staging = tmp_path / ".out.zarr.partial"
+    args = [str(BIN / "msmtu-batch"), "run", "--cube", str(region.cube), "--model", str(model), "--out", str(out),
+            "--chunk", str(CHUNK), "--imputed"]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    while not (staging / DONE_GROUP).is_dir() or len(list((staging / DONE_GROUP).iterdir())) < 2:
+        assert driver.poll() is None, driver.stdout.read().decode()
+        time.sleep(0.02)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done_before = len(list((staging / DONE_GROUP).iterdir()))
+    assert not out.exists() and done_before < 108, "interrupted: nothing at the final path yet"
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    computed = int(resumed.stdout.split(" chunks computed")[0].split()[-3])
+    assert computed <= 108 - done_before + 2, "only the missing chunks were computed"
+    assert zarr_files(out) == zarr_files(clean_run[0])
+
+
+def test_refusals_and_bad_chunks(region, model, clean_run, tmp_path):
+    out, _ = clean_run
+    other = tmp_path / "other.safetensors"
+    pixels = read_cube_reference(region.cube, region.reference, "level2")
+    save_artifact(train(pixels, "level2", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8,
+                                                      ancillary="none")).artifact, other)
+    with pytest.raises(MsmtuError) as err:
+        run(region.cube, other, out, config=RunConfig(chunk=CHUNK, imputed=True))
+    assert str(err.value) == (f"{out} exists and was made from another model, input or settings; "
+                              "pass --overwrite to replace it")
+    # an unreadable input chunk is named, and nothing looks complete: validation finds it when
+    # it reads the data (models with ancillary data), the worker reading its window otherwise
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(region.cube, broken)
+    (broken / "reflectance" / "c" / "0" / "0" / "1" / "2").write_bytes(b"not zstd")
+    with pytest.raises(MsmtuError) as err:
+        run(broken, model, tmp_path / "b.zarr", config=RunConfig(chunk=CHUNK))
+    assert str(err.value).startswith(f"{broken}: variable 'reflectance': chunk at time 0:12, band 0:7, "
+                                     "y 32:64, x 64:96 is unreadable (")
+    with pytest.raises(MsmtuError) as err:
+        run(broken, other, tmp_path / "b.zarr", config=RunConfig(chunk=CHUNK))
+    match = re.fullmatch(rf"{re.escape(str(broken))}: cannot read chunk y (\d+):(\d+), x (\d+):(\d+) \(.+\)",
+                         str(err.value))
+    assert match, str(err.value)
+    y0, y1, x0, x1 = map(int, match.groups())
+    assert 32 <= y0 < y1 <= 64 and 64 <= x0 < x1 <= 96, "the named window lies in the broken chunk"
+    assert not (tmp_path / "b.zarr").exists()
