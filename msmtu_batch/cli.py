@@ -316,6 +316,8 @@ def run_command(
     imputed: Annotated[bool, typer.Option(help="Also write imputed_reflectance(time, band, y, x).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an output made from another model, input or "
                                                  "settings.")] = False,
+    cog: Annotated[Path | None, typer.Option(help="Also write Cloud-Optimized GeoTIFFs to this folder.")] = None,
+    performance_report: Annotated[Path | None, typer.Option(help="Write Dask's HTML performance report.")] = None,
 ) -> None:
     """Unmix an input cube with a model into an output cube; resumable and idempotent."""
     from msmtu_batch.pipeline import RunConfig, run
@@ -330,13 +332,14 @@ def run_command(
 
     with _user_errors():
         summary = run(cube, model, out, config=RunConfig(chunk=chunk, min_months=min_months, imputed=imputed),
-                      scheduler=scheduler, overwrite=overwrite, progress=progress, on_client=announce)
+                      scheduler=scheduler, overwrite=overwrite, cog_dir=cog, performance_report=performance_report,
+                      progress=progress, on_client=announce)
         if summary.already_complete:
             print(f"{out} is already complete for this model, input and settings; nothing to do")
             return
         print(f"wrote {out}: {summary.pixels:,} pixels, {summary.valid_pixels:,} estimated, "
               f"{summary.computed_chunks} of {summary.chunks} chunks computed in {summary.seconds:.1f} s "
-              f"({summary.pixels_per_second:,.0f} pixels/s)")
+              f"({summary.pixels_per_second:,.0f} pixels/s)" + (f"; COGs in {cog}" if cog else ""))
 
 
 def run() -> None:

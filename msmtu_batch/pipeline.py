@@ -17,6 +17,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 import xarray as xr
 import zarr
 from distributed import as_completed, get_worker
+from distributed import performance_report as dask_performance_report
 from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch import __version__
@@ -33,6 +35,7 @@ from msmtu_batch.artifact import ModelArtifact, artifact_hash, load_artifact
 from msmtu_batch.clusters import connect, has_gpu_workers, threads_per_task
 from msmtu_batch.cube import BAND_NAMES, REFLECTANCE_FILL, REFLECTANCE_SCALE, cube_encoding, open_input_cube
 from msmtu_batch.errors import MsmtuError
+from msmtu_batch.export import export_cogs
 from msmtu_batch.kernels import prepare_chunk
 from msmtu_batch.model import predict
 from msmtu_batch.preprocess import ModelInputs
@@ -292,7 +295,8 @@ def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity
 
 
 def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConfig | None = None,
-        scheduler: str | None = None, overwrite: bool = False,
+        scheduler: str | None = None, overwrite: bool = False, cog_dir: str | Path | None = None,
+        performance_report: str | Path | None = None,
         progress: Callable[[Iterator, int], Iterator] | None = None,
         on_client: Callable[[object], None] | None = None) -> RunSummary:
     """Unmix ``cube`` with ``model`` into the Zarr store ``out`` (see the module docstring)."""
@@ -313,6 +317,8 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         manifest = _read_manifest(out)
         same = manifest is not None and {k: manifest.get(k) for k in identity} == identity
         if same and manifest.get("complete") and not overwrite:
+            if cog_dir is not None:
+                export_cogs(out, cog_dir)
             return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
                               time.perf_counter() - start, already_complete=True)
         if not overwrite:
@@ -329,7 +335,8 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         _create_store(staging, ds, artifact, identity, run_id, config, model)
 
     todo = [w for w in windows if chunk_stats(staging, w) is None]
-    with connect(scheduler) as client:
+    with connect(scheduler) as client, (dask_performance_report(filename=str(performance_report))
+                                        if performance_report else nullcontext()):
         if on_client:
             on_client(client)
         spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
@@ -350,6 +357,8 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
+    if cog_dir is not None:
+        export_cogs(out, cog_dir)
     return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
                       workers=workers)
 

@@ -215,3 +215,42 @@ def test_refusals_and_bad_chunks(region, model, clean_run, tmp_path):
     y0, y1, x0, x1 = map(int, match.groups())
     assert 32 <= y0 < y1 <= 64 and 64 <= x0 < x1 <= 96, "the named window lies in the broken chunk"
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_cogs_are_valid_and_match_the_zarr_output(region, model, clean_run, tmp_path):
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    out, _ = clean_run
+    summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK, imputed=True), cog_dir=tmp_path / "cogs")
+    assert summary.already_complete, "an existing complete output is only exported"
+    ds = open_output(out).load()
+    classes = [str(c) for c in ds["class"].values]
+    for name in ("abundance", "dominant_class", "uncertainty", "valid_fraction", "quality_flag"):
+        path = tmp_path / "cogs" / f"{name}.tif"
+        valid, errors, _ = cog_validate(path)
+        assert valid, errors
+        with rasterio.open(path) as raster:
+            assert raster.crs == ds.rio.crs and raster.transform == ds.rio.transform()
+            assert raster.overviews(1), "internal overviews"
+            assert raster.descriptions == (tuple(classes) if name == "abundance" else (name,))
+            values = raster.read()
+        expected = ds[name].values if name == "abundance" else ds[name].values[None]
+        if name == "dominant_class":
+            assert raster.nodata == -1
+            expected = np.where(np.isnan(expected), -1, expected)
+        np.testing.assert_array_equal(values, expected.astype(values.dtype))
+    assert not list((tmp_path / "cogs").glob(".*"))
+
+
+def test_run_command_with_cog_and_performance_report(region, model, tmp_path):
+    result = subprocess.run(
+        [str(BIN / "msmtu-batch"), "run", "--cube", str(region.cube), "--model", str(model), "--out",
+         str(tmp_path / "o.zarr"), "--chunk", "36", "--cog", str(tmp_path / "cogs"), "--performance-report",
+         str(tmp_path / "report.html")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / 'o.zarr'}: 6,912 pixels, ")
+    assert "6 of 6 chunks computed" in result.stdout and f"COGs in {tmp_path / 'cogs'}" in result.stdout
+    assert "Dask dashboard: http://127.0.0.1:" in result.stderr, "dashboard on loopback only"
+    assert (tmp_path / "cogs" / "abundance.tif").is_file()
+    assert "<html" in (tmp_path / "report.html").read_text()[:2000].lower()
