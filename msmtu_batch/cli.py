@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from msmtu_batch import __version__
 from msmtu_batch.cube import ANCILLARY_NAMES, ANCILLARY_SETS, open_input_cube
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.simulate import SimulationConfig, describe_region, simulate
+from msmtu_batch.simulate import SimulationConfig, simulate
 from msmtu_batch.training_data import PARTITIONS, PixelSet
 
 app = typer.Typer(help="LULC abundance mapping from MODIS monthly time series with BRITS.",
@@ -141,14 +141,14 @@ def demo_command(
     height: Annotated[int, typer.Option(help="Rows.")] = 200,
     width: Annotated[int, typer.Option(help="Columns.")] = 300,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Maximum training epochs.")] = 10,
 ) -> None:
-    """End-to-end demo: simulate a region, validate it and print a summary."""
-    with _user_errors():
-        cfg = SimulationConfig(height=height, width=width, seed=seed)
-        seconds = _run_simulation(cfg, out, overwrite=True)
-        open_input_cube(out / "cube.zarr")
-        print(f"simulated and validated {out / 'cube.zarr'} in {seconds:.1f} s")
-        print(describe_region(out))
+    """End-to-end demo: simulate a region, train a model, unmix it on a LocalCluster (Zarr + COG),
+    print the accuracy against the simulated truth and save a PNG map."""
+    from msmtu_batch.demo import run_demo
+
+    with _user_errors(), _epoch_progress(epochs) as on_epoch:
+        run_demo(out, height, width, seed, epochs, say=print, on_epoch=on_epoch)
 
 
 # --- training and evaluation ------------------------------------------------------------------

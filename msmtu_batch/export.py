@@ -67,3 +67,25 @@ def export_cogs(store: str | Path, cog_dir: str | Path) -> list[Path]:
         partial.replace(final)
         written.append(final)
     return written
+
+
+def quicklook(store: str | Path, path: str | Path, reference: xr.DataArray | None = None, classes: int = 4) -> Path:
+    """PNG of the most abundant classes' abundance maps (and the reference's, if given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    abundance = xr.open_zarr(store, consolidated=False)["abundance"].load()
+    top = abundance.mean(("y", "x")).argsort().values[::-1][:classes]
+    rows = [("msmtu-batch", abundance)] + ([("reference", reference)] if reference is not None else [])
+    fig, axes = plt.subplots(len(rows), len(top), figsize=(3.4 * len(top), 2.8 * len(rows)), squeeze=False)
+    for r, (label, data) in enumerate(rows):
+        for c, k in enumerate(top):
+            image = axes[r, c].imshow(data.isel({"class": int(k)}).values, vmin=0, vmax=1, cmap="viridis")
+            axes[r, c].set_title(f"{abundance['class'].values[k]} ({label})", fontsize=9)
+            axes[r, c].set_axis_off()
+    fig.colorbar(image, ax=axes, shrink=0.7, label="abundance")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

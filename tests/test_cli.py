@@ -85,14 +85,21 @@ def test_validate_names_the_ancillary_a_model_needs(region, tmp_path):
                                      "an ancillary data variable (y, x), found nothing")
 
 
-def test_demo_prints_a_summary(tmp_path):
-    result = cli("demo", "--out", str(tmp_path / "demo"), "--height", "40", "--width", "48")
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = cli("demo", "--out", str(out), "--height", "40", "--width", "48", "--epochs", "2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"simulated and validated {tmp_path / 'demo' / 'cube.zarr'} in ")
-    assert [line.split()[0] for line in lines[1:]] == [
+    assert lines[0].startswith(f"simulated and validated {out / 'cube.zarr'} in ")
+    assert [line.split()[0] for line in lines[1:10]] == [
         "region", "position", "terrain", "climate", "observed", "gaps", "mixing", "classes", "msmtu"]
     assert "40 x 48 pixels" in lines[1]
+    assert lines[10].startswith(f"trained {out / 'model.safetensors'} in ")
+    assert lines[11].startswith("unmixed 1,920 pixels (") and "on a LocalCluster" in lines[11]
+    assert lines[12].startswith("accuracy on ") and "against the simulated truth: RMSE 0." in lines[12]
+    assert lines[13] == f"map: {out / 'abundance_map.png'}"
+    assert (out / "abundance_map.png").stat().st_size > 10_000
+    assert (out / "cogs" / "abundance.tif").is_file() and (out / "abundance.zarr").is_dir()
 
 
 def test_example_runs(tmp_path):
