@@ -38,7 +38,6 @@ from msmtu_batch.errors import MsmtuError
 from msmtu_batch.export import export_cogs
 from msmtu_batch.kernels import prepare_chunk
 from msmtu_batch.model import predict
-from msmtu_batch.preprocess import ModelInputs
 
 MANIFEST_ATTR = "msmtu_run_manifest"  # root attribute: JSON of what made the store
 DONE_GROUP = "msmtu_done"  # one empty Zarr group per finished chunk, its stats as attributes
@@ -125,11 +124,6 @@ def model_loads() -> int:
     return _WORKER_STATE["model_loads"]
 
 
-def _subset(inputs: ModelInputs, index: np.ndarray) -> ModelInputs:
-    return ModelInputs(*(getattr(inputs, f)[index] for f in
-                         ("values", "masks", "deltas_forward", "deltas_backward", "ancillary")))
-
-
 def _marker(store: str | Path, window: ChunkWindow) -> Path:
     return Path(store) / DONE_GROUP / window.name / "zarr.json"
 
@@ -188,7 +182,7 @@ def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
     valid = (months >= spec.config.min_months) & np.isfinite(inputs.ancillary).all(axis=1)
     index = np.flatnonzero(valid)
     device = next(artifact.model.parameters()).device
-    prediction = predict(artifact.model, _subset(inputs, index), spec.config.batch_size, device=device)
+    prediction = predict(artifact.model, inputs.subset(index), spec.config.batch_size, device=device)
 
     n, k = height * width, len(artifact.classes)
     abundance = np.full((n, k), np.nan, np.float32)
