@@ -130,3 +130,69 @@ def naive_training_throughput(root: Path, level: str, model: BRITS, bands: Stand
         if max_batches is not None and step + 1 >= max_batches:
             break
     return seen / (time.perf_counter() - start)
+
+
+def research_inference_throughput(root: Path, level: str, artifact, out_csv: Path, batch_size: int = 256) -> float:
+    """Pixels/s of inference the research-code way: one JSON per pixel through a DataLoader
+    into the per-step model, predictions appended to a CSV per batch."""
+    model = research_brits(artifact.config)
+    model.load_state_dict(artifact.model.state_dict())
+    model.eval()
+    seen, start = 0, time.perf_counter()
+    for partition in PARTITIONS:
+        dataset = JsonPixelDataset(root, level, partition, artifact.ancillary_names, artifact.band_stats,
+                                   artifact.ancillary_stats)
+        with torch.no_grad():
+            for batch in DataLoader(dataset, batch_size=batch_size):
+                out = model(batch["values"], batch["masks"], batch["deltas_forward"], batch["deltas_backward"],
+                            batch.get("ancillary"))
+                pd.DataFrame(out.abundance.numpy(), columns=list(artifact.classes)).to_csv(
+                    out_csv, mode="a", header=not out_csv.exists(), index=False)
+                seen += len(batch["values"])
+    return seen / (time.perf_counter() - start)
+
+
+def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: int = 256,
+              say=print) -> dict[str, float]:
+    """End-to-end, model-only and research-code-way pixels/s in one run, with the ceiling."""
+    from msmtu_batch.artifact import ModelArtifact, save_artifact
+    from msmtu_batch.cube import ANCILLARY_NAMES
+    from msmtu_batch.model import predict
+    from msmtu_batch.pipeline import RunConfig, run
+    from msmtu_batch.simulate import LEVEL2_CLASSES, SimulationConfig, simulate
+    from msmtu_batch.training_data import read_msmtu
+
+    simulate(SimulationConfig(height=height, width=width, msmtu_pixels=research_pixels), out, overwrite=True)
+    pixels = read_msmtu(out / "msmtu", "level2")
+    torch.manual_seed(0)  # speed does not depend on the weights: an untrained model with real statistics
+    cfg = BritsConfig(n_classes=len(LEVEL2_CLASSES), n_ancillary=len(ANCILLARY_NAMES))
+    artifact = ModelArtifact(model=BRITS(cfg).eval(), level="level2", classes=LEVEL2_CLASSES,
+                             ancillary_names=ANCILLARY_NAMES, band_stats=Standardizer.fit(pixels.values, pixels.masks),
+                             ancillary_stats=Standardizer.fit(pixels.ancillary))
+    model_path = save_artifact(artifact, out / "bench-model.safetensors")
+    ceiling = lstm_gemm_rate() / brits_flops_per_pixel(cfg)
+
+    inputs = artifact.inputs(pixels)
+    repeats = max(1, 65_536 // max(1, len(inputs)))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        predict(artifact.model, inputs)
+    model_only = repeats * len(inputs) / (time.perf_counter() - start)
+
+    csv = out / "research_predictions.csv"
+    csv.unlink(missing_ok=True)
+    research = research_inference_throughput(out / "msmtu", "level2", artifact, csv)
+    summary = run(out / "cube.zarr", model_path, out / "bench-output.zarr", config=RunConfig(chunk=chunk),
+                  overwrite=True, cog_dir=out / "bench-cogs")
+    end_to_end = summary.pixels_per_second
+    rates = {"end_to_end": end_to_end, "model_only": model_only, "research_code": research, "ceiling": ceiling}
+    say(f"region {height} x {width} ({height * width:,} pixels); ceiling {ceiling:,.0f} pixels/s "
+        f"(LSTM GEMM {ceiling * brits_flops_per_pixel(cfg) / 1e9:.0f} GFLOP/s fp32 / "
+        f"{brits_flops_per_pixel(cfg) / 1e6:.2f} MFLOP per pixel)")
+    say("| method | pixels/s | vs research-code way | fraction of ceiling |")
+    say("|---|---|---|---|")
+    for name, label in (("end_to_end", "msmtu-batch run (Zarr in, Zarr + COG out, LocalCluster)"),
+                        ("model_only", "model only (prepared inputs in memory)"),
+                        ("research_code", "research-code way (JSON per pixel, DataLoader, per-step model, CSV)")):
+        say(f"| {label} | {rates[name]:,.0f} | {rates[name] / research:.1f}x | {rates[name] / ceiling:.1%} |")
+    return rates

@@ -342,6 +342,21 @@ def run_command(
               f"({summary.pixels_per_second:,.0f} pixels/s)" + (f"; COGs in {cog}" if cog else ""))
 
 
+@app.command("bench")
+def bench_command(
+    out: Annotated[Path, typer.Option(help="Working folder (replaced).")] = Path("bench-output"),
+    height: Annotated[int, typer.Option(help="Rows of the simulated region.")] = 512,
+    width: Annotated[int, typer.Option(help="Columns of the simulated region.")] = 512,
+    research_pixels: Annotated[int, typer.Option(help="Pixels run the research-code way.")] = 2000,
+    chunk: Annotated[int, typer.Option(help="Spatial chunk of the pipeline.")] = 256,
+) -> None:
+    """Pixels/s end to end, model only, and the research-code way, against the FLOP ceiling."""
+    from msmtu_batch.bench import run_bench
+
+    with _user_errors():
+        run_bench(out, height, width, research_pixels, chunk)
+
+
 def run() -> None:
     """Console-script entry point."""
     app(prog_name="msmtu-batch")

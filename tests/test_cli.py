@@ -154,3 +154,18 @@ def test_workflow_train_section_is_a_valid_training_config():
 
     section = yaml.safe_load((ROOT / "workflows" / "synthetic_andalusia.yaml").read_text())["train"]
     assert TrainConfig(**section) == TrainConfig(), "the workflow documents the defaults"
+
+
+def test_bench_reports_every_method_against_the_ceiling(tmp_path):
+    result = cli("bench", "--out", str(tmp_path / "bench"), "--height", "32", "--width", "40",
+                 "--research-pixels", "60", "--chunk", "16")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("region 32 x 40 (1,280 pixels); ceiling ")
+    rows = [line for line in lines if line.startswith("| ") and "pixels/s" not in line]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| msmtu-batch run (Zarr in, Zarr + COG out, LocalCluster)", "| model only (prepared inputs in memory)",
+        "| research-code way (JSON per pixel, DataLoader, per-step model, CSV)"]
+    assert rows[-1].split(" | ")[2] == "1.0x"
+    predictions = (tmp_path / "bench" / "research_predictions.csv").read_text().splitlines()
+    assert len(predictions) == 61, "the research-code way predicted every sampled pixel"
