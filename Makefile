@@ -28,4 +28,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output bench-output .pytest_cache
