@@ -157,7 +157,7 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     """End-to-end, model-only and research-code-way pixels/s in one run, with the ceiling."""
     from msmtu_batch.artifact import ModelArtifact, save_artifact
     from msmtu_batch.cube import ANCILLARY_NAMES
-    from msmtu_batch.model import predict
+    from msmtu_batch.inference import predict
     from msmtu_batch.pipeline import RunConfig, run
     from msmtu_batch.simulate import LEVEL2_CLASSES, SimulationConfig, simulate
     from msmtu_batch.training_data import read_msmtu

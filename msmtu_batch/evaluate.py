@@ -32,8 +32,8 @@ from sklearn.ensemble import RandomForestRegressor
 from msmtu_batch.artifact import ModelArtifact, artifact_hash, save_artifact
 from msmtu_batch.cube import ANCILLARY_SETS, BAND_NAMES
 from msmtu_batch.errors import TrainingDataError
+from msmtu_batch.inference import predict
 from msmtu_batch.metrics import abundance_metrics, masked_mae
-from msmtu_batch.model import predict
 from msmtu_batch.preprocess import linear_interpolate_gaps
 from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import PixelSet

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msmtu_batch.preprocess import ModelInputs
-
 
 @dataclass(frozen=True)
 class BritsConfig:
@@ -191,23 +189,3 @@ def count_parameters(model: nn.Module) -> int:
 
 def as_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
-
-
-def predict(model: BRITS, inputs: ModelInputs, batch_size: int = 8192,
-            device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
-    """Abundances (n, K), uncertainty (n,) and imputed series (n, T, F; standardised units)."""
-    model.eval()
-    parts: dict[str, list[np.ndarray]] = {"abundance": [], "uncertainty": [], "imputed": []}
-    with torch.inference_mode():
-        for start in range(0, len(inputs), batch_size):
-            window = slice(start, start + batch_size)
-            series = [as_tensor(a[window], device) for a in
-                      (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward)]
-            ancillary = as_tensor(inputs.ancillary[window], device) if inputs.ancillary.shape[1] else None
-            out = model(*series, ancillary, with_loss=False)
-            parts["abundance"].append(out.abundance.cpu().numpy())
-            parts["uncertainty"].append(out.uncertainty.cpu().numpy())
-            parts["imputed"].append(out.imputed.cpu().numpy())
-    n_classes, steps, n_features = model.cfg.n_classes, model.cfg.n_steps, model.cfg.n_features
-    empty = {"abundance": (0, n_classes), "uncertainty": (0,), "imputed": (0, steps, n_features)}
-    return {k: np.concatenate(v) if v else np.zeros(empty[k], np.float32) for k, v in parts.items()}

@@ -36,8 +36,8 @@ from msmtu_batch.clusters import connect, has_gpu_workers, threads_per_task
 from msmtu_batch.cube import BAND_NAMES, REFLECTANCE_FILL, REFLECTANCE_SCALE, cube_encoding, open_input_cube
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.export import export_cogs
+from msmtu_batch.inference import predict
 from msmtu_batch.kernels import prepare_chunk
-from msmtu_batch.model import predict
 
 MANIFEST_ATTR = "msmtu_run_manifest"  # root attribute: JSON of what made the store
 DONE_GROUP = "msmtu_done"  # one empty Zarr group per finished chunk, its stats as attributes
@@ -182,7 +182,8 @@ def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
     valid = (months >= spec.config.min_months) & np.isfinite(inputs.ancillary).all(axis=1)
     index = np.flatnonzero(valid)
     device = next(artifact.model.parameters()).device
-    prediction = predict(artifact.model, inputs.subset(index), spec.config.batch_size, device=device)
+    prediction = predict(artifact.model, inputs.subset(index), spec.config.batch_size, device=device,
+                         imputed=spec.config.imputed)
 
     n, k = height * width, len(artifact.classes)
     abundance = np.full((n, k), np.nan, np.float32)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from msmtu_batch.artifact import ArtifactError, ModelArtifact, load_artifact, save_artifact
 from msmtu_batch.cube import BAND_NAMES, GEOTOPO_NAMES
-from msmtu_batch.model import BRITS, BritsConfig, predict
+from msmtu_batch.inference import predict
+from msmtu_batch.model import BRITS, BritsConfig
 from msmtu_batch.preprocess import Standardizer
 from tests.test_model import synthetic_problem
 

@@ -10,8 +10,8 @@ import torch
 
 from msmtu_batch.artifact import load_artifact, save_artifact
 from msmtu_batch.evaluate import evaluate, fcls_unmix, hide_observations, temporal_endmembers
+from msmtu_batch.inference import predict
 from msmtu_batch.metrics import rmse
-from msmtu_batch.model import predict
 from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import PixelSet, read_cube_reference
 

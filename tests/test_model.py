@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss, predict
+from msmtu_batch.inference import predict
+from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.preprocess import Standardizer, compute_deltas, prepare_inputs
 
 
@@ -77,10 +78,11 @@ def test_loss_goes_down_on_a_small_problem():
     assert losses[-1][1] < 0.3 * losses[0][1], "the abundance error itself falls"
 
 
-def test_predict_does_not_depend_on_batch_size():
+def test_unfused_predict_does_not_depend_on_batch_size():
     torch.manual_seed(0)
     inputs, _ = synthetic_problem(n=50)
     model = BRITS(BritsConfig(n_classes=4, n_ancillary=3, hidden=16, embed=8, head_hidden=16))
-    whole, pieces = predict(model, inputs, batch_size=1000), predict(model, inputs, batch_size=7)
+    whole = predict(model, inputs, batch_size=1000, fused=False)
+    pieces = predict(model, inputs, batch_size=7, fused=False)
     for key in whole:
         np.testing.assert_allclose(whole[key], pieces[key], atol=1e-6)

@@ -19,7 +19,7 @@ import xarray as xr
 from msmtu_batch.artifact import save_artifact
 from msmtu_batch.cube import observed_mask
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.model import predict
+from msmtu_batch.inference import predict
 from msmtu_batch.pipeline import DONE_GROUP, RunConfig, open_output, run
 from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import read_cube_reference

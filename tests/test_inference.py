@@ -1,0 +1,120 @@
+"""The fused CPU inference engine against the straightforward model, on random models and inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from msmtu_batch.bench import research_brits
+from msmtu_batch.inference import FusedBrits, decay_factor, lstm_update, predict, tanh_fraction
+from msmtu_batch.model import BRITS, BritsConfig
+from msmtu_batch.preprocess import ModelInputs, compute_deltas
+
+TOLERANCE = 2e-5  # float32 rounding through 12 recurrent steps, plus the 3e-7 tanh approximation
+
+
+def random_inputs(rng: np.random.Generator, n: int, n_ancillary: int, steps: int = 12,
+                  observed: float = 0.7) -> ModelInputs:
+    masks = (rng.random((n, steps, 7)) < observed).astype(np.float32)
+    masks[: n // 4, :, :] = (rng.random((n // 4, steps, 1)) < observed)  # whole months missing, as with clouds
+    masks[:1] = 0.0  # a pixel never observed
+    values = (rng.normal(size=(n, steps, 7)) * masks).astype(np.float32)
+    return ModelInputs(values, masks, compute_deltas(masks), compute_deltas(masks[:, ::-1]),
+                       rng.normal(size=(n, n_ancillary)).astype(np.float32))
+
+
+def random_model(seed: int, cfg: BritsConfig, scale: float) -> BRITS:
+    """An untrained model; ``scale`` > 1 drives the gates into saturation."""
+    torch.manual_seed(seed)
+    model = BRITS(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
+def reference(model: BRITS, inputs: ModelInputs) -> dict[str, np.ndarray]:
+    series = [torch.from_numpy(a) for a in (inputs.values, inputs.masks, inputs.deltas_forward,
+                                            inputs.deltas_backward)]
+    ancillary = torch.from_numpy(inputs.ancillary) if inputs.ancillary.shape[1] else None
+    with torch.inference_mode():
+        out = model(*series, ancillary, with_loss=False)
+    return {"abundance": out.abundance.numpy(), "uncertainty": out.uncertainty.numpy(),
+            "imputed": out.imputed.numpy(), "forward_abundance": out.forward_abundance.numpy()}
+
+
+def test_tanh_sigmoid_and_decay_approximations_are_float_accurate():
+    x = np.linspace(-12, 12, 240_001).astype(np.float32)
+    exact = np.tanh(x.astype(np.float64))
+    approx = np.array([p / q for p, q in map(tanh_fraction, x)], np.float64)
+    assert np.abs(approx - exact).max() < 4e-7
+    decay = np.array([decay_factor(z) for z in x], np.float64)
+    assert np.abs(decay - np.exp(np.minimum(x.astype(np.float64), 0))).max() < 4e-7
+    rng = np.random.default_rng(0)
+    gates = rng.normal(scale=4, size=(5, 2000)).astype(np.float32)
+    i, f, g, o, c = gates.astype(np.float64)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    cell = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    got = np.array([lstm_update(*column) for column in gates.T], np.float64)
+    np.testing.assert_allclose(got[:, 0], cell, atol=2e-6)
+    np.testing.assert_allclose(got[:, 1], sigmoid(o) * np.tanh(cell), atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 300), n_classes=st.integers(2, 10),
+       n_ancillary=st.integers(0, 6), hidden=st.integers(1, 40), steps=st.integers(1, 12),
+       scale=st.sampled_from([1.0, 4.0]), observed=st.floats(0.0, 1.0))
+def test_fused_engine_equals_the_model(seed, n, n_classes, n_ancillary, hidden, steps, scale, observed):
+    cfg = BritsConfig(n_classes=n_classes, n_ancillary=n_ancillary, n_steps=steps, hidden=hidden,
+                      embed=max(1, hidden // 2), head_hidden=hidden)
+    model = random_model(seed % 2**31, cfg, scale)
+    inputs = random_inputs(np.random.default_rng(seed), n, n_ancillary, steps, observed)
+    expected = reference(model, inputs)
+    got = FusedBrits(model)(inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
+                            inputs.ancillary, tile=64)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, atol=TOLERANCE, err_msg=key)
+    np.testing.assert_allclose(got["abundance"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_fused_engine_equals_the_research_formulation_at_full_size():
+    """The default architecture, against the per-step model of the research code."""
+    cfg = BritsConfig(n_classes=10, n_ancillary=6)
+    model = random_model(1, cfg, 2.0)
+    straightforward = research_brits(cfg).eval()
+    straightforward.load_state_dict(model.state_dict())
+    inputs = random_inputs(np.random.default_rng(1), 3000, 6)
+    expected = reference(straightforward, inputs)
+    got = predict(model, inputs)
+    for key in ("abundance", "uncertainty", "imputed"):
+        np.testing.assert_allclose(got[key], expected[key], atol=TOLERANCE, err_msg=key)
+
+
+def test_tiles_and_threads_do_not_change_the_result():
+    model = random_model(2, BritsConfig(n_classes=5, n_ancillary=2), 1.0)
+    inputs = random_inputs(np.random.default_rng(2), 2500, 2)
+    engine = FusedBrits(model)
+    threads_before = torch.get_num_threads()
+    arrays = (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward, inputs.ancillary)
+    one = engine(*arrays, tile=1024, threads=1)
+    other = engine(*arrays, tile=1024, threads=2)
+    for key in one:
+        np.testing.assert_array_equal(one[key], other[key], err_msg=key)
+    small = engine(*arrays, tile=100, threads=2)
+    for key in one:
+        np.testing.assert_allclose(small[key], one[key], atol=1e-6, err_msg=key)
+    assert torch.get_num_threads() == threads_before, "the caller's thread setting is restored"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_predict_handles_no_pixels_and_skips_imputation_on_request(fused):
+    model = random_model(3, BritsConfig(n_classes=3, n_ancillary=0, hidden=8, embed=4, head_hidden=8), 1.0)
+    empty = random_inputs(np.random.default_rng(3), 0, 0)
+    out = predict(model, empty, fused=fused)
+    assert out["abundance"].shape == (0, 3) and out["uncertainty"].shape == (0,)
+    assert out["imputed"].shape == (0, 12, 7)
+    some = random_inputs(np.random.default_rng(3), 10, 0)
+    assert set(predict(model, some, fused=fused, imputed=False)) == {"abundance", "uncertainty"}
