@@ -4,6 +4,7 @@ research-code way of feeding it (one JSON file per pixel through a DataLoader)."
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -152,47 +153,103 @@ def research_inference_throughput(root: Path, level: str, artifact, out_csv: Pat
     return seen / (time.perf_counter() - start)
 
 
-def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: int = 256,
-              say=print) -> dict[str, float]:
-    """End-to-end, model-only and research-code-way pixels/s in one run, with the ceiling."""
+def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, batch_size: int = 1024) -> float:
+    """Pixels/s of the model alone on prepared inputs in memory (the pipeline's settings:
+    no imputed series), repeating ``inputs`` up to ``pixels``. The straightforward model gets
+    batches of ``batch_size`` (1024 is its fastest on the development VM; 8192 is 40 % slower)."""
+    from msmtu_batch.inference import predict
+    from msmtu_batch.preprocess import ModelInputs
+
+    repeats = max(1, -(-pixels // max(1, len(inputs))))
+    many = ModelInputs(*(np.concatenate([a] * repeats) for a in
+                         (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
+                          inputs.ancillary)))
+    predict(artifact.model, inputs, batch_size, fused=fused, imputed=False)  # warm up (Numba loads its cache)
+    start = time.perf_counter()
+    predict(artifact.model, many, batch_size, fused=fused, imputed=False)
+    return len(many) / (time.perf_counter() - start)
+
+
+def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifact_path: Path | None = None):
+    """Simulate a region; return its folder and the model artifact (an untrained model of the
+    default size with statistics fitted to the region: speed does not depend on the weights)."""
     from msmtu_batch.artifact import ModelArtifact, save_artifact
     from msmtu_batch.cube import ANCILLARY_NAMES
-    from msmtu_batch.inference import predict
-    from msmtu_batch.pipeline import RunConfig, run
     from msmtu_batch.simulate import LEVEL2_CLASSES, SimulationConfig, simulate
     from msmtu_batch.training_data import read_msmtu
 
-    simulate(SimulationConfig(height=height, width=width, msmtu_pixels=research_pixels), out, overwrite=True)
+    simulate(SimulationConfig(height=size[0], width=size[1], msmtu_pixels=research_pixels), out, overwrite=True)
+    if artifact_path is not None:
+        return out, artifact_path
     pixels = read_msmtu(out / "msmtu", "level2")
-    torch.manual_seed(0)  # speed does not depend on the weights: an untrained model with real statistics
+    torch.manual_seed(0)
     cfg = BritsConfig(n_classes=len(LEVEL2_CLASSES), n_ancillary=len(ANCILLARY_NAMES))
     artifact = ModelArtifact(model=BRITS(cfg).eval(), level="level2", classes=LEVEL2_CLASSES,
                              ancillary_names=ANCILLARY_NAMES, band_stats=Standardizer.fit(pixels.values, pixels.masks),
                              ancillary_stats=Standardizer.fit(pixels.ancillary))
-    model_path = save_artifact(artifact, out / "bench-model.safetensors")
-    ceiling = lstm_gemm_rate() / brits_flops_per_pixel(cfg)
+    return out, save_artifact(artifact, out / "bench-model.safetensors")
 
-    inputs = artifact.inputs(pixels)
-    repeats = max(1, 65_536 // max(1, len(inputs)))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        predict(artifact.model, inputs)
-    model_only = repeats * len(inputs) / (time.perf_counter() - start)
 
+def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: int = 256,
+              memory_sizes: tuple[int, ...] = (), say=print) -> dict:
+    """One run: the pipeline end to end, the model alone (fused and straightforward) and the
+    research-code way on the same region, against the FLOP ceiling measured in the run; then,
+    for each of ``memory_sizes``, the pipeline on a square region of that side, recording
+    its throughput and each worker's peak memory. Results also go to ``out/bench.json``."""
+    from msmtu_batch.artifact import load_artifact
+    from msmtu_batch.pipeline import RunConfig, run
+    from msmtu_batch.training_data import read_msmtu
+
+    out.mkdir(parents=True, exist_ok=True)
+    region, model_path = _bench_region(out / "region", (height, width), research_pixels)
+    artifact = load_artifact(model_path)
+    cfg = artifact.config
+    gemm_rate = lstm_gemm_rate()
+    ceiling = gemm_rate / brits_flops_per_pixel(cfg)
+
+    inputs = artifact.inputs(read_msmtu(region / "msmtu", "level2"))
+    fused = model_only_throughput(artifact, inputs, fused=True)
+    straightforward = model_only_throughput(artifact, inputs, fused=False)
     csv = out / "research_predictions.csv"
     csv.unlink(missing_ok=True)
-    research = research_inference_throughput(out / "msmtu", "level2", artifact, csv)
-    summary = run(out / "cube.zarr", model_path, out / "bench-output.zarr", config=RunConfig(chunk=chunk),
-                  overwrite=True, cog_dir=out / "bench-cogs")
-    end_to_end = summary.pixels_per_second
-    rates = {"end_to_end": end_to_end, "model_only": model_only, "research_code": research, "ceiling": ceiling}
-    say(f"region {height} x {width} ({height * width:,} pixels); ceiling {ceiling:,.0f} pixels/s "
-        f"(LSTM GEMM {ceiling * brits_flops_per_pixel(cfg) / 1e9:.0f} GFLOP/s fp32 / "
-        f"{brits_flops_per_pixel(cfg) / 1e6:.2f} MFLOP per pixel)")
+    research = research_inference_throughput(region / "msmtu", "level2", artifact, csv)
+
+    def pipeline(cube_folder: Path) -> dict:
+        summary = run(cube_folder / "cube.zarr", model_path, out / "bench-output.zarr",
+                      config=RunConfig(chunk=chunk), overwrite=True, cog_dir=out / "bench-cogs")
+        return {"pixels": summary.pixels, "pixels_per_second": summary.pixels_per_second,
+                "seconds": summary.seconds, "worker_peak_mib": sorted(summary.worker_peak_mib.values())}
+
+    end_to_end = pipeline(region)
+    rates = {"end_to_end": end_to_end["pixels_per_second"], "model_fused": fused,
+             "model_straightforward": straightforward, "research_code": research}
+    say(f"region {height} x {width} ({height * width:,} pixels), chunk {chunk}; ceiling {ceiling:,.0f} pixels/s "
+        f"(LSTM GEMM {gemm_rate / 1e9:.0f} GFLOP/s fp32 / {brits_flops_per_pixel(cfg) / 1e6:.2f} MFLOP per pixel)")
     say("| method | pixels/s | vs research-code way | fraction of ceiling |")
     say("|---|---|---|---|")
-    for name, label in (("end_to_end", "msmtu-batch run (Zarr in, Zarr + COG out, LocalCluster)"),
-                        ("model_only", "model only (prepared inputs in memory)"),
-                        ("research_code", "research-code way (JSON per pixel, DataLoader, per-step model, CSV)")):
+    labels = {"end_to_end": "msmtu-batch run (Zarr in, Zarr + COG out, LocalCluster)",
+              "model_fused": "model only, fused CPU engine (prepared inputs in memory)",
+              "model_straightforward": "model only, straightforward PyTorch BRITS (same inputs)",
+              "research_code": "research-code way (JSON per pixel, DataLoader, per-step model, CSV)"}
+    for name, label in labels.items():
         say(f"| {label} | {rates[name]:,.0f} | {rates[name] / research:.1f}x | {rates[name] / ceiling:.1%} |")
-    return rates
+
+    scaling = {}
+    for side in memory_sizes:
+        if (side, side) == (height, width):
+            scaling[side] = end_to_end
+            continue
+        folder, _ = _bench_region(out / f"region-{side}", (side, side), 200, model_path)
+        scaling[side] = pipeline(folder)
+        shutil.rmtree(folder)
+    if scaling:
+        say("| region | pixels | seconds | pixels/s | peak memory per worker (MiB) |")
+        say("|---|---|---|---|---|")
+        for side, result in scaling.items():
+            peaks = ", ".join(f"{p:,.0f}" for p in result["worker_peak_mib"])
+            say(f"| {side} x {side} | {result['pixels']:,} | {result['seconds']:.1f} | "
+                f"{result['pixels_per_second']:,.0f} | {peaks} |")
+    record = {"ceiling": ceiling, "gemm_flops": gemm_rate, "rates": rates, "end_to_end": end_to_end,
+              "memory_scaling": {str(k): v for k, v in scaling.items()}}
+    (out / "bench.json").write_text(json.dumps(record, indent=2))
+    return record

@@ -349,12 +349,15 @@ def bench_command(
     width: Annotated[int, typer.Option(help="Columns of the simulated region.")] = 512,
     research_pixels: Annotated[int, typer.Option(help="Pixels run the research-code way.")] = 2000,
     chunk: Annotated[int, typer.Option(help="Spatial chunk of the pipeline.")] = 256,
+    memory_sizes: Annotated[list[int] | None, typer.Option(
+        "--memory-size", help="Also run the pipeline on a square region of this side and record each worker's "
+        "peak memory (repeat the option, e.g. 512 and 2048).")] = None,
 ) -> None:
     """Pixels/s end to end, model only, and the research-code way, against the FLOP ceiling."""
     from msmtu_batch.bench import run_bench
 
     with _user_errors():
-        run_bench(out, height, width, research_pixels, chunk)
+        run_bench(out, height, width, research_pixels, chunk, tuple(memory_sizes or ()))
 
 
 def run() -> None:

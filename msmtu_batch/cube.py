@@ -88,8 +88,11 @@ def observed_mask(reflectance: np.ndarray, state_qa: np.ndarray | None = None) -
 
 
 def open_input_cube(path: str | os.PathLike, *, validate: bool = True,
-                    ancillary: Sequence[str] = ANCILLARY_NAMES) -> xr.Dataset:
-    """Open an input cube lazily (dask-backed, raw int16 reflectance) and validate it."""
+                    ancillary: Sequence[str] = ANCILLARY_NAMES, read_values: bool = True) -> xr.Dataset:
+    """Open an input cube lazily (dask-backed, raw int16 reflectance) and validate it.
+
+    ``read_values=False`` checks the metadata only; the pipeline checks the values chunk by
+    chunk in its tasks (:func:`check_ancillary_finite`) instead of reading the cube twice."""
     store = Path(path)
     if not store.exists():
         raise CubeValidationError(f"{store}: input cube not found")
@@ -99,7 +102,7 @@ def open_input_cube(path: str | os.PathLike, *, validate: bool = True,
     except Exception as exc:
         raise CubeValidationError(f"{store}: {_explain_open_failure(store, exc)}") from exc
     if validate:
-        validate_input_cube(ds, store=store, ancillary=ancillary)
+        validate_input_cube(ds, store=store, ancillary=ancillary, read_values=read_values)
     return ds
 
 
@@ -157,12 +160,13 @@ def _expect(condition: bool, store: Path | str, variable: str, expected: str, fo
 
 
 def validate_input_cube(ds: xr.Dataset, *, store: Path | str = "<dataset>",
-                        ancillary: Sequence[str] = ANCILLARY_NAMES) -> None:
+                        ancillary: Sequence[str] = ANCILLARY_NAMES, read_values: bool = True) -> None:
     """Check ``ds`` against the input-cube contract; raise one clear error on the first breach.
 
     ``ds`` must be opened with ``mask_and_scale=False`` (as :func:`open_input_cube` does) so
     the stored dtypes and fill values are visible. ``ancillary`` lists the ancillary
-    variables required (a model without ancillary data needs none).
+    variables required (a model without ancillary data needs none). ``read_values`` also
+    reads the data: every chunk must decode and ancillary values must be finite.
     """
     _expect("reflectance" in ds.data_vars, store, "reflectance", "a data variable",
             "none (data variables: " + ", ".join(sorted(map(str, ds.data_vars))) + ")")
@@ -198,7 +202,7 @@ def validate_input_cube(ds: xr.Dataset, *, store: Path | str = "<dataset>",
         _expect(var.dims == ("y", "x"), store, name, "dims (y, x)",
                 "(" + ", ".join(map(str, var.dims)) + ")")
         _expect(var.dtype == np.float32, store, name, "dtype float32", f"dtype {var.dtype}")
-    if ancillary:
+    if ancillary and read_values:
         _validate_ancillary_finite(ds, store, ancillary)
 
 
@@ -254,9 +258,18 @@ def _validate_ancillary_finite(ds: xr.Dataset, store: Path | str, names: Sequenc
         raise CubeValidationError(f"{store}: cannot read the data ({type(exc).__name__}: {exc})") from exc
     for name, count in zip(names, counts):
         if count:
-            bad = (~np.isfinite(ds[name]) & has_obs).values
-            row, col = (int(i[0]) for i in np.nonzero(bad))
+            check_ancillary_finite(store, [name], ds[name].values[None], has_obs.values)
+
+
+def check_ancillary_finite(store: Path | str, names: Sequence[str], ancillary: np.ndarray, observed: np.ndarray,
+                           y0: int = 0, x0: int = 0, window: str = "") -> None:
+    """Refuse non-finite ``ancillary`` (A, y, x) values where ``observed`` (y, x) says some
+    reflectance was observed; ``y0``/``x0`` place the block in the cube, ``window`` names it."""
+    bad = ~np.isfinite(ancillary) & observed[None]
+    for name, bad_pixels in zip(names, bad):
+        if bad_pixels.any():
+            row, col = (int(i[0]) for i in np.nonzero(bad_pixels))
             raise CubeValidationError(
                 f"{store}: variable '{name}': expected finite values where reflectance is "
-                f"observed, found {int(count)} non-finite pixel(s), first at y index {row}, "
-                f"x index {col}")
+                f"observed, found {int(bad_pixels.sum())} non-finite pixel(s){window}, first at "
+                f"y index {y0 + row}, x index {x0 + col}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -33,11 +34,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from msmtu_batch import __version__
 from msmtu_batch.artifact import ModelArtifact, artifact_hash, load_artifact
 from msmtu_batch.clusters import connect, has_gpu_workers, threads_per_task
-from msmtu_batch.cube import BAND_NAMES, REFLECTANCE_FILL, REFLECTANCE_SCALE, cube_encoding, open_input_cube
+from msmtu_batch.cube import (
+    BAND_NAMES,
+    REFLECTANCE_FILL,
+    REFLECTANCE_SCALE,
+    check_ancillary_finite,
+    cube_encoding,
+    open_input_cube,
+)
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.export import export_cogs
 from msmtu_batch.inference import predict
 from msmtu_batch.kernels import prepare_chunk
+from msmtu_batch.preprocess import ModelInputs, compute_deltas
 
 MANIFEST_ATTR = "msmtu_run_manifest"  # root attribute: JSON of what made the store
 DONE_GROUP = "msmtu_done"  # one empty Zarr group per finished chunk, its stats as attributes
@@ -92,6 +101,8 @@ class RunSummary:
     seconds: float
     already_complete: bool = False
     workers: dict[str, int] = field(default_factory=dict)  # worker -> model loads in its process
+    worker_peak_mib: dict[str, float] = field(default_factory=dict)  # worker -> its process's peak RSS
+    prepared_by: dict[str, int] = field(default_factory=dict)  # worker -> chunks it read and prepared
 
     @property
     def pixels_per_second(self) -> float:
@@ -146,25 +157,50 @@ def _mark_done(store: str | Path, window: ChunkWindow, stats: dict) -> None:
 
 
 def _where() -> dict:
-    """Which worker ran a task and how often its process has loaded a model."""
+    """Which worker ran a task, how often its process has loaded a model, and its peak memory."""
     try:
         address = get_worker().address
     except ValueError:
         address = "local"
-    return {"worker": address, "model_loads": model_loads()}
+    return {"worker": address, "model_loads": model_loads(), "peak_mib": peak_memory_mib()}
 
 
-def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
-    """Compute and write one chunk of the output; idempotent (a done chunk is skipped).
+def peak_memory_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image;
+    ru_maxrss would also count the parent's memory when a worker was forked from a driver."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    Returns the chunk's stats plus where it ran (the marker keeps only the stats, so the
-    store's bytes do not depend on the cluster).
-    """
-    if (done := chunk_stats(spec.store, window)) is not None:
-        return done | _where()
+
+@dataclass
+class PreparedChunk:
+    """A chunk ready for the model, as sent from a CPU worker to a GPU worker: the
+    standardised values and the masks (uint8; the deltas follow from them), the standardised
+    ancillary values and each pixel's count of usable values."""
+
+    values: np.ndarray  # (n, T, F) float32, 0 at gaps
+    masks: np.ndarray  # (n, T, F) uint8
+    ancillary: np.ndarray  # (n, A) float32
+    observed: np.ndarray  # (n,) int32
+    prepared_by: str
+
+    def inputs(self) -> ModelInputs:
+        masks = self.masks.astype(np.float32)
+        return ModelInputs(self.values, masks, compute_deltas(masks), compute_deltas(masks[:, ::-1]), self.ancillary)
+
+
+def _use_threads(spec: RunSpec) -> None:
     torch.set_num_threads(spec.threads)
     numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
-    artifact = worker_model(spec)
+
+
+def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifact) -> tuple[ModelInputs, np.ndarray]:
+    """Read a chunk's window from the input store, check it, and prepare it (Numba)."""
     group = _input_group(spec.cube)
     ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
     try:
@@ -176,22 +212,26 @@ def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
     except Exception as exc:
         raise MsmtuError(f"{spec.cube}: cannot read chunk y {window.y0}:{window.y1}, x {window.x0}:{window.x1} "
                          f"({type(exc).__name__}: {exc})") from exc
-    inputs, observed = prepare_chunk(reflectance, state_qa, ancillary, artifact.band_stats,
-                                     artifact.ancillary_stats)
+    check_ancillary_finite(spec.cube, spec.ancillary, ancillary, (reflectance != REFLECTANCE_FILL).any(axis=(0, 1)),
+                           window.y0, window.x0, f" in chunk y {window.y0}:{window.y1}, x {window.x0}:{window.x1}")
+    return prepare_chunk(reflectance, state_qa, ancillary, artifact.band_stats, artifact.ancillary_stats)
+
+
+def _estimate_and_write(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifact, inputs: ModelInputs,
+                        observed: np.ndarray) -> dict:
+    """Run the model on a prepared chunk, write its region of the output, then its marker."""
+    height, width = window.y1 - window.y0, window.x1 - window.x0
+    ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
     months = inputs.masks.max(axis=2).sum(axis=1)
     valid = (months >= spec.config.min_months) & np.isfinite(inputs.ancillary).all(axis=1)
-    index = np.flatnonzero(valid)
     device = next(artifact.model.parameters()).device
-    prediction = predict(artifact.model, inputs.subset(index), spec.config.batch_size, device=device,
-                         imputed=spec.config.imputed)
-
+    # every pixel goes through the model (each is independent) and the invalid ones (about
+    # 1 %) are blanked afterwards: cheaper than copying the valid ones out
+    prediction = predict(artifact.model, inputs, spec.config.batch_size, device=device, imputed=spec.config.imputed)
     n, k = height * width, len(artifact.classes)
-    abundance = np.full((n, k), np.nan, np.float32)
-    abundance[index] = prediction["abundance"]
-    uncertainty = np.full(n, np.nan, np.float32)
-    uncertainty[index] = prediction["uncertainty"]
-    dominant = np.full(n, DOMINANT_FILL, np.int16)
-    dominant[index] = prediction["abundance"].argmax(axis=1)
+    abundance = np.where(valid[:, None], prediction["abundance"], np.float32(np.nan))
+    uncertainty = np.where(valid, prediction["uncertainty"], np.float32(np.nan))
+    dominant = np.where(valid, prediction["abundance"].argmax(axis=1), DOMINANT_FILL).astype(np.int16)
     steps, bands = inputs.masks.shape[1:]
     out = zarr.open_group(spec.store, mode="r+")
     out["abundance"][:, ys, xs] = abundance.T.reshape(k, height, width)
@@ -201,13 +241,49 @@ def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
     out["quality_flag"][ys, xs] = np.where(valid, FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS).astype(
         np.uint8).reshape(height, width)
     if spec.config.imputed:
-        imputed = np.full((n, steps, bands), REFLECTANCE_FILL, np.int16)
         reflectance_units = artifact.band_stats.invert(prediction["imputed"]) / REFLECTANCE_SCALE
-        imputed[index] = np.clip(np.rint(reflectance_units), -32767, 32767).astype(np.int16)
+        imputed = np.where(valid[:, None, None], np.clip(np.rint(np.nan_to_num(reflectance_units)), -32767, 32767),
+                           REFLECTANCE_FILL).astype(np.int16)
         out["imputed_reflectance"][:, :, ys, xs] = imputed.transpose(1, 2, 0).reshape(steps, bands, height, width)
     stats = {"pixels": n, "valid_pixels": int(valid.sum())}
     _mark_done(spec.store, window, stats)
-    return stats | _where()
+    return stats
+
+
+def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
+    """Compute and write one chunk of the output in one task (clusters without GPUs);
+    idempotent (a done chunk is skipped).
+
+    Returns the chunk's stats plus where it ran (the marker keeps only the stats, so the
+    store's bytes do not depend on the cluster).
+    """
+    if (done := chunk_stats(spec.store, window)) is not None:
+        return done | _where()
+    _use_threads(spec)
+    artifact = worker_model(spec)
+    inputs, observed = _read_and_prepare(spec, window, artifact)
+    where = _where()
+    return _estimate_and_write(spec, window, artifact, inputs, observed) | where | {"prepared_by": where["worker"]}
+
+
+def prepare_task(spec: RunSpec, window: ChunkWindow) -> PreparedChunk | None:
+    """First stage on GPU clusters, on any worker's CPU: read, check and prepare a chunk
+    (None when it is done already)."""
+    if chunk_stats(spec.store, window) is not None:
+        return None
+    _use_threads(spec)
+    inputs, observed = _read_and_prepare(spec, window, worker_model(spec))
+    return PreparedChunk(inputs.values, inputs.masks.astype(np.uint8), inputs.ancillary, observed,
+                         _where()["worker"])
+
+
+def estimate_task(spec: RunSpec, window: ChunkWindow, prepared: PreparedChunk | None) -> dict:
+    """Second stage on GPU clusters, on a worker holding ``GPU=1``: the model and the writes."""
+    if (done := chunk_stats(spec.store, window)) is not None or prepared is None:
+        return (done or {}) | _where()
+    _use_threads(spec)
+    stats = _estimate_and_write(spec, window, worker_model(spec), prepared.inputs(), prepared.observed)
+    return stats | _where() | {"prepared_by": prepared.prepared_by}
 
 
 # --- driver side --------------------------------------------------------------------------
@@ -299,7 +375,7 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
     config = config or RunConfig()
     start = time.perf_counter()
     artifact = load_artifact(model)
-    ds = open_input_cube(cube, ancillary=artifact.ancillary_names)
+    ds = open_input_cube(cube, ancillary=artifact.ancillary_names, read_values=False)  # tasks check values
     artifact.check_matches([str(b) for b in ds["band"].values], list(ds.data_vars), str(cube))
     model_hash = artifact_hash(model)
     identity = _identity(cube, model_hash, config)
@@ -336,13 +412,24 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
             on_client(client)
         spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
                        "state_qa" in ds.data_vars, config, threads_per_task(client))
-        resources = {"GPU": 1} if has_gpu_workers(client) else None
-        futures = [client.submit(process_chunk, spec, w, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
-                                 resources=resources, retries=2) for w in todo]
+        if has_gpu_workers(client):  # prepare on any CPU, estimate on the workers holding GPU=1
+            prepared = [client.submit(prepare_task, spec, w, key=f"msmtu-prepare-{run_id}-{w.name}", pure=False,
+                                      retries=2) for w in todo]
+            futures = [client.submit(estimate_task, spec, w, p, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
+                                     resources={"GPU": 1}, retries=2) for w, p in zip(todo, prepared)]
+            del prepared  # each prepared chunk is freed once its estimate is written
+        else:
+            futures = [client.submit(process_chunk, spec, w, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
+                                     retries=2) for w in todo]
         finished = as_completed(futures, with_results=True)
         workers: dict[str, int] = {}
+        peaks: dict[str, float] = {}
+        prepared_by: dict[str, int] = {}
         for _future, result in (progress(finished, len(futures)) if progress else finished):
             workers[result["worker"]] = max(workers.get(result["worker"], 0), result["model_loads"])
+            peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
+            if "prepared_by" in result:
+                prepared_by[result["prepared_by"]] = prepared_by.get(result["prepared_by"], 0) + 1
     stats = {w.name: chunk_stats(staging, w) for w in windows}
     missing = [name for name, s in stats.items() if s is None]
     if missing:
@@ -355,7 +442,7 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
     if cog_dir is not None:
         export_cogs(out, cog_dir)
     return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
-                      workers=workers)
+                      workers=workers, worker_peak_mib=peaks, prepared_by=prepared_by)
 
 
 def open_output(path: str | Path) -> xr.Dataset:

@@ -6,7 +6,7 @@ same steps inside Dask; they are tested against these functions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -87,9 +87,6 @@ class ModelInputs:
 
     def __len__(self) -> int:
         return len(self.values)
-
-    def subset(self, index: np.ndarray) -> ModelInputs:
-        return ModelInputs(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
 def prepare_inputs(values: np.ndarray, masks: np.ndarray, ancillary: np.ndarray,

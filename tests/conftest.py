@@ -25,6 +25,12 @@ def cube(region: SimulationResult) -> xr.Dataset:
 
 
 @pytest.fixture(scope="session")
+def tiny(region: SimulationResult) -> xr.Dataset:
+    """A 24 x 32 corner of the simulated cube, loaded (raw int16) for corruption."""
+    return open_input_cube(region.cube).isel(y=slice(0, 24), x=slice(0, 32)).load()
+
+
+@pytest.fixture(scope="session")
 def reference(region: SimulationResult) -> dict[str, xr.Dataset]:
     return {level: xr.open_zarr(region.reference, group=level, consolidated=False).load()
             for level in ("level1", "level2")}

@@ -20,12 +20,6 @@ from msmtu_batch.cube import (
 from msmtu_batch.errors import CubeValidationError
 
 
-@pytest.fixture(scope="module")
-def tiny(region) -> xr.Dataset:
-    """A 24 x 32 corner of the simulated cube, loaded (raw int16) for corruption."""
-    return open_input_cube(region.cube).isel(y=slice(0, 24), x=slice(0, 32)).load()
-
-
 def test_valid_cube_passes_and_stays_lazy(region, tiny, tmp_path):
     ds = open_input_cube(region.cube)
     assert ds["reflectance"].chunks is not None, "opened dask-backed"

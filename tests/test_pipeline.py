@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from msmtu_batch.artifact import save_artifact
-from msmtu_batch.cube import observed_mask
+from msmtu_batch.cube import REFLECTANCE_FILL, observed_mask, write_input_cube
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inference import predict
 from msmtu_batch.pipeline import DONE_GROUP, RunConfig, open_output, run
 from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import read_cube_reference
 from tests.conftest import zarr_files
+from tests.test_cube_validation import CORRUPTIONS
 
 CHUNK = 8  # 9 x 12 = 108 chunks on the 72 x 96 test region: long enough to interrupt
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +135,8 @@ def test_real_scheduler_routes_inference_to_gpu_workers(region, model, clean_run
     out = tmp_path / "out.zarr"
     summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK, imputed=True), scheduler=address)
     assert set(summary.workers) == {names["gpu"]}, "only the worker advertising GPU=1 ran inference"
+    assert sum(summary.prepared_by.values()) == 108 and summary.prepared_by.get(names["cpu"], 0) > 0, \
+        "chunks were read and prepared on the CPU-only worker too"
     assert zarr_files(out) == zarr_files(clean_run[0]), "same bytes as on a LocalCluster"
 
 
@@ -198,22 +202,33 @@ def test_refusals_and_bad_chunks(region, model, clean_run, tmp_path):
         run(region.cube, other, out, config=RunConfig(chunk=CHUNK, imputed=True))
     assert str(err.value) == (f"{out} exists and was made from another model, input or settings; "
                               "pass --overwrite to replace it")
-    # an unreadable input chunk is named, and nothing looks complete: validation finds it when
-    # it reads the data (models with ancillary data), the worker reading its window otherwise
+    # an unreadable input chunk is named by the task that reads it, and nothing looks complete
     broken = tmp_path / "broken.zarr"
     shutil.copytree(region.cube, broken)
     (broken / "reflectance" / "c" / "0" / "0" / "1" / "2").write_bytes(b"not zstd")
+    for artifact, name in ((model, "b.zarr"), (other, "c.zarr")):  # with and without ancillary data
+        with pytest.raises(MsmtuError) as err:
+            run(broken, artifact, tmp_path / name, config=RunConfig(chunk=CHUNK))
+        match = re.fullmatch(rf"{re.escape(str(broken))}: cannot read chunk y (\d+):(\d+), x (\d+):(\d+) \(.+\)",
+                             str(err.value))
+        assert match, str(err.value)
+        y0, y1, x0, x1 = map(int, match.groups())
+        assert 32 <= y0 < y1 <= 64 and 64 <= x0 < x1 <= 96, "the named window lies in the broken chunk"
+        assert not (tmp_path / name).exists()
+    # a NaN ancillary value where reflectance was observed: the task of its chunk names it
+    nan_cube = tmp_path / "nan.zarr"
+    shutil.copytree(region.cube, nan_cube)
+    observed = (zarr.open_array(nan_cube / "reflectance", mode="r")[:, :, 40, 50] != REFLECTANCE_FILL).any()
+    assert observed
+    zarr.open_array(nan_cube / "altitude", mode="r+")[40, 50] = np.nan
     with pytest.raises(MsmtuError) as err:
-        run(broken, model, tmp_path / "b.zarr", config=RunConfig(chunk=CHUNK))
-    assert str(err.value).startswith(f"{broken}: variable 'reflectance': chunk at time 0:12, band 0:7, "
-                                     "y 32:64, x 64:96 is unreadable (")
-    with pytest.raises(MsmtuError) as err:
-        run(broken, other, tmp_path / "b.zarr", config=RunConfig(chunk=CHUNK))
-    match = re.fullmatch(rf"{re.escape(str(broken))}: cannot read chunk y (\d+):(\d+), x (\d+):(\d+) \(.+\)",
-                         str(err.value))
-    assert match, str(err.value)
-    y0, y1, x0, x1 = map(int, match.groups())
-    assert 32 <= y0 < y1 <= 64 and 64 <= x0 < x1 <= 96, "the named window lies in the broken chunk"
+        run(nan_cube, model, tmp_path / "n.zarr", config=RunConfig(chunk=CHUNK))
+    y0, x0 = 40 // CHUNK * CHUNK, 50 // CHUNK * CHUNK
+    window = f"y {y0}:{y0 + CHUNK}, x {x0}:{x0 + CHUNK}"
+    assert str(err.value) == (f"{nan_cube}: variable 'altitude': expected finite values where reflectance is "
+                              f"observed, found 1 non-finite pixel(s) in chunk {window}, first at y index 40, "
+                              "x index 50")
+    assert not (tmp_path / "n.zarr").exists()
     assert not (tmp_path / "b.zarr").exists()
 
 
@@ -254,3 +269,15 @@ def test_run_command_with_cog_and_performance_report(region, model, tmp_path):
     assert "Dask dashboard: http://127.0.0.1:" in result.stderr, "dashboard on loopback only"
     assert (tmp_path / "cogs" / "abundance.tif").is_file()
     assert "<html" in (tmp_path / "report.html").read_text()[:2000].lower()
+
+
+@pytest.mark.parametrize("case", [c for c in CORRUPTIONS if c != "nan altitude"])  # that one: chunk test above
+def test_bad_cubes_stop_the_run_before_anything_is_written(case, tiny, model, tmp_path):
+    corrupt, message = CORRUPTIONS[case]
+    store = tmp_path / "bad.zarr"
+    write_input_cube(corrupt(tiny), store)
+    out = tmp_path / "out.zarr"
+    with pytest.raises(MsmtuError) as err:
+        run(store, model, out, config=RunConfig(chunk=CHUNK))
+    assert str(err.value) == f"{store}: {message}"
+    assert not out.exists() and not (tmp_path / ".out.zarr.partial").exists()
