@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/simulate_scaling.py
 	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/msmtu-batch bench --out bench-output/inference --memory-size 512 --memory-size 2048
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

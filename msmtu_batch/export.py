@@ -57,9 +57,11 @@ def export_cogs(store: str | Path, cog_dir: str | Path) -> list[Path]:
         with rasterio.open(plain, "r+") as raster:
             for band, description in enumerate(descriptions, start=1):
                 raster.set_band_description(band, description)
-        profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK}
+        # deflate on every core (the workers are idle by now)
+        profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK, "num_threads": "ALL_CPUS"}
         cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*data.shape[1:]),
-                      overview_resampling=resampling, quiet=True, in_memory=False)
+                      overview_resampling=resampling, quiet=True, in_memory=False,
+                      config={"GDAL_NUM_THREADS": "ALL_CPUS"})
         plain.unlink()
         valid, errors, _ = cog_validate(partial)
         if not valid:
