@@ -84,6 +84,23 @@ def decay_factor(z):
 
 
 @numba.njit(inline="always", fastmath=True)
+def _accumulate(out, weights, rows, p0, p1):
+    """out += sum_k weights[k] * rows[k, p0:p1]: one output row over the pixels p0:p1."""
+    for k in range(weights.shape[0]):
+        w, row = weights[k], rows[k, p0:p1]
+        for p in range(p1 - p0):
+            out[p] += w * row[p]
+
+
+@numba.njit(inline="always", fastmath=True)
+def _affine(out, bias, weights, rows, p0, p1):
+    """out = bias + sum_k weights[k] * rows[k, p0:p1]."""
+    for p in range(p1 - p0):
+        out[p] = bias
+    _accumulate(out, weights, rows, p0, p1)
+
+
+@numba.njit(inline="always", fastmath=True)
 def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scratch):
     """Fill ``gemm_input[:, p0:p1]`` for the coming step: gap-filled values, mask, 1, decayed h.
 
@@ -97,12 +114,7 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
     # decayed hidden state: h * exp(-relu(W d + b)), with W and b stored negated
     for j in range(n_hidden):
         state, h = gemm_input[offset + j, p0:p1], hidden[j, p0:p1]
-        for p in range(width):
-            state[p] = decay_hidden_bias[j]
-        for k in range(n_features):
-            w, d = decay_hidden_weight[k, j], deltas[k, p0:p1]
-            for p in range(width):
-                state[p] += w * d[p]
+        _affine(state, decay_hidden_bias[j], decay_hidden_weight[:, j], deltas, p0, p1)
         for p in range(width):
             state[p] = h[p] * decay_factor(state[p])
     # combination weight alpha = sigmoid(W [input decay, mask] + b); the input decay is diagonal
@@ -112,36 +124,21 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
             decay[p] = decay_factor(decay_input_weight[k] * d[p] + decay_input_bias[k])
     for k in range(n_features):
         alpha = scratch[1, k, p0:p1]
-        for p in range(width):
-            alpha[p] = combine_bias[k]
-        for q in range(n_features):
-            wd, wm, decay, m = combine_weight[k, q], combine_weight[k, n_features + q], scratch[0, q, p0:p1], \
-                masks[q, p0:p1]
-            for p in range(width):
-                alpha[p] += wd * decay[p] + wm * m[p]
+        _affine(alpha, combine_bias[k], combine_weight[k, :n_features], scratch[0], p0, p1)
+        _accumulate(alpha, combine_weight[k, n_features:], masks, p0, p1)
         for p in range(width):
             num, den = tanh_fraction(_HALF * alpha[p])
             alpha[p] = (den + num) / (_TWO * den)
     # history regression from the decayed state; its gap-filled series feeds the feature regression
     for k in range(n_features):
         history, x, m, estimate = scratch[2, k, p0:p1], values[k, p0:p1], masks[k, p0:p1], gemm_input[k, p0:p1]
-        for p in range(width):
-            history[p] = history_bias[k]
-        for j in range(n_hidden):
-            w, state = history_weight[k, j], gemm_input[offset + j, p0:p1]
-            for p in range(width):
-                history[p] += w * state[p]
+        _affine(history, history_bias[k], history_weight[k], gemm_input[offset:], p0, p1)
         for p in range(width):
             estimate[p] = x[p] + (one - m[p]) * history[p]
     for k in range(n_features):
         filled, alpha, history = scratch[0, k, p0:p1], scratch[1, k, p0:p1], scratch[2, k, p0:p1]
         x, m = values[k, p0:p1], masks[k, p0:p1]
-        for p in range(width):
-            filled[p] = feature_bias[k]
-        for q in range(n_features):
-            w, estimate = feature_weight[k, q], gemm_input[q, p0:p1]
-            for p in range(width):
-                filled[p] += w * estimate[p]
+        _affine(filled, feature_bias[k], feature_weight[k], gemm_input, p0, p1)
         for p in range(width):
             filled[p] = x[p] + (one - m[p]) * (history[p] + alpha[p] * (filled[p] - history[p]))
     for k in range(n_features):
