@@ -262,8 +262,9 @@ def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
     _use_threads(spec)
     artifact = worker_model(spec)
     inputs, observed = _read_and_prepare(spec, window, artifact)
-    where = _where()
-    return _estimate_and_write(spec, window, artifact, inputs, observed) | where | {"prepared_by": where["worker"]}
+    stats = _estimate_and_write(spec, window, artifact, inputs, observed)
+    where = _where()  # after the work, so the peak memory includes this chunk's
+    return stats | where | {"prepared_by": where["worker"]}
 
 
 def prepare_task(spec: RunSpec, window: ChunkWindow) -> PreparedChunk | None:
