@@ -1,4 +1,4 @@
-"""Command line: ``msmtu-batch simulate | validate | demo | train | evaluate | ablation``
+"""Command line: ``msmtu-batch simulate | validate | demo | train | evaluate | ablation | ingest | run | bench``
 (DESIGN.md section 4b)."""
 
 from __future__ import annotations
@@ -301,6 +301,64 @@ def ablation_command(
                                    on_epoch=lambda variant, r: on_epoch(r, f"brits_{variant}"))
         print(comparison_table(summary["methods"]))
         print(f"wrote {out / 'ablation.md'}")
+
+
+def _climate_option(values: list[str] | None) -> dict[str, str]:
+    climate = {}
+    for item in values or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise MsmtuError(f"--climate {item}: expected NAME=RASTER, e.g. precipitation=pre.tif")
+        climate[name] = path
+    return climate
+
+
+@app.command("ingest")
+def ingest_command(
+    inputs: Annotated[list[Path] | None, typer.Argument(
+        help="MOD09A1 C6.1 granules (.hdf), GeoTIFF exports (.tif), or folders of them.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Input cube (Zarr) to write.")] = ...,
+    manifest: Annotated[Path | None, typer.Option(help="CSV with columns path,date for GeoTIFF exports.")] = None,
+    year: Annotated[int | None, typer.Option(help="Year of the cube (default: the inputs' year).")] = None,
+    region: Annotated[Path | None, typer.Option(help="Boundary (GeoJSON, GeoPackage...): pixels outside are fill; "
+                                                     "the grid is cut to its bounding box.")] = None,
+    crs: Annotated[str | None, typer.Option(help="Target CRS, e.g. EPSG:25830 (default: native sinusoidal).")] = None,
+    resolution: Annotated[float | None, typer.Option(help="Target pixel size in CRS units, e.g. 460.")] = None,
+    resampling: Annotated[str | None, typer.Option(
+        help="Reflectance resampling onto a target CRS: nearest (default), average, bilinear, cubic.")] = None,
+    composite: Annotated[str | None, typer.Option(
+        help="Monthly composite of clear observations: median (default), mean, max_ndvi.")] = None,
+    dem: Annotated[Path | None, typer.Option(help="DEM raster (any CRS): altitude and slope.")] = None,
+    climate: Annotated[list[str] | None, typer.Option(
+        help="NAME=RASTER, repeatable; NAME in precipitation, evapotranspiration, temperature_ave, "
+             "temperature_max, temperature_min.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model artifact the cube is for: refuse early when "
+                                                    "the sources lack ancillary variables it needs.")] = None,
+    chunk: Annotated[int | None, typer.Option(help="Spatial chunk of the cube and of the tasks (default 256).")]
+        = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML workflow with an 'ingest' section (keys as the flags); flags override it.")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Dask scheduler address or cluster spec (YAML); default: a LocalCluster on 127.0.0.1.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cube at --out.")] = False,
+) -> None:
+    """Build an input cube: monthly QA-filtered composites on a grid and region, plus ancillary data."""
+    from msmtu_batch.ingest import IngestConfig, ingest
+
+    def progress(items, total: int):
+        return track(items, description="ingesting chunks", total=total, console=console, transient=True) \
+            if console.is_terminal else items
+
+    with _user_errors():
+        settings = _with_overrides(_config_section(config, "ingest"), dict(
+            inputs=inputs or None, manifest=manifest, year=year, region=region, crs=crs, resolution=resolution,
+            resampling=resampling, composite=composite, dem=dem, climate=_climate_option(climate) or None,
+            chunk=chunk))
+        summary = ingest(IngestConfig(**settings), out, model=model, scheduler=scheduler, overwrite=overwrite,
+                         progress=progress)
+        print(f"wrote {out}: {summary.height} x {summary.width} pixels, {summary.observations} dates composited "
+              f"into 12 months, {summary.observed_pixels:,} pixels observed, ancillary "
+              f"{', '.join(summary.ancillary)}; {summary.chunks} chunks in {summary.seconds:.1f} s")
 
 
 @app.command("run")

@@ -49,6 +49,7 @@ N_MONTHS = 12
 REFLECTANCE_FILL = -28672
 REFLECTANCE_SCALE = 1e-4
 REFLECTANCE_VALID_RANGE = (-100, 16000)  # MOD09A1 valid range, in stored integer units
+INGEST_STATUS_ATTR = "ingest_status"  # "incomplete" while `ingest` is writing the cube
 
 # MOD09A1 500 m StateQA bits (MOD09 user guide, table 13). The ones we reject:
 QA_CLOUD_STATE_MASK = 0b11  # bits 0-1: 00 clear, 01 cloudy, 10 mixed, 11 not set (assumed clear)
@@ -168,6 +169,10 @@ def validate_input_cube(ds: xr.Dataset, *, store: Path | str = "<dataset>",
     variables required (a model without ancillary data needs none). ``read_values`` also
     reads the data: every chunk must decode and ancillary values must be finite.
     """
+    status = ds.attrs.get(INGEST_STATUS_ATTR)
+    if status not in (None, "complete"):
+        raise CubeValidationError(f"{store}: attribute {INGEST_STATUS_ATTR} is {status!r}: an interrupted "
+                                  "ingest, not a complete cube; run msmtu-batch ingest again")
     _expect("reflectance" in ds.data_vars, store, "reflectance", "a data variable",
             "none (data variables: " + ", ".join(sorted(map(str, ds.data_vars))) + ")")
     refl = ds["reflectance"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ from msmtu_batch.export import export_cogs
 from msmtu_batch.inference import predict
 from msmtu_batch.kernels import prepare_chunk
 from msmtu_batch.preprocess import ModelInputs, compute_deltas
+from msmtu_batch.tiling import ChunkWindow, chunk_windows, peak_memory_mib
 
 MANIFEST_ATTR = "msmtu_run_manifest"  # root attribute: JSON of what made the store
 DONE_GROUP = "msmtu_done"  # one empty Zarr group per finished chunk, its stats as attributes
@@ -75,20 +75,6 @@ class RunSpec:
     has_qa: bool
     config: RunConfig
     threads: int = 1
-
-
-@dataclass(frozen=True)
-class ChunkWindow:
-    iy: int
-    ix: int
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.iy}-{self.ix}"
 
 
 @dataclass
@@ -165,18 +151,6 @@ def _where() -> dict:
     return {"worker": address, "model_loads": model_loads(), "peak_mib": peak_memory_mib()}
 
 
-def peak_memory_mib() -> float:
-    """This process's peak resident memory. Linux's VmHWM belongs to the process image;
-    ru_maxrss would also count the parent's memory when a worker was forked from a driver."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @dataclass
 class PreparedChunk:
     """A chunk ready for the model, as sent from a CPU worker to a GPU worker: the
@@ -210,10 +184,10 @@ def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifac
         ancillary = (np.stack([group[name][ys, xs] for name in spec.ancillary]) if spec.ancillary
                      else np.zeros((0, height, width), np.float32))
     except Exception as exc:
-        raise MsmtuError(f"{spec.cube}: cannot read chunk y {window.y0}:{window.y1}, x {window.x0}:{window.x1} "
+        raise MsmtuError(f"{spec.cube}: cannot read chunk {window.label} "
                          f"({type(exc).__name__}: {exc})") from exc
     check_ancillary_finite(spec.cube, spec.ancillary, ancillary, (reflectance != REFLECTANCE_FILL).any(axis=(0, 1)),
-                           window.y0, window.x0, f" in chunk y {window.y0}:{window.y1}, x {window.x0}:{window.x1}")
+                           window.y0, window.x0, f" in chunk {window.label}")
     return prepare_chunk(reflectance, state_qa, ancillary, artifact.band_stats, artifact.ancillary_stats)
 
 
@@ -288,11 +262,6 @@ def estimate_task(spec: RunSpec, window: ChunkWindow, prepared: PreparedChunk | 
 
 
 # --- driver side --------------------------------------------------------------------------
-
-def chunk_windows(height: int, width: int, chunk: int) -> list[ChunkWindow]:
-    return [ChunkWindow(iy, ix, y0, min(y0 + chunk, height), x0, min(x0 + chunk, width))
-            for iy, y0 in enumerate(range(0, height, chunk)) for ix, x0 in enumerate(range(0, width, chunk))]
-
 
 def _input_identity(cube: Path) -> str:
     """Fingerprint of the input store's metadata (names, shapes, encodings, attributes)."""

@@ -1,0 +1,168 @@
+"""Ancillary variables on the cube's grid, one chunk at a time, from rasters in any CRS.
+
+- ``longitude``, ``latitude``: pixel centres transformed to WGS 84 (pyproj).
+- ``altitude``: the DEM area-averaged onto each pixel (GDAL's ``average`` resampling, which
+  weights source pixels by the fraction of them inside the target pixel).
+- ``slope``: computed at the DEM's native resolution (central differences, degrees) with the
+  pixel size in metres -- for a geographic DEM the metres of one pixel east and north on the
+  DEM's ellipsoid at each row's latitude -- and then area-averaged like the altitude.
+- climate (``precipitation``, ``evapotranspiration``, ``temperature_ave|max|min``): each
+  raster resampled onto the grid, ``average`` when its pixels are smaller than the grid's
+  and ``bilinear`` when larger (coarse climate grids are smooth fields).
+
+Every chunk reads only the window of a source raster that covers it (plus a margin), so
+memory follows the chunk size, not the raster size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyproj
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.warp import reproject, transform_bounds
+from rasterio.windows import Window
+
+from msmtu_batch.cube import CLIMATIC_NAMES
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.tiling import covering_window
+
+MARGIN = 3  # source pixels read beyond a chunk: the slope's neighbours and the resampling kernels
+SLOPE_NAMES = ("altitude", "slope")
+
+
+@dataclass(frozen=True)
+class AncillarySources:
+    dem: str | None = None
+    climate: dict[str, str] = field(default_factory=dict)  # variable -> raster
+
+    def names(self) -> tuple[str, ...]:
+        """The ancillary variables these sources give, in contract order."""
+        return ("longitude", "latitude") + (SLOPE_NAMES if self.dem else ()) + tuple(
+            n for n in CLIMATIC_NAMES if n in self.climate)
+
+    def check(self) -> None:
+        """Every raster opens and has a CRS; climate variables have contract names."""
+        unknown = sorted(set(self.climate) - set(CLIMATIC_NAMES))
+        if unknown:
+            raise MsmtuError(f"unknown climate variable(s) {', '.join(unknown)}; expected {', '.join(CLIMATIC_NAMES)}")
+        for path in ([self.dem] if self.dem else []) + list(self.climate.values()):
+            with open_raster(path):
+                pass
+
+
+def open_raster(path: str) -> rasterio.DatasetReader:
+    """Open an ancillary raster; one clear message when it is unreadable or has no CRS."""
+    try:
+        src = rasterio.open(path)
+    except rasterio.RasterioIOError as exc:
+        raise MsmtuError(f"{path}: not a readable raster ({exc})") from None
+    if src.crs is None:
+        src.close()
+        raise MsmtuError(f"{path}: raster has no CRS; expected a georeferenced raster")
+    return src
+
+
+def lonlat(crs: CRS, transform: Affine, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Longitude and latitude (degrees, WGS 84) of the pixel centres."""
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x, y = transform * (cols, rows)
+    to_wgs84 = pyproj.Transformer.from_crs(pyproj.CRS.from_user_input(crs.to_wkt()), "EPSG:4326", always_xy=True)
+    lon, lat = to_wgs84.transform(x, y)
+    return lon.astype(np.float32), lat.astype(np.float32)
+
+
+def _source_window(src: rasterio.DatasetReader, crs: CRS, transform: Affine, height: int, width: int
+                   ) -> Window | None:
+    """The window of ``src`` covering the chunk plus MARGIN pixels, or None if they do not meet."""
+    rows = covering_window(crs, transform, height, width, src.crs, src.transform, src.height, src.width, MARGIN)
+    return None if rows is None else Window(rows[2], rows[0], rows[3] - rows[2], rows[1] - rows[0])
+
+
+def _read_float(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
+    try:
+        values = src.read(1, window=window, masked=True).astype(np.float32)
+    except rasterio.RasterioIOError as exc:
+        raise MsmtuError(f"{src.name}: cannot read window {window} ({exc})") from None
+    return values.filled(np.nan)
+
+
+def pixel_metres(src: rasterio.DatasetReader, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Metres spanned by one pixel east (dx) and north (dy) on each row of ``window``."""
+    transform = src.window_transform(window)
+    rows = int(window.height)
+    if src.crs.is_geographic:
+        geod = pyproj.CRS.from_user_input(src.crs.to_wkt()).get_geod()
+        lat = transform.f + transform.e * (np.arange(rows) + 0.5)
+        step_lon, step_lat = abs(transform.a), abs(transform.e)
+        zeros = np.zeros(rows)
+        # central differences span two pixels: measure two and halve
+        dx = geod.inv(zeros, lat, zeros + 2 * step_lon, lat)[2] / 2
+        dy = geod.inv(zeros, lat - step_lat, zeros, lat + step_lat)[2] / 2
+        return dx, dy
+    factor = src.crs.linear_units_factor[1]
+    return np.full(rows, abs(transform.a) * factor), np.full(rows, abs(transform.e) * factor)
+
+
+def slope_degrees(elevation: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Slope (degrees) of ``elevation (rows, cols)`` with per-row pixel sizes in metres."""
+    dz_row, dz_col = np.gradient(elevation.astype(np.float64))
+    gradient = np.hypot(dz_col / dx[:, None], dz_row / dy[:, None])
+    return np.degrees(np.arctan(gradient)).astype(np.float32)
+
+
+def _warp(values: np.ndarray, src: rasterio.DatasetReader, window: Window, crs: CRS, transform: Affine,
+          height: int, width: int, resampling: Resampling) -> np.ndarray:
+    out = np.full((values.shape[0], height, width), np.nan, np.float32)
+    reproject(values, out, src_transform=src.window_transform(window), src_crs=src.crs, src_nodata=np.nan,
+              dst_transform=transform, dst_crs=crs, dst_nodata=np.nan, resampling=resampling, tolerance=0)
+    return out
+
+
+def _pixel_size_in(src: rasterio.DatasetReader, crs: CRS) -> float:
+    """The source's pixel size expressed in the units of ``crs`` (from its whole extent)."""
+    left, bottom, right, top = transform_bounds(src.crs, crs, *src.bounds, densify_pts=21)
+    return float(np.sqrt((right - left) * (top - bottom) / (src.width * src.height)))
+
+
+def chunk_ancillary(sources: AncillarySources, crs: CRS, transform: Affine, height: int, width: int
+                    ) -> dict[str, np.ndarray]:
+    """Every variable of :meth:`AncillarySources.names` on the chunk ``transform (height, width)``."""
+    out: dict[str, np.ndarray] = {}
+    out["longitude"], out["latitude"] = lonlat(crs, transform, height, width)
+    if sources.dem:
+        with open_raster(sources.dem) as src:
+            window = _source_window(src, crs, transform, height, width)
+            if window is None:
+                out["altitude"] = out["slope"] = np.full((height, width), np.nan, np.float32)
+            else:
+                elevation = _read_float(src, window)
+                stacked = np.stack([elevation, slope_degrees(elevation, *pixel_metres(src, window))])
+                out["altitude"], out["slope"] = _warp(stacked, src, window, crs, transform, height, width,
+                                                      Resampling.average)
+    target_pixel = abs(transform.a)
+    for name in CLIMATIC_NAMES:
+        if name not in sources.climate:
+            continue
+        with open_raster(sources.climate[name]) as src:
+            window = _source_window(src, crs, transform, height, width)
+            if window is None:
+                out[name] = np.full((height, width), np.nan, np.float32)
+                continue
+            finer = _pixel_size_in(src, crs) < target_pixel
+            out[name] = _warp(_read_float(src, window)[None], src, window, crs, transform, height, width,
+                              Resampling.average if finer else Resampling.bilinear)[0]
+    return out
+
+
+def source_of(sources: AncillarySources, name: str) -> str:
+    """The file a variable comes from (for messages)."""
+    if name in SLOPE_NAMES:
+        return str(sources.dem)
+    return sources.climate.get(name, "the grid (pyproj)")
+
+

@@ -1,0 +1,473 @@
+"""Reflectance sources for ``ingest``: MOD09A1 collection 6.1 HDF4-EOS granules and GeoTIFF exports.
+
+Both give the compositor the same two things: a *source grid* (CRS, affine transform, shape)
+and a list of dated :class:`Observation` objects, each able to read any window of that grid
+(outside the data: fill). Granules of several tiles are mosaicked on the MODIS sinusoidal
+grid by their grid metadata; GeoTIFF exports must all share one grid.
+
+HDF4 is read with pyhdf (the wheels carry the HDF4 library; GDAL wheels lack the HDF4
+driver). The HDF4 library is not thread-safe, so every call goes through one lock.
+
+GeoTIFF exports (AppEEARS, Earth Engine...), one file per 8-day or monthly date:
+
+- a multi-band file per date whose band descriptions are the MOD09A1 layer names
+  (``sur_refl_b01`` .. ``sur_refl_b07``, optional ``sur_refl_state_500m`` and
+  ``sur_refl_day_of_year``), or without descriptions 7 bands (+ StateQA, + day of year) in
+  that order; or one single-band file per layer and date whose name contains the layer name
+  (AppEEARS: ``MOD09A1.061_sur_refl_b01_doy2013001_aid0001.tif``);
+- the date from the file name, ``A2013001`` / ``doy2013001`` (year and day of year) or
+  ``2013-01-01`` / ``20130101``, or from a manifest CSV with columns ``path,date``
+  (ISO dates; relative paths are relative to the manifest).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from msmtu_batch.cube import BAND_NAMES, REFLECTANCE_FILL
+from msmtu_batch.errors import MsmtuError
+
+PRODUCT = "MOD09A1"
+COLLECTION = 61
+QA_LAYER = "sur_refl_state_500m"
+DOY_LAYER = "sur_refl_day_of_year"
+LAYERS: tuple[str, ...] = (*BAND_NAMES, QA_LAYER, DOY_LAYER)
+QA_FILL = 65535
+DOY_FILL = -1
+COMPOSITE_DAYS = 8
+
+# The MODIS sinusoidal grid: a sphere of radius 6371007.181 m, 36 x 18 tiles of 1111950.5197665 m.
+SPHERE_RADIUS = 6371007.181
+SINUSOIDAL_CRS = CRS.from_proj4(f"+proj=sinu +lon_0=0 +x_0=0 +y_0=0 +R={SPHERE_RADIUS} +units=m +no_defs")
+TILE_SIZE = 1111950.5197665
+GRID_ORIGIN = (-20015109.354, 10007554.677)  # upper-left corner of tile h00v00
+
+HDF4_LOCK = threading.Lock()
+_ODL_OBJECT = r"OBJECT\s*=\s*{name}\b.*?VALUE\s*=\s*(\"[^\"]*\"|\S+)"
+
+
+@dataclass(frozen=True)
+class SourceGrid:
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        left, top = self.transform * (0, 0)
+        right, bottom = self.transform * (self.width, self.height)
+        return min(left, right), min(top, bottom), max(left, right), max(top, bottom)
+
+
+@dataclass
+class ObservationWindow:
+    """One date's values in a window: raw int16 reflectance (7, h, w), StateQA and day of
+    year (h, w), the last two None when the source has no such layer."""
+
+    reflectance: np.ndarray
+    state_qa: np.ndarray | None
+    day_of_year: np.ndarray | None
+
+
+def _empty_window(height: int, width: int, has_qa: bool, has_doy: bool) -> ObservationWindow:
+    return ObservationWindow(np.full((len(BAND_NAMES), height, width), REFLECTANCE_FILL, np.int16),
+                             np.full((height, width), QA_FILL, np.uint16) if has_qa else None,
+                             np.full((height, width), DOY_FILL, np.int16) if has_doy else None)
+
+
+def _paste(target: ObservationWindow, layer: str, values: np.ndarray, rows: slice, cols: slice) -> None:
+    if layer == QA_LAYER:
+        target.state_qa[rows, cols] = values
+    elif layer == DOY_LAYER:
+        target.day_of_year[rows, cols] = values
+    else:
+        target.reflectance[BAND_NAMES.index(layer), rows, cols] = values
+
+
+def _overlap(start: int, stop: int, size: int) -> tuple[int, int]:
+    """The part of [start, stop) inside [0, size)."""
+    return max(start, 0), min(stop, size)
+
+
+# --- MOD09A1 HDF4-EOS granules -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Granule:
+    path: str
+    start: dt.date  # first day of the 8-day composite
+    tile: str  # hHHvVV
+    upper_left: tuple[float, float]
+    pixel_size: float
+    shape: tuple[int, int]  # (rows, columns)
+
+
+def _odl_value(text: str, name: str) -> str | None:
+    match = re.search(_ODL_OBJECT.format(name=name), text, re.DOTALL)
+    return match.group(1).strip('"') if match else None
+
+
+def _struct_value(text: str, key: str) -> str | None:
+    match = re.search(rf"\b{key}\s*=\s*([^\n]+)", text)
+    return match.group(1).strip() if match else None
+
+
+def _numbers(text: str | None) -> list[float]:
+    return [float(v) for v in re.findall(r"[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?", text or "")]
+
+
+def read_granule_info(path: str | Path) -> Granule:
+    """Check a granule's product, collection, layers and grid metadata; return where it lies."""
+    from pyhdf.error import HDF4Error
+    from pyhdf.SD import SD, SDC
+
+    path = str(path)
+    try:
+        with HDF4_LOCK:
+            sd = SD(path, SDC.READ)
+            try:
+                attrs = sd.attributes()
+                datasets = sd.datasets()
+            finally:
+                sd.end()
+    except HDF4Error as exc:
+        raise MsmtuError(f"{path}: not a readable HDF4 file ({exc})") from None
+    core, struct = attrs.get("CoreMetadata.0"), attrs.get("StructMetadata.0")
+    if not core or not struct:
+        raise MsmtuError(f"{path}: no CoreMetadata.0/StructMetadata.0 attributes; expected a MODIS HDF-EOS granule")
+    product, version = _odl_value(core, "SHORTNAME"), _odl_value(core, "VERSIONID")
+    if product != PRODUCT:
+        raise MsmtuError(f"{path}: product {product}, expected {PRODUCT} (500 m 8-day surface reflectance)")
+    if version is None or int(float(version)) != COLLECTION:
+        raise MsmtuError(f"{path}: collection {version}, expected {COLLECTION:03d} (collection 6.1)")
+    begin = _odl_value(core, "RANGEBEGINNINGDATE")
+    try:
+        start = dt.date.fromisoformat(begin or "")
+    except ValueError:
+        raise MsmtuError(f"{path}: RANGEBEGINNINGDATE {begin!r} is not a date (YYYY-MM-DD)") from None
+    if _struct_value(struct, "Projection") != "GCTP_SNSOID":
+        raise MsmtuError(f"{path}: grid projection {_struct_value(struct, 'Projection')}, expected GCTP_SNSOID")
+    radius = (_numbers(_struct_value(struct, "ProjParams")) or [0.0])[0]
+    if not np.isclose(radius, SPHERE_RADIUS, rtol=1e-9):
+        raise MsmtuError(f"{path}: sinusoidal sphere radius {radius}, expected {SPHERE_RADIUS}")
+    columns, rows = (int(_numbers(_struct_value(struct, k))[0]) for k in ("XDim", "YDim"))
+    left, top = _numbers(_struct_value(struct, "UpperLeftPointMtrs"))
+    right, bottom = _numbers(_struct_value(struct, "LowerRightMtrs"))
+    pixel = (right - left) / columns
+    if not np.isclose((top - bottom) / rows, pixel, rtol=1e-6):
+        raise MsmtuError(f"{path}: grid pixels are not square ({pixel} x {(top - bottom) / rows} m)")
+    h, v = round((left - GRID_ORIGIN[0]) / TILE_SIZE), round((GRID_ORIGIN[1] - top) / TILE_SIZE)
+    expected_types = {QA_LAYER: SDC.UINT16}
+    for layer in LAYERS:
+        if layer not in datasets:
+            raise MsmtuError(f"{path}: layer {layer} missing; a {PRODUCT} granule has {', '.join(LAYERS)}")
+        (_dims, shape, dtype, _index) = datasets[layer]
+        if tuple(shape) != (rows, columns) or dtype != expected_types.get(layer, SDC.INT16):
+            raise MsmtuError(f"{path}: layer {layer} is {shape} of HDF4 type {dtype}, expected "
+                             f"[{rows}, {columns}] of type {expected_types.get(layer, SDC.INT16)}")
+    return Granule(path, start, f"h{h:02d}v{v:02d}", (left, top), pixel, (rows, columns))
+
+
+@dataclass(frozen=True)
+class GranuleObservation:
+    """One 8-day composite: a granule per tile, placed at (row, column) offsets of the mosaic."""
+
+    start: dt.date
+    granules: tuple[tuple[Granule, int, int], ...]
+
+    @property
+    def label(self) -> str:
+        return self.granules[0][0].path
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> ObservationWindow:
+        from pyhdf.error import HDF4Error
+        from pyhdf.SD import SD, SDC
+
+        out = _empty_window(row1 - row0, col1 - col0, True, True)
+        for granule, row_off, col_off in self.granules:
+            r0, r1 = _overlap(row0 - row_off, row1 - row_off, granule.shape[0])
+            c0, c1 = _overlap(col0 - col_off, col1 - col_off, granule.shape[1])
+            if r0 >= r1 or c0 >= c1:
+                continue
+            rows = slice(r0 + row_off - row0, r1 + row_off - row0)
+            cols = slice(c0 + col_off - col0, c1 + col_off - col0)
+            layer = LAYERS[0]
+            try:
+                with HDF4_LOCK:
+                    sd = SD(granule.path, SDC.READ)
+                    try:
+                        for layer in LAYERS:
+                            sds = sd.select(layer)
+                            _paste(out, layer, sds[r0:r1, c0:c1], rows, cols)
+                            sds.endaccess()
+                    finally:
+                        sd.end()
+            except HDF4Error as exc:
+                raise MsmtuError(f"{granule.path}: cannot read {layer} rows {r0}:{r1}, columns {c0}:{c1} "
+                                 f"({exc}); the file may be truncated or corrupt") from None
+        return out
+
+
+def _granule_mosaic(granules: list[Granule]) -> tuple[SourceGrid, list[GranuleObservation]]:
+    first = granules[0]
+    for g in granules[1:]:
+        if g.shape != first.shape or not np.isclose(g.pixel_size, first.pixel_size, rtol=1e-9):
+            raise MsmtuError(f"{g.path}: grid of {g.shape[1]} x {g.shape[0]} pixels of {g.pixel_size:.4f} m "
+                             f"differs from {first.path} ({first.shape[1]} x {first.shape[0]} of "
+                             f"{first.pixel_size:.4f} m)")
+    by_date: dict[dt.date, dict[str, Granule]] = defaultdict(dict)
+    for g in granules:
+        if g.tile in by_date[g.start]:
+            raise MsmtuError(f"{g.path}: a second granule of tile {g.tile} for {g.start} "
+                             f"(the first is {by_date[g.start][g.tile].path})")
+        by_date[g.start][g.tile] = g
+    tiles = sorted({g.tile for g in granules})
+    for start, found in sorted(by_date.items()):
+        if len(found) != len(tiles):
+            missing = sorted(set(tiles) - set(found))
+            raise MsmtuError(f"{next(iter(found.values())).path}: the composite of {start} has tiles "
+                             f"{', '.join(sorted(found))} but other dates have {', '.join(tiles)} "
+                             f"(missing {', '.join(missing)}); give the same tiles for every date")
+    pixel = first.pixel_size
+    left = min(g.upper_left[0] for g in granules)
+    top = max(g.upper_left[1] for g in granules)
+    right = max(g.upper_left[0] + g.shape[1] * pixel for g in granules)
+    bottom = min(g.upper_left[1] - g.shape[0] * pixel for g in granules)
+    grid = SourceGrid(SINUSOIDAL_CRS, Affine(pixel, 0, left, 0, -pixel, top),
+                      round((right - left) / pixel), round((top - bottom) / pixel))
+
+    def offsets(g: Granule) -> tuple[Granule, int, int]:
+        col, row = (g.upper_left[0] - left) / pixel, (top - g.upper_left[1]) / pixel
+        if abs(col - round(col)) > 1e-3 or abs(row - round(row)) > 1e-3:
+            raise MsmtuError(f"{g.path}: tile corner is not on the pixel grid of {first.path}")
+        return g, round(row), round(col)
+
+    observations = [GranuleObservation(start, tuple(offsets(found[t]) for t in tiles))
+                    for start, found in sorted(by_date.items())]
+    return grid, observations
+
+
+# --- GeoTIFF exports -----------------------------------------------------------------------
+
+_DOY_NAME = re.compile(r"(?:^|[^0-9])(?:A|doy)(\d{4})(\d{3})(?![0-9])")
+_ISO_NAME = re.compile(r"(?:^|[^0-9])(\d{4})-?(\d{2})-?(\d{2})(?![0-9])")
+
+
+def date_from_name(name: str) -> dt.date | None:
+    """The date in an export's file name: A2013001 / doy2013001, or 2013-01-01 / 20130101."""
+    if match := _DOY_NAME.search(name):
+        year, day = int(match.group(1)), int(match.group(2))
+        return dt.date(year, 1, 1) + dt.timedelta(days=day - 1)
+    if match := _ISO_NAME.search(name):
+        try:
+            return dt.date(*(int(g) for g in match.groups()))
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class GeoTiffObservation:
+    """One date of a GeoTIFF export: for each layer, the file and its band (1-based)."""
+
+    start: dt.date
+    layers: tuple[tuple[str, str, int], ...]  # (layer, path, band)
+
+    @property
+    def label(self) -> str:
+        return self.layers[0][1]
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> ObservationWindow:
+        present = {layer for layer, _, _ in self.layers}
+        out = _empty_window(row1 - row0, col1 - col0, QA_LAYER in present, DOY_LAYER in present)
+        window = Window(col0, row0, col1 - col0, row1 - row0)
+        for layer, path, band in self.layers:
+            fill = {QA_LAYER: QA_FILL, DOY_LAYER: DOY_FILL}.get(layer, REFLECTANCE_FILL)
+            try:
+                with rasterio.open(path) as src:
+                    values = src.read(band, window=window, boundless=True, fill_value=fill)
+            except rasterio.RasterioIOError as exc:
+                raise MsmtuError(f"{path}: cannot read {layer} ({exc}); the file may be truncated or corrupt") from None
+            _paste(out, layer, values, slice(None), slice(None))
+        return out
+
+
+def _tiff_layers(path: Path, src: rasterio.DatasetReader) -> list[tuple[str, int]]:
+    descriptions = [d for d in src.descriptions if d]
+    if descriptions and all(d in LAYERS for d in descriptions) and len(descriptions) == src.count:
+        return [(d, i + 1) for i, d in enumerate(src.descriptions)]
+    if src.count == 1:
+        named = [layer for layer in LAYERS if layer in path.name]
+        if len(named) == 1:
+            return [(named[0], 1)]
+    if src.count in (7, 8, 9) and not descriptions:
+        return [(layer, i + 1) for i, layer in enumerate(LAYERS[: src.count])]
+    raise MsmtuError(f"{path}: cannot tell which MOD09A1 layers its {src.count} band(s) hold; name them "
+                     f"by band description ({', '.join(LAYERS)}), give 7-9 bands in that order, or one "
+                     "band per file with the layer in the file name")
+
+
+def _geotiff_observations(paths: Sequence[Path], dates: dict[Path, dt.date]
+                          ) -> tuple[SourceGrid, list[GeoTiffObservation]]:
+    grid: SourceGrid | None = None
+    first: Path | None = None
+    by_date: dict[dt.date, dict[str, tuple[str, int]]] = defaultdict(dict)
+    for path in paths:
+        try:
+            with rasterio.open(path) as src:
+                if src.crs is None:
+                    raise MsmtuError(f"{path}: raster has no CRS; expected a georeferenced GeoTIFF")
+                this = SourceGrid(src.crs, src.transform, src.width, src.height)
+                layers = _tiff_layers(path, src)
+                dtypes = set(src.dtypes)
+        except rasterio.RasterioIOError as exc:
+            raise MsmtuError(f"{path}: not a readable raster ({exc})") from None
+        if not dtypes <= {"int16", "uint16", "int32", "uint8"}:
+            raise MsmtuError(f"{path}: data type {', '.join(sorted(dtypes))}; expected the MOD09A1 integers "
+                             "(int16 reflectance scaled by 1e4, uint16 StateQA, int16 day of year)")
+        if grid is None:
+            grid, first = this, path
+        elif this.crs != grid.crs or not this.transform.almost_equals(grid.transform) \
+                or (this.width, this.height) != (grid.width, grid.height):
+            raise MsmtuError(f"{path}: grid ({this.crs}, {this.width} x {this.height}, {tuple(this.transform)[:6]}) "
+                             f"differs from {first} ({grid.crs}, {grid.width} x {grid.height}, "
+                             f"{tuple(grid.transform)[:6]}); all exports must share one grid")
+        start = dates.get(path) or date_from_name(path.name)
+        if start is None:
+            raise MsmtuError(f"{path}: no date in the file name (A2013001, doy2013001, 2013-01-01 or 20130101) "
+                             "and no manifest entry")
+        for layer, band in layers:
+            if layer in by_date[start]:
+                raise MsmtuError(f"{path}: a second {layer} for {start} (the first is {by_date[start][layer][0]})")
+            by_date[start][layer] = (str(path), band)
+    observations = []
+    for start, layers in sorted(by_date.items()):
+        missing = [b for b in BAND_NAMES if b not in layers]
+        if missing:
+            raise MsmtuError(f"{next(iter(layers.values()))[0]}: the export of {start} lacks {', '.join(missing)}")
+        observations.append(GeoTiffObservation(start, tuple((layer, *layers[layer]) for layer in LAYERS
+                                                            if layer in layers)))
+    return grid, observations
+
+
+def _read_manifest(manifest: Path) -> dict[Path, dt.date]:
+    try:
+        table = pd.read_csv(manifest, dtype=str)
+    except (OSError, ValueError) as exc:
+        raise MsmtuError(f"{manifest}: cannot read the manifest ({exc})") from None
+    if not {"path", "date"} <= set(table.columns):
+        raise MsmtuError(f"{manifest}: expected columns path,date; found {', '.join(table.columns)}")
+    dates = {}
+    for row in table.itertuples():
+        path = Path(row.path) if Path(row.path).is_absolute() else manifest.parent / row.path
+        try:
+            dates[path] = dt.date.fromisoformat(row.date.strip())
+        except ValueError:
+            raise MsmtuError(f"{manifest}: date {row.date!r} of {row.path} is not YYYY-MM-DD") from None
+    return dates
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReflectanceSource:
+    kind: str  # "MOD09A1 HDF4" or "GeoTIFF"
+    grid: SourceGrid
+    observations: tuple[GranuleObservation | GeoTiffObservation, ...]
+    files: tuple[str, ...]
+
+
+def open_reflectance(inputs: Sequence[str | Path], manifest: str | Path | None = None) -> ReflectanceSource:
+    """Scan granules or GeoTIFF exports (files or folders) and check that they fit together."""
+    dates = _read_manifest(Path(manifest)) if manifest else {}
+    paths: list[Path] = list(dates) if manifest and not inputs else []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in (".hdf", ".tif", ".tiff"))
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise MsmtuError(f"{item}: input not found")
+    if not paths:
+        raise MsmtuError("no reflectance inputs: give MOD09A1 granules (.hdf), GeoTIFF exports or folders of them")
+    kinds = {p.suffix.lower() in (".tif", ".tiff") for p in paths}
+    if len(kinds) > 1:
+        raise MsmtuError("inputs mix HDF4 granules and GeoTIFF exports; give one kind")
+    if kinds == {True}:
+        grid, observations = _geotiff_observations(paths, dates)
+        kind = "GeoTIFF"
+    else:
+        grid, observations = _granule_mosaic([read_granule_info(p) for p in paths])
+        kind = f"{PRODUCT} HDF4"
+    return ReflectanceSource(kind, grid, tuple(observations), tuple(map(str, paths)))
+
+
+# --- writing granules (tests, benchmarks, examples) ---------------------------------------
+
+def tile_upper_left(h: int, v: int) -> tuple[float, float]:
+    return GRID_ORIGIN[0] + h * TILE_SIZE, GRID_ORIGIN[1] - v * TILE_SIZE
+
+
+def _odl_object(name: str, value: str) -> str:
+    return f"    OBJECT = {name}\n      NUM_VAL = 1\n      VALUE = {value}\n    END_OBJECT = {name}"
+
+
+def write_granule(path: str | Path, start: dt.date, tile: tuple[int, int], reflectance: np.ndarray,
+                  state_qa: np.ndarray, day_of_year: np.ndarray, *, product: str = PRODUCT,
+                  collection: int = COLLECTION, compress: bool = True) -> Path:
+    """Write an HDF4-EOS granule laid out as MOD09A1 C6.1 (layers, encodings, grid and core
+    metadata) covering tile ``(h, v)`` with ``reflectance`` (7, n, n) int16; any n (2400 in the
+    real product) sets the pixel size."""
+    from pyhdf.SD import SD, SDC
+
+    rows, columns = state_qa.shape
+    left, top = tile_upper_left(*tile)
+    struct = (
+        "GROUP=SwathStructure\nEND_GROUP=SwathStructure\nGROUP=GridStructure\n\tGROUP=GRID_1\n"
+        '\t\tGridName="MOD_Grid_500m_Surface_Reflectance"\n'
+        f"\t\tXDim={columns}\n\t\tYDim={rows}\n"
+        f"\t\tUpperLeftPointMtrs=({left:.6f},{top:.6f})\n"
+        f"\t\tLowerRightMtrs=({left + TILE_SIZE:.6f},{top - TILE_SIZE:.6f})\n"
+        "\t\tProjection=GCTP_SNSOID\n"
+        f"\t\tProjParams=({SPHERE_RADIUS:.6f},0,0,0,0,0,0,0,0,0,0,0,0)\n"
+        "\t\tSphereCode=-1\n\t\tGridOrigin=HDFE_GD_UL\n\tEND_GROUP=GRID_1\nEND_GROUP=GridStructure\nEND\n")
+    end = start + dt.timedelta(days=COMPOSITE_DAYS - 1)
+    core = "\n".join([
+        "GROUP = INVENTORYMETADATA", "  GROUPTYPE = MASTERGROUP", "  GROUP = COLLECTIONDESCRIPTIONCLASS",
+        _odl_object("SHORTNAME", f'"{product}"'), _odl_object("VERSIONID", str(collection)),
+        "  END_GROUP = COLLECTIONDESCRIPTIONCLASS", "  GROUP = RANGEDATETIME",
+        _odl_object("RANGEBEGINNINGDATE", f'"{start}"'), _odl_object("RANGEENDINGDATE", f'"{end}"'),
+        "  END_GROUP = RANGEDATETIME", "END_GROUP = INVENTORYMETADATA", "END", ""])
+    sd = SD(str(path), SDC.WRITE | SDC.CREATE | SDC.TRUNC)
+    sd.attr("StructMetadata.0").set(SDC.CHAR, struct)
+    sd.attr("CoreMetadata.0").set(SDC.CHAR, core)
+    layers = [(b, reflectance[i], SDC.INT16, REFLECTANCE_FILL, (-100, 16000), "reflectance")
+              for i, b in enumerate(BAND_NAMES)]
+    layers += [(QA_LAYER, state_qa, SDC.UINT16, QA_FILL, (0, 57343), "bit field"),
+               (DOY_LAYER, day_of_year, SDC.INT16, DOY_FILL, (1, 366), "julian day")]
+    for name, values, hdf_type, fill, valid, units in layers:
+        sds = sd.create(name, hdf_type, (rows, columns))
+        if compress:
+            sds.setcompress(SDC.COMP_DEFLATE, 1)
+        sds.setfillvalue(fill)
+        sds.attr("valid_range").set(hdf_type, list(valid))
+        sds.attr("units").set(SDC.CHAR, units)
+        if units == "reflectance":
+            sds.attr("scale_factor").set(SDC.FLOAT64, 0.0001)
+        sds[:] = np.asarray(values)
+        sds.endaccess()
+    sd.end()
+    return Path(path)

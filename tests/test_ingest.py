@@ -1,0 +1,415 @@
+"""Ingest from real files written here: HDF4-EOS granules (pyhdf), GeoTIFFs and a GeoJSON
+boundary (rasterio/GDAL), run on real Dask worker processes, checked value by value."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyproj
+import pytest
+import rasterio
+import xarray as xr
+from distributed import LocalCluster
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.transform import from_origin
+
+from msmtu_batch.ancillary import AncillarySources, chunk_ancillary
+from msmtu_batch.artifact import save_artifact
+from msmtu_batch.composite import CompositeRule, composite_months
+from msmtu_batch.cube import BAND_NAMES, CLIMATIC_NAMES, REFLECTANCE_FILL, open_input_cube
+from msmtu_batch.errors import CubeValidationError, MsmtuError
+from msmtu_batch.ingest import COUNT_VARIABLE, IngestConfig, ingest
+from msmtu_batch.modis import DOY_LAYER, QA_LAYER, SINUSOIDAL_CRS, SPHERE_RADIUS, tile_upper_left, write_granule
+from msmtu_batch.train import TrainConfig, train
+from msmtu_batch.training_data import read_cube_reference
+
+N = 24  # pixels per tile side of the test granules (2400 in the product): 46.3 km pixels
+YEAR = 2013
+CLEAR = 0b001 << 3  # StateQA: land, cloud state 00 (clear)
+STARTS = [dt.date(YEAR, 1, 1) + dt.timedelta(days=8 * i) for i in range(46)]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """One real LocalCluster (2 worker processes on 127.0.0.1) shared by this module's ingests."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def tile_values(h: int) -> np.ndarray:
+    """(7, N, N) reflectance that tells tile, row, column and band apart."""
+    rows, cols = np.mgrid[0:N, 0:N]
+    return np.stack([(h - 17) * 5000 + rows * 100 + cols + 7 * b for b in range(7)]).astype(np.int16)
+
+
+def write_year(folder: Path, tiles=((17, 5), (18, 5)), starts=STARTS, values=tile_values, qa=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in starts:
+        doy = start.timetuple().tm_yday
+        for h, v in tiles:
+            write_granule(folder / f"MOD09A1.A{start.year}{doy:03d}.h{h:02d}v{v:02d}.061.2021000000000.hdf",
+                          start, (h, v), values(h), np.full((N, N), CLEAR if qa is None else qa, np.uint16),
+                          np.full((N, N), min(doy + 2, 365), np.int16))
+    return folder
+
+
+def geojson(path: Path, lon0: float, lat0: float, lon1: float, lat1: float) -> Path:
+    ring = [[lon0, lat0], [lon1, lat0], [lon1, lat1], [lon0, lat1], [lon0, lat0]]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    return path
+
+
+def write_raster(path: Path, values: np.ndarray, crs: str | None, transform, nodata: float | None = None) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=values.shape[-1], height=values.shape[-2],
+                       count=1, dtype=values.dtype, crs=crs, transform=transform, nodata=nodata) as dst:
+        dst.write(values, 1)
+    return path
+
+
+# --- compositing ---------------------------------------------------------------------------
+
+def reference_composite(refl, qa, doy, starts, year, rule):
+    """Per pixel, in plain Python: the rules of msmtu_batch.composite written out another way."""
+    n_dates, n_bands, height, width = refl.shape
+    out = np.full((12, n_bands, height, width), REFLECTANCE_FILL, np.int16)
+    counts = np.zeros((12, height, width), np.uint8)
+    for y in range(height):
+        for x in range(width):
+            by_month: dict[int, list[int]] = {}
+            for d in range(n_dates):
+                q = int(qa[d, y, x])
+                if (q & 3) in (1, 2) or q & 4 or q & (1 << 12) or q & (1 << 15):
+                    continue
+                if not all(-100 <= int(refl[d, b, y, x]) <= 16000 for b in range(n_bands)):
+                    continue
+                day = int(doy[d, y, x])
+                if not 1 <= day <= 366:
+                    continue
+                obs_year = starts[d].year if day >= starts[d].timetuple().tm_yday else starts[d].year + 1
+                date = dt.date(obs_year, 1, 1) + dt.timedelta(days=day - 1)
+                if date.year == year:
+                    by_month.setdefault(date.month - 1, []).append(d)
+            for month, dates in by_month.items():
+                counts[month, y, x] = len(dates)
+                series = [[int(refl[d, b, y, x]) for d in dates] for b in range(n_bands)]
+                if rule == "median":
+                    out[month, :, y, x] = [round(statistics.median(s)) for s in series]
+                elif rule == "mean":
+                    out[month, :, y, x] = [round(statistics.mean(s)) for s in series]
+                else:
+                    ndvi = []
+                    for d in dates:
+                        red, nir = np.float32(refl[d, 0, y, x]), np.float32(refl[d, 1, y, x])
+                        with np.errstate(divide="ignore", invalid="ignore"):
+                            v = (nir - red) / (nir + red)
+                        ndvi.append(-2.0 if np.isnan(v) else float(v))
+                    out[month, :, y, x] = refl[dates[int(np.argmax(ndvi))], :, y, x]
+    return out, counts
+
+
+QA_BITS = st.sampled_from([0, 1, 2, 3, 4, 8, 1 << 12, 1 << 13, 1 << 15, 1 << 10, 0b011 << 3, 3 | 8])
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), rule=st.sampled_from(list(CompositeRule)))
+def test_composite_matches_a_per_pixel_reference(data, rule):
+    n_dates = data.draw(st.integers(1, 10))
+    starts = sorted(data.draw(st.lists(st.sampled_from([dt.date(2012, 12, 26), *STARTS]),
+                                       min_size=n_dates, max_size=n_dates)))
+    shape = (n_dates, 2, 3)
+    values = st.one_of(st.integers(-100, 16000), st.sampled_from([REFLECTANCE_FILL, -101, 16001, 0]))
+    refl = np.array(data.draw(st.lists(values, min_size=n_dates * 7 * 6, max_size=n_dates * 7 * 6)),
+                    np.int16).reshape(n_dates, 7, 2, 3)
+    qa = np.array(data.draw(st.lists(QA_BITS, min_size=n_dates * 6, max_size=n_dates * 6)), np.uint16).reshape(shape)
+    offsets = np.array(data.draw(st.lists(st.sampled_from([0, 3, 7, -1, 400]), min_size=n_dates * 6,
+                                          max_size=n_dates * 6))).reshape(shape)
+    start_doy = np.array([s.timetuple().tm_yday for s in starts])[:, None, None]
+    year_length = np.array([366 if s.year % 4 == 0 else 365 for s in starts])[:, None, None]
+    doy = np.where(offsets == -1, -1, (start_doy - 1 + offsets) % year_length + 1).astype(np.int16)
+    got = composite_months(refl, qa, doy, starts, YEAR, rule)
+    want = reference_composite(refl, qa, doy, starts, YEAR, str(rule))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def one_pixel(values_by_date, qa_by_date, doy_by_date, starts, rule="median"):
+    refl = np.array([[[[v]] for v in ([value] * 7 if np.isscalar(value) else value)]
+                     for value in values_by_date], np.int16)
+    qa = np.array(qa_by_date, np.uint16).reshape(-1, 1, 1)
+    doy = np.array(doy_by_date, np.int16).reshape(-1, 1, 1)
+    composite, counts = composite_months(refl, qa, doy, starts, YEAR, rule)
+    return composite[:, :, 0, 0], counts[:, 0, 0]
+
+
+@pytest.mark.parametrize(("flag", "kept"), [
+    (0b00, True), (0b11, True),  # clear; cloud state not set (assumed clear)
+    (0b01, False), (0b10, False),  # cloudy, mixed cloud
+    (1 << 2, False),  # cloud shadow
+    (1 << 12, False), (1 << 15, False),  # MOD35 snow/ice, internal snow mask
+    (1 << 13, True), (1 << 10, True),  # adjacent to cloud, internal cloud flag: informative, kept
+])
+def test_each_qa_flag_rejects_or_keeps_an_observation(flag, kept):
+    starts = [dt.date(YEAR, 3, 6), dt.date(YEAR, 3, 14)]
+    composite, counts = one_pixel([1000, 3000], [CLEAR, CLEAR | flag], [66, 74], starts)
+    assert counts[2] == (2 if kept else 1)
+    assert composite[2, 0] == (2000 if kept else 1000)
+
+
+def test_known_observations_composite_by_rule_and_actual_day():
+    # composites of 29 Jan (days 29-36) and 6 Feb: the first holds a 2 February acquisition
+    starts = [dt.date(YEAR, 1, 1), dt.date(YEAR, 1, 9), dt.date(YEAR, 1, 29), dt.date(YEAR, 2, 6)]
+    values = [[1000, 2000, 100, 100, 100, 100, 100], [3000, 4000, 100, 100, 100, 100, 100],
+              [500, 600, 7, 7, 7, 7, 7], [800, 4000, 9, 9, 9, 9, 9]]
+    doys = [3, 12, 33, 40]
+    median, counts = one_pixel(values, [CLEAR] * 4, doys, starts)
+    assert list(counts[:3]) == [2, 2, 0]
+    assert list(median[0, :2]) == [2000, 3000] and list(median[1, :3]) == [650, 2300, 8]
+    assert (median[2:] == REFLECTANCE_FILL).all()  # months without a clear observation: fill, never 0
+    mean, _ = one_pixel(values, [CLEAR] * 4, doys, starts, "mean")
+    assert list(mean[1, :3]) == [650, 2300, 8]
+    best, _ = one_pixel(values, [CLEAR] * 4, doys, starts, "max_ndvi")
+    assert list(best[0, :3]) == [1000, 2000, 100]  # NDVI 0.33 beats 0.14
+    assert list(best[1, :3]) == [800, 4000, 9]  # NDVI 0.67 beats 0.09
+
+
+def test_previous_december_composite_gives_its_january_days():
+    starts = [dt.date(YEAR - 1, 12, 26), dt.date(YEAR - 1, 12, 26)]
+    composite, counts = one_pixel([1200, 1500], [CLEAR, CLEAR], [1, 366], starts)  # 1 Jan 2013, 31 Dec 2012
+    assert counts[0] == 1 and composite[0, 0] == 1200 and counts.sum() == 1
+
+
+# --- grid, mosaic, region, warping ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def granules(tmp_path_factory) -> Path:
+    return write_year(tmp_path_factory.mktemp("granules"), starts=STARTS[::4])
+
+
+def test_mosaic_of_two_tiles_has_no_gap_or_duplicate(granules, tmp_path, scheduler):
+    summary = ingest(IngestConfig(inputs=[granules], chunk=16), tmp_path / "cube.zarr", scheduler=scheduler)
+    ds = open_input_cube(summary.out, ancillary=("longitude", "latitude")).load()
+    assert (ds.sizes["y"], ds.sizes["x"]) == (N, 2 * N) and ds.rio.crs == SINUSOIDAL_CRS
+    expected = np.concatenate([tile_values(17), tile_values(18)], axis=2)
+    observed_months = [m for m in range(12) if (ds[COUNT_VARIABLE][m] > 0).any()]
+    assert len(observed_months) == 12
+    for month in observed_months:
+        np.testing.assert_array_equal(ds["reflectance"][month].values, expected)
+    left, top = tile_upper_left(17, 5)
+    pixel = 2 * (tile_upper_left(18, 5)[0] - left) / (2 * N)
+    np.testing.assert_allclose(ds["x"].values[[0, -1]], [left + pixel / 2, left + 2 * N * pixel - pixel / 2])
+    np.testing.assert_allclose(ds["y"].values[[0, -1]], [top - pixel / 2, top - N * pixel + pixel / 2])
+    # corner pixels: the sinusoidal formulas on the sphere (lat = y / R, lon = x / (R cos lat))
+    for iy, ix in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
+        x, y = float(ds["x"][ix]), float(ds["y"][iy])
+        lat = y / SPHERE_RADIUS
+        assert float(ds["latitude"][iy, ix]) == pytest.approx(math.degrees(lat), abs=1e-4)
+        assert float(ds["longitude"][iy, ix]) == pytest.approx(math.degrees(x / (SPHERE_RADIUS * math.cos(lat))),
+                                                              abs=1e-4)
+    assert ds.attrs["ancillary_variables"] == "longitude, latitude"
+    assert ds.attrs["composite_rule"] == "median"
+
+
+def test_reprojected_grid_takes_the_nearest_source_pixel_inside_the_region(granules, tmp_path, scheduler):
+    region = geojson(tmp_path / "region.geojson", -4.0, 37.0, 3.0, 39.5)
+    config = IngestConfig(inputs=[granules], region=region, crs="EPSG:25830", resolution=20000, chunk=8)
+    ds = open_input_cube(ingest(config, tmp_path / "cube.zarr", scheduler=scheduler).out,
+                         ancillary=("longitude", "latitude")).load()
+    assert ds.rio.crs.to_epsg() == 25830 and ds.rio.resolution() == (20000.0, -20000.0)
+    assert float(ds["x"][0]) % 20000 == 10000  # pixels aligned on multiples of the resolution
+    xx, yy = np.meshgrid(ds["x"].values, ds["y"].values)
+    lon, lat = pyproj.Transformer.from_crs("EPSG:25830", "EPSG:4326", always_xy=True).transform(xx, yy)
+    inside = (lon > -4) & (lon < 3) & (lat > 37) & (lat < 39.5)
+    edge = (np.abs(lon + 4) < 0.3) | (np.abs(lon - 3) < 0.3) | (np.abs(lat - 37) < 0.3) | (np.abs(lat - 39.5) < 0.3)
+    sx, sy = pyproj.Transformer.from_crs("EPSG:25830", SINUSOIDAL_CRS.to_wkt(), always_xy=True).transform(xx, yy)
+    left, top = tile_upper_left(17, 5)
+    pixel = (tile_upper_left(18, 5)[0] - left) / N
+    col_f, row_f = (sx - left) / pixel, (top - sy) / pixel
+    col, row = np.floor(col_f).astype(int), np.floor(row_f).astype(int)
+    # GDAL's warper approximates the transformation along rows (error up to 0.125 pixel), so a centre
+    # within 0.1 source pixel of a source pixel edge may go to either side
+    tie = (np.abs(col_f - np.rint(col_f)) < 0.1) | (np.abs(row_f - np.rint(row_f)) < 0.1)
+    mosaic = np.concatenate([tile_values(17), tile_values(18)], axis=2)
+    band0 = ds["reflectance"][5, 0].values
+    core = inside & ~edge & ~tie
+    assert core.sum() > 100
+    np.testing.assert_array_equal(band0[core], mosaic[0][row[core], col[core]])
+    outside = ~inside & ~edge
+    assert (band0[outside] == REFLECTANCE_FILL).all() and (ds[COUNT_VARIABLE].values[:, outside] == 0).all()
+    assert np.isnan(ds["longitude"].values[outside]).all()
+    np.testing.assert_allclose(ds["longitude"].values[core], lon[core], atol=1e-4)
+
+
+def test_same_cube_from_geotiff_exports_as_from_granules(granules, tmp_path, scheduler):
+    """AppEEARS-style exports (one file per layer and date, native projection) of the same data."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    left, top = tile_upper_left(17, 5)
+    pixel = (tile_upper_left(18, 5)[0] - left) / N
+    mosaic = np.concatenate([tile_values(17), tile_values(18)], axis=2)
+    for start in STARTS[::4]:
+        doy = start.timetuple().tm_yday
+        layers = dict(zip(BAND_NAMES, mosaic)) | {QA_LAYER: np.full((N, 2 * N), CLEAR, np.uint16),
+                                                  DOY_LAYER: np.full((N, 2 * N), doy + 2, np.int16)}
+        for layer, values in layers.items():
+            write_raster(exports / f"MOD09A1.061_{layer}_doy{YEAR}{doy:03d}_aid0001.tif", values,
+                         SINUSOIDAL_CRS.to_wkt(), from_origin(left, top, pixel, pixel))
+    from_hdf = ingest(IngestConfig(inputs=[granules], chunk=16), tmp_path / "hdf.zarr", scheduler=scheduler)
+    from_tif = ingest(IngestConfig(inputs=[exports], chunk=16), tmp_path / "tif.zarr", scheduler=scheduler)
+    a, b = (xr.open_zarr(s.out, consolidated=False, mask_and_scale=False).load() for s in (from_hdf, from_tif))
+    np.testing.assert_array_equal(a["reflectance"].values, b["reflectance"].values)
+    np.testing.assert_array_equal(a[COUNT_VARIABLE].values, b[COUNT_VARIABLE].values)
+
+
+# --- ancillary -----------------------------------------------------------------------------
+
+def test_slope_of_inclined_planes_in_geographic_and_projected_dems(tmp_path):
+    geod = pyproj.Geod(ellps="WGS84")
+    step = 0.01
+    lats = 40.0 - (np.arange(600) + 0.5) * step
+    north = geod.inv(np.zeros_like(lats), np.full_like(lats, 34.0), np.zeros_like(lats), lats)[2]
+    plane_20 = np.repeat((100 + np.tan(np.radians(20)) * north)[:, None], 1300, axis=1).astype(np.float32)
+    geographic = write_raster(tmp_path / "dem_4326.tif", plane_20, "EPSG:4326", from_origin(-9.0, 40.0, step, step))
+    xs = 100000 + (np.arange(900) + 0.5) * 1000.0
+    plane_30 = np.repeat((np.tan(np.radians(30)) * (xs - 100000))[None], 700, axis=0).astype(np.float32)
+    projected = write_raster(tmp_path / "dem_25830.tif", plane_30, "EPSG:25830",
+                             from_origin(100000, 4500000, 1000, 1000))
+    grid = (rasterio.crs.CRS.from_epsg(25830), from_origin(300000, 4300000, 5000, 5000), 30, 40)
+    for dem, degrees in [(geographic, 20.0), (projected, 30.0)]:
+        values = chunk_ancillary(AncillarySources(str(dem)), *grid)
+        assert np.isfinite(values["slope"]).all()
+        np.testing.assert_allclose(values["slope"], degrees, atol=0.1)
+    # altitude: the area average of the 30-degree plane is its value at the pixel centre
+    altitude = chunk_ancillary(AncillarySources(str(projected)), *grid)["altitude"]
+    centres = 300000 + (np.arange(40) + 0.5) * 5000
+    np.testing.assert_allclose(altitude, np.broadcast_to(np.tan(np.radians(30)) * (centres - 100000), (30, 40)),
+                               rtol=1e-4)
+
+
+def test_coarse_climate_is_interpolated_and_fine_climate_averaged(tmp_path):
+    grid = (rasterio.crs.CRS.from_epsg(25830), from_origin(300000, 4300000, 5000, 5000), 10, 12)
+    xs = 200000 + (np.arange(40) + 0.5) * 20000
+    coarse = write_raster(tmp_path / "pre.tif", np.repeat((xs / 1000)[None], 20, 0).astype(np.float32),
+                          "EPSG:25830", from_origin(200000, 4400000, 20000, 20000))
+    fine_x = 250000 + (np.arange(400) + 0.5) * 1000
+    fine = write_raster(tmp_path / "tmax.tif", np.repeat((fine_x / 1000)[None], 300, 0).astype(np.float32),
+                        "EPSG:25830", from_origin(250000, 4350000, 1000, 1000))
+    values = chunk_ancillary(AncillarySources(climate={"precipitation": str(coarse), "temperature_max": str(fine)}),
+                             *grid)
+    centres_km = (300000 + (np.arange(12) + 0.5) * 5000) / 1000  # a linear field: both give the centre value
+    np.testing.assert_allclose(values["precipitation"], np.broadcast_to(centres_km, (10, 12)), rtol=1e-5)
+    np.testing.assert_allclose(values["temperature_max"], np.broadcast_to(centres_km, (10, 12)), rtol=1e-5)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def one_granule(folder: Path, start=STARTS[0], tile=(17, 5), **kwargs) -> Path:
+    folder.mkdir(exist_ok=True)
+    doy = start.timetuple().tm_yday
+    return write_granule(folder / f"MOD09A1.A{start.year}{doy:03d}.h{tile[0]}v{tile[1]:02d}.061.hdf", start, tile,
+                         tile_values(17), np.full((N, N), CLEAR, np.uint16), np.full((N, N), doy, np.int16), **kwargs)
+
+
+def test_bad_granules_are_named(tmp_path):
+    wrong_product = one_granule(tmp_path / "a", product="MOD09Q1")
+    with pytest.raises(MsmtuError, match=rf"^{wrong_product}: product MOD09Q1, expected MOD09A1 "):
+        ingest(IngestConfig(inputs=[wrong_product]), tmp_path / "c.zarr")
+    wrong_collection = one_granule(tmp_path / "b", collection=6)
+    with pytest.raises(MsmtuError, match=rf"^{wrong_collection}: collection 6, expected 061 \(collection 6.1\)$"):
+        ingest(IngestConfig(inputs=[wrong_collection]), tmp_path / "c.zarr")
+    good = one_granule(tmp_path / "c")
+    corrupt = tmp_path / "c" / "MOD09A1.A2013009.h17v05.061.hdf"
+    corrupt.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(MsmtuError, match=rf"^{corrupt}: not a readable HDF4 file"):
+        ingest(IngestConfig(inputs=[good, corrupt]), tmp_path / "c.zarr")
+
+
+def test_mismatched_tiles_and_years_are_named(tmp_path):
+    folder = tmp_path / "g"
+    one_granule(folder, tile=(17, 5))
+    one_granule(folder, tile=(18, 5))
+    lone = one_granule(folder, start=STARTS[1], tile=(17, 5))
+    with pytest.raises(MsmtuError, match=rf"^{lone}: the composite of 2013-01-09 has tiles h17v05 but other dates "
+                                         r"have h17v05, h18v05 \(missing h18v05\)"):
+        ingest(IngestConfig(inputs=[folder]), tmp_path / "c.zarr")
+    lone.unlink()
+    other_year = one_granule(folder, start=dt.date(2014, 6, 2), tile=(17, 5))
+    one_granule(folder, start=dt.date(2014, 6, 2), tile=(18, 5))
+    with pytest.raises(MsmtuError, match=rf"^{other_year}: the composite of 2014-06-02 is outside 2013"):
+        ingest(IngestConfig(inputs=[folder], year=2013), tmp_path / "c.zarr")
+
+
+def test_raster_without_crs_and_boundary_elsewhere_are_named(granules, tmp_path):
+    dem = write_raster(tmp_path / "dem.tif", np.zeros((10, 10), np.float32), None, from_origin(0, 10, 1, 1))
+    with pytest.raises(MsmtuError, match=rf"^{dem}: raster has no CRS; expected a georeferenced raster$"):
+        ingest(IngestConfig(inputs=[granules], dem=dem), tmp_path / "c.zarr")
+    far = geojson(tmp_path / "far.geojson", 100.0, 10.0, 101.0, 11.0)
+    with pytest.raises(MsmtuError, match=rf"^{far}: boundary does not intersect the reflectance data"):
+        ingest(IngestConfig(inputs=[granules], region=far), tmp_path / "c.zarr")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_interrupted_ingest_leaves_nothing_that_validates(granules, tmp_path, scheduler):
+    # precipitation covering only the western tile: the chunks over the eastern one fail
+    left, top = tile_upper_left(17, 5)
+    pixel = (tile_upper_left(18, 5)[0] - left) / N
+    half = write_raster(tmp_path / "pre.tif", np.full((N, N), 500, np.float32), SINUSOIDAL_CRS.to_wkt(),
+                        from_origin(left, top, pixel, pixel))
+    out = tmp_path / "cube.zarr"
+    with pytest.raises(MsmtuError, match=rf"^{half}: no precipitation value for \d+ pixel\(s\) with observed "
+                                         r"reflectance in chunk y 0:8, x \d+:\d+ of the cube"):
+        ingest(IngestConfig(inputs=[granules], climate={"precipitation": half}, chunk=8), out, scheduler=scheduler)
+    assert not out.exists()
+    staging = tmp_path / ".cube.zarr.partial"
+    assert staging.exists()
+    with pytest.raises(CubeValidationError, match="ingest_status is 'incomplete': an interrupted ingest"):
+        open_input_cube(staging, ancillary=())
+
+
+def test_missing_sources_refused_when_the_model_needs_them(granules, region, tmp_path):
+    pixels = read_cube_reference(region.cube, region.reference, "level1")
+    artifact = train(pixels, "level1", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8, ancillary="geotopo"))
+    model = save_artifact(artifact.artifact, tmp_path / "model.safetensors")
+    with pytest.raises(MsmtuError, match=rf"^{model}: the model needs ancillary variable\(s\) altitude, slope that "
+                                         r"the given sources do not provide \(add --dem\)$"):
+        ingest(IngestConfig(inputs=[granules]), tmp_path / "c.zarr", model=model)
+
+
+# --- end to end: ingest, then run unchanged ------------------------------------------------
+
+def test_ingest_then_run_from_the_command_line(granules, region, tmp_path):
+    pixels = read_cube_reference(region.cube, region.reference, "level1")
+    artifact = train(pixels, "level1", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8))
+    model = save_artifact(artifact.artifact, tmp_path / "model.safetensors")
+    transform = from_origin(-10.0, 42.0, 0.05, 0.05)
+    dem = write_raster(tmp_path / "dem.tif", np.linspace(0, 900, 200 * 300, dtype=np.float32).reshape(200, 300),
+                       "EPSG:4326", transform)
+    args = ["--dem", str(dem)]
+    for i, name in enumerate(CLIMATIC_NAMES):
+        path = write_raster(tmp_path / f"{name}.tif", np.full((200, 300), 10.0 * (i + 1), np.float32), "EPSG:4326",
+                            transform)
+        args += ["--climate", f"{name}={path}"]
+    region_file = geojson(tmp_path / "region.geojson", -4.0, 37.0, 3.0, 39.5)
+    cube, out = tmp_path / "cube.zarr", tmp_path / "out.zarr"
+    done = subprocess.run([BIN / "msmtu-batch", "ingest", str(granules), "--out", str(cube), "--region",
+                           str(region_file), "--crs", "EPSG:25830", "--resolution", "20000", "--chunk", "16",
+                           "--model", str(model), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ancillary longitude, latitude, altitude, slope, precipitation" in done.stdout
+    done = subprocess.run([BIN / "msmtu-batch", "run", "--cube", str(cube), "--model", str(model), "--out", str(out),
+                           "--chunk", "16"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = xr.open_zarr(out, consolidated=False)
+    observed = (xr.open_zarr(cube, consolidated=False)["clear_count"] > 0).any("time").values
+    estimated = np.isfinite(result["abundance"].values).all(axis=0)
+    assert estimated.sum() > 100 and not estimated[~observed].any()
