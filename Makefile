@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/simulate_scaling.py
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/msmtu-batch bench --out bench-output/inference --memory-size 512 --memory-size 2048
+	$(BIN)/python benchmarks/ingest_andalusia.py --out bench-output/ingest
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

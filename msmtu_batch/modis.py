@@ -116,7 +116,7 @@ class Granule:
 
 
 def _odl_value(text: str, name: str) -> str | None:
-    match = re.search(_ODL_OBJECT.format(name=name), text, re.DOTALL)
+    match = re.search(_ODL_OBJECT.format(name=name), text, re.DOTALL | re.IGNORECASE)
     return match.group(1).strip('"') if match else None
 
 

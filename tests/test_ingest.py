@@ -413,3 +413,20 @@ def test_ingest_then_run_from_the_command_line(granules, region, tmp_path):
     observed = (xr.open_zarr(cube, consolidated=False)["clear_count"] > 0).any("time").values
     estimated = np.isfinite(result["abundance"].values).all(axis=0)
     assert estimated.sum() > 100 and not estimated[~observed].any()
+
+
+def test_workflow_ingest_section_is_a_valid_ingest_config():
+    import yaml
+
+    section = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows/andalusia_2013.yaml").read_text())
+    config = IngestConfig(**section["ingest"])
+    assert config.crs == "EPSG:25830" and config.resolution == 460 and set(config.climate) == set(CLIMATIC_NAMES)
+    assert config.ancillary_sources().names() == ("longitude", "latitude", "altitude", "slope", *CLIMATIC_NAMES)
+
+
+def test_ingest_example_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "examples/ingest_granules.py", "--out", str(tmp_path), "--pixels", "12"],
+                            capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "inside the region" in result.stdout and "mean clear observations per month" in result.stdout

@@ -1,0 +1,149 @@
+"""Ingest time and memory for an Andalusia-sized input: 46 full-size MOD09A1 granules of two
+tiles (h17v05 + h18v05, 2400 x 2400 pixels, deflate-compressed like the product), a 3-arcsecond
+geographic DEM and five 30-arcsecond climate rasters, cut to a 1200 x 800-pixel region that
+straddles the tile seam (so every date reads both granules).
+
+    python benchmarks/ingest_andalusia.py [--out DIR] [--chunk 256] [--crs EPSG:25830 --resolution 460]
+
+Writes DIR/inputs/ once (about 2 minutes) and reuses it. Reports the ingest's wall time, each
+worker's and the driver's peak memory, and, as the baseline of the same run, the time one
+process takes only to read every granule layer window the region needs (the decompression floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TILE = 2400
+REGION_PIXELS = (800, 1200)  # rows, columns
+
+
+def write_inputs(folder: Path) -> None:
+    import geopandas as gpd
+    import rasterio
+    from rasterio.transform import from_origin
+    from shapely.geometry import box
+
+    from msmtu_batch.cube import CLIMATIC_NAMES
+    from msmtu_batch.modis import SINUSOIDAL_CRS, TILE_SIZE, tile_upper_left, write_granule
+
+    granules = folder / "granules"
+    granules.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:TILE, 0:TILE].astype(np.float32)
+    base = [(1500 + 800 * np.sin(rows / 170 + b) * np.cos(cols / 230)).astype(np.int16) for b in range(7)]
+    for i in range(46):
+        start = dt.date(2013, 1, 1) + dt.timedelta(days=8 * i)
+        doy0 = start.timetuple().tm_yday
+        for h in (17, 18):
+            path = granules / f"MOD09A1.A2013{doy0:03d}.h{h}v05.061.2021000000000.hdf"
+            if path.exists():
+                continue
+            season = int(400 * np.sin(2 * np.pi * doy0 / 365))
+            clouds = rng.random((TILE // 60, TILE // 60)) < 0.3  # 28 km cloud cells
+            qa = np.where(np.kron(clouds, np.ones((60, 60), bool)), 0b01001, 0b01000).astype(np.uint16)
+            doy = (doy0 + (np.arange(TILE)[:, None] // 300 + np.arange(TILE)[None] // 300) % 8).astype(np.int16)
+            doy = np.minimum(doy, 365).astype(np.int16)
+            write_granule(path, start, (h, 5), np.stack([b + season for b in base]), qa, doy)
+    top = tile_upper_left(18, 5)[1]  # the region is centred on the seam x = 0
+    pixel = TILE_SIZE / TILE
+    region = box(-REGION_PIXELS[1] / 2 * pixel, top - 300 * pixel - REGION_PIXELS[0] * pixel,
+                 REGION_PIXELS[1] / 2 * pixel, top - 300 * pixel)
+    gpd.GeoDataFrame(geometry=[region], crs=SINUSOIDAL_CRS.to_wkt()).to_file(folder / "region.gpkg")
+    # DEM: 3 arc-seconds over lon -3.4..3.4, lat 35.2..38.9 (about 34 M pixels, SRTM-like)
+    step = 1 / 1200
+    width, height = round(6.8 / step), round(3.7 / step)
+    dem_path = folder / "dem_3arcsec.tif"
+    if not dem_path.exists():
+        profile = dict(driver="GTiff", width=width, height=height, count=1, dtype="float32", crs="EPSG:4326",
+                       transform=from_origin(-3.4, 38.9, step, step), tiled=True, blockxsize=512, blockysize=512,
+                       compress="deflate", nodata=-9999.0)
+        with rasterio.open(dem_path, "w", **profile) as dst:
+            for _, window in dst.block_windows(1):
+                r, c = np.mgrid[window.row_off:window.row_off + window.height,
+                                window.col_off:window.col_off + window.width].astype(np.float32)
+                dst.write((600 + 500 * np.sin(r / 900) * np.cos(c / 700) + 0.5 * r).astype(np.float32), 1,
+                          window=window)
+    step = 1 / 120  # climate: 30 arc-seconds (about 1 km)
+    for i, name in enumerate(CLIMATIC_NAMES):
+        path = folder / f"{name}.tif"
+        if not path.exists():
+            values = (10 * (i + 1) + np.random.default_rng(i).random((round(3.7 / step), round(6.8 / step))))
+            with rasterio.open(path, "w", driver="GTiff", width=values.shape[1], height=values.shape[0], count=1,
+                               dtype="float32", crs="EPSG:4326", transform=from_origin(-3.4, 38.9, step, step)) as dst:
+                dst.write(values.astype(np.float32), 1)
+
+
+def read_floor(folder: Path) -> float:
+    """Seconds one process needs only to read the region's windows of every granule layer."""
+    from msmtu_batch.ingest import IngestConfig, _read_region, plan_grid
+    from msmtu_batch.modis import open_reflectance
+
+    source = open_reflectance([folder / "granules"])
+    grid = plan_grid(source.grid, IngestConfig(region=folder / "region.gpkg"), _read_region(folder / "region.gpkg"))
+    row0, col0 = grid.native_offset
+    start = time.perf_counter()
+    for observation in source.observations:
+        observation.read(row0, row0 + grid.height, col0, col0 + grid.width)
+    return time.perf_counter() - start
+
+
+def ingest_child(folder: Path, out: Path, chunk: int, crs: str | None, resolution: float | None) -> None:
+    from msmtu_batch.cube import CLIMATIC_NAMES
+    from msmtu_batch.ingest import IngestConfig, ingest
+    from msmtu_batch.tiling import peak_memory_mib
+
+    config = IngestConfig(inputs=[folder / "granules"], region=folder / "region.gpkg", dem=folder / "dem_3arcsec.tif",
+                          climate={n: folder / f"{n}.tif" for n in CLIMATIC_NAMES}, chunk=chunk, crs=crs,
+                          resolution=resolution)
+    summary = ingest(config, out, overwrite=True)
+    print(json.dumps({"seconds": summary.seconds, "height": summary.height, "width": summary.width,
+                      "chunks": summary.chunks, "observations": summary.observations,
+                      "observed_pixels": summary.observed_pixels, "worker_peak_mib": summary.worker_peak_mib,
+                      "driver_peak_mib": peak_memory_mib()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-output/ingest"))
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--crs")
+    parser.add_argument("--resolution", type=float)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    inputs, cube = args.out / "inputs", args.out / "cube.zarr"
+    if args.child:
+        ingest_child(inputs, cube, args.chunk, args.crs, args.resolution)
+        return
+    start = time.perf_counter()
+    write_inputs(inputs)
+    print(f"inputs ready in {time.perf_counter() - start:.0f} s "
+          f"({sum(p.stat().st_size for p in inputs.rglob('*') if p.is_file()) / 2**30:.2f} GiB)")
+    floor = read_floor(inputs)
+    command = [sys.executable, __file__, "--child", "--out", str(args.out), "--chunk", str(args.chunk)]
+    if args.crs:
+        command += ["--crs", args.crs, "--resolution", str(args.resolution)]
+    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    pixels = result["height"] * result["width"]
+    result |= {"read_floor_seconds": floor, "pixels_per_second": pixels / result["seconds"],
+               "vs_read_floor": floor / result["seconds"], "date": dt.date.today().isoformat(),
+               "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+               "chunk": args.chunk, "grid": args.crs or "native sinusoidal"}
+    print(json.dumps(result, indent=2))
+    (args.out / f"ingest-{args.chunk}-{(args.crs or 'native').replace(':', '')}.json").write_text(
+        json.dumps(result, indent=2))
+    shutil.rmtree(cube, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
