@@ -430,3 +430,30 @@ def test_ingest_example_runs(tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stderr
     assert "inside the region" in result.stdout and "mean clear observations per month" in result.stdout
+
+
+def test_monthly_multiband_exports_listed_in_a_manifest(tmp_path, scheduler):
+    """Earth-Engine-style exports: one 7-band file per month (band descriptions, geographic CRS),
+    dates from a manifest; without QA or day-of-year layers each file's date gives the month."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    values = np.arange(12 * 7 * 6 * 8, dtype=np.int16).reshape(12, 7, 6, 8)
+    values[3, 2, 1, 1] = REFLECTANCE_FILL  # one band missing: the whole observation is not clear
+    rows = ["path,date"]
+    for month in range(12):
+        path = folder / f"export_{month:02d}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=8, height=6, count=7, dtype="int16", crs="EPSG:4326",
+                           transform=from_origin(-5.0, 38.0, 0.01, 0.01)) as dst:
+            dst.write(values[month])
+            dst.descriptions = BAND_NAMES
+        rows.append(f"exports/{path.name},{YEAR}-{month + 1:02d}-01")  # relative to the manifest
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    summary = ingest(IngestConfig(manifest=manifest), tmp_path / "cube.zarr", scheduler=scheduler)
+    ds = open_input_cube(summary.out, ancillary=("longitude", "latitude")).load()
+    expected = values.copy()
+    expected[3, :, 1, 1] = REFLECTANCE_FILL
+    np.testing.assert_array_equal(ds["reflectance"].values, expected)
+    assert ds[COUNT_VARIABLE].values[3, 1, 1] == 0 and ds[COUNT_VARIABLE].values.sum() == 12 * 48 - 1
+    np.testing.assert_allclose(ds["longitude"].values[0, 0], -4.995, atol=1e-5)
+    np.testing.assert_allclose(ds["latitude"].values[-1, 0], 37.945, atol=1e-5)
