@@ -303,6 +303,14 @@ def ablation_command(
         print(f"wrote {out / 'ablation.md'}")
 
 
+def _chunk_progress(description: str):
+    """A progress bar over finished chunks on a terminal; nothing in batch jobs."""
+    def progress(items, total: int):
+        return track(items, description=description, total=total, console=console, transient=True) \
+            if console.is_terminal else items
+    return progress
+
+
 def _climate_option(values: list[str] | None) -> dict[str, str]:
     climate = {}
     for item in values or []:
@@ -345,17 +353,13 @@ def ingest_command(
     """Build an input cube: monthly QA-filtered composites on a grid and region, plus ancillary data."""
     from msmtu_batch.ingest import IngestConfig, ingest
 
-    def progress(items, total: int):
-        return track(items, description="ingesting chunks", total=total, console=console, transient=True) \
-            if console.is_terminal else items
-
     with _user_errors():
         settings = _with_overrides(_config_section(config, "ingest"), dict(
             inputs=inputs or None, manifest=manifest, year=year, region=region, crs=crs, resolution=resolution,
             resampling=resampling, composite=composite, dem=dem, climate=_climate_option(climate) or None,
             chunk=chunk))
         summary = ingest(IngestConfig(**settings), out, model=model, scheduler=scheduler, overwrite=overwrite,
-                         progress=progress)
+                         progress=_chunk_progress("ingesting chunks"))
         print(f"wrote {out}: {summary.height} x {summary.width} pixels, {summary.observations} dates composited "
               f"into 12 months, {summary.observed_pixels:,} pixels observed, ancillary "
               f"{', '.join(summary.ancillary)}; {summary.chunks} chunks in {summary.seconds:.1f} s")
@@ -384,14 +388,10 @@ def run_command(
         if client.dashboard_link:
             console.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
 
-    def progress(items, total: int):
-        return track(items, description="unmixing chunks", total=total, console=console, transient=True) \
-            if console.is_terminal else items
-
     with _user_errors():
         summary = run(cube, model, out, config=RunConfig(chunk=chunk, min_months=min_months, imputed=imputed),
                       scheduler=scheduler, overwrite=overwrite, cog_dir=cog, performance_report=performance_report,
-                      progress=progress, on_client=announce)
+                      progress=_chunk_progress("unmixing chunks"), on_client=announce)
         if summary.already_complete:
             print(f"{out} is already complete for this model, input and settings; nothing to do")
             return
