@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from msmtu_batch import __version__
-from msmtu_batch.cube import BAND_NAMES
+from msmtu_batch.cube import ANCILLARY_NAMES, BAND_NAMES
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.model import BRITS, BritsConfig
 from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
@@ -30,6 +31,10 @@ from msmtu_batch.training_data import PixelSet
 ARTIFACT_FORMAT = "msmtu-batch-model/1"
 METADATA_KEY = "msmtu_batch"
 _STATS = ("band_mean", "band_std", "ancillary_mean", "ancillary_std")
+# The unit of the band statistics, recorded in every artifact, and how to reach the unit the
+# model meets at run time (physical reflectance: the cube's integers x its 1e-4 scale factor).
+BAND_STATISTICS_UNITS = "reflectance"
+_BAND_UNIT_FACTORS = {"reflectance": 1.0, "reflectance x 1e4": 1e-4}
 
 
 class ArtifactError(MsmtuError, ValueError):
@@ -83,8 +88,8 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
         "format": ARTIFACT_FORMAT, "software_version": artifact.software_version,
         "architecture": "BRITS", "hyperparameters": artifact.config.to_dict(),
         "level": artifact.level, "classes": list(artifact.classes),
-        "band_names": list(artifact.band_names), "ancillary_names": list(artifact.ancillary_names),
-        "training": artifact.training,
+        "band_names": list(artifact.band_names), "band_statistics_units": BAND_STATISTICS_UNITS,
+        "ancillary_names": list(artifact.ancillary_names), "training": artifact.training,
     }
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
@@ -109,6 +114,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise ArtifactError(f"{path}: no msmtu-batch metadata in the safetensors header") from None
     if meta.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path}: artifact format {meta.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
+    _check_metadata_meaning(path, meta)
     try:
         cfg = BritsConfig(**meta["hyperparameters"])
         classes, ancillary = tuple(meta["classes"]), tuple(meta["ancillary_names"])
@@ -136,6 +142,11 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if stats.get("band_mean", np.empty(0)).shape != (n_bands,) or \
             stats.get("band_std", np.empty(0)).shape != (n_bands,):
         raise ArtifactError(f"{path}: band normalisation statistics missing or not of length {n_bands}")
+    for name, values in stats.items():
+        if not np.isfinite(values).all() or (name.endswith("_std") and not (values > 0).all()):
+            raise ArtifactError(f"{path}: normalisation statistic {name} must be finite"
+                                + (" and positive" if name.endswith("_std") else "") + f", found {values.tolist()}")
+    band_factor = _band_unit_factor(path, meta)
     ancillary_stats = None
     if ancillary:
         if stats.get("ancillary_mean", np.empty(0)).shape != (len(ancillary),):
@@ -143,9 +154,56 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
                                 f"length {len(ancillary)}")
         ancillary_stats = Standardizer(stats["ancillary_mean"], stats["ancillary_std"])
     return ModelArtifact(model=model, level=meta["level"], classes=classes, ancillary_names=ancillary,
-                         band_stats=Standardizer(stats["band_mean"], stats["band_std"]),
+                         band_stats=Standardizer(stats["band_mean"] * np.float32(band_factor),
+                                                 stats["band_std"] * np.float32(band_factor)),
                          ancillary_stats=ancillary_stats, band_names=tuple(meta["band_names"]),
                          software_version=meta["software_version"], training=meta.get("training", {}))
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_metadata_meaning(path: Path, meta: dict) -> None:
+    """The header's lists must mean something: distinct string class names, a level that is a
+    safe file and group name, known band and ancillary variables, whole-number sizes."""
+    def refuse(what: str) -> None:
+        raise ArtifactError(f"{path}: {what}")
+
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+        refuse(f"classes must be a non-empty list of names, found {classes!r}")
+    if duplicated := sorted({c for c in classes if classes.count(c) > 1}):
+        refuse(f"class name(s) {', '.join(duplicated)} appear more than once")
+    level = meta.get("level")
+    if not isinstance(level, str) or not _SAFE_NAME.fullmatch(level):
+        refuse(f"level {level!r} is not a safe name (letters, digits, _ . -; at most 64 characters)")
+    bands = meta.get("band_names")
+    if not isinstance(bands, list) or bands != list(BAND_NAMES):
+        refuse(f"band_names {bands!r}, expected {', '.join(BAND_NAMES)} in that order")
+    ancillary = meta.get("ancillary_names")
+    if not isinstance(ancillary, list) or not all(isinstance(a, str) for a in ancillary):
+        refuse(f"ancillary_names must be a list of names, found {ancillary!r}")
+    if unknown := [a for a in ancillary if a not in ANCILLARY_NAMES]:
+        refuse(f"unknown ancillary variable(s) {', '.join(unknown)} (known: {', '.join(ANCILLARY_NAMES)})")
+    if len(set(ancillary)) != len(ancillary):
+        refuse("ancillary_names lists a variable more than once")
+    sizes = meta.get("hyperparameters")
+    if not isinstance(sizes, dict):
+        refuse("no hyperparameters")
+    for key, value in sizes.items():
+        kind, least = (int | float, 0) if key == "dropout" else (int, 0 if key == "n_ancillary" else 1)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < least:
+            refuse(f"hyperparameter {key} = {value!r} is not a valid size")
+
+
+def _band_unit_factor(path: Path, meta: dict) -> float:
+    """Factor taking the stored band statistics to physical reflectance; refuse unknown units."""
+    units = meta.get("band_statistics_units")
+    if units not in _BAND_UNIT_FACTORS:
+        known = " or ".join(repr(u) for u in _BAND_UNIT_FACTORS)
+        found = "none recorded (an artifact from before msmtu-batch 0.2: retrain it)" if units is None else repr(units)
+        raise ArtifactError(f"{path}: unit of the band statistics is {found}; expected {known}")
+    return _BAND_UNIT_FACTORS[units]
 
 
 def artifact_hash(path: str | os.PathLike) -> str:

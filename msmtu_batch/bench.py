@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from msmtu_batch.model import BRITS, RITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.preprocess import Standardizer, compute_deltas
-from msmtu_batch.training_data import PARTITIONS
+from msmtu_batch.training_data import MSMTU_VALUE_SCALE, PARTITIONS
 
 BRITS_FLOPS_PER_PIXEL = 2.4e6  # forward pass, both directions (DESIGN.md section 5)
 TRAINING_FLOPS_FACTOR = 3.0  # forward + backward is about three forward passes
@@ -100,7 +100,7 @@ class JsonPixelDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         record = json.loads((self.root / "ts_files" / f"{int(self.ids[i]):07d}.json").read_text())
         forward = record["ts_data"]["forward"]
-        values = np.asarray(forward["values"], np.float32)
+        values = np.asarray(forward["values"], np.float32) * np.float32(1 / MSMTU_VALUE_SCALE)
         masks = np.asarray(forward["masks"], np.float32)
         item = {"values": self.bands.apply(values, masks), "masks": masks,
                 "deltas_forward": compute_deltas(masks), "deltas_backward": compute_deltas(masks[::-1]),

@@ -53,6 +53,11 @@ def _user_errors() -> Iterator[None]:
         console.print(f"[red]msmtu-batch: error:[/red] invalid configuration: {problems}",
                       highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except OSError as exc:  # the disk or the file system said no: full, read-only, permissions
+        where = f"{exc.filename}: " if exc.filename else ""
+        console.print(f"[red]msmtu-batch: error:[/red] {where}{exc.strerror or exc}", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _version(value: bool) -> None:

@@ -6,9 +6,11 @@ are the single definition of what a valid cube is.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from msmtu_batch.errors import CubeValidationError
 
@@ -50,6 +53,9 @@ REFLECTANCE_FILL = -28672
 REFLECTANCE_SCALE = 1e-4
 REFLECTANCE_VALID_RANGE = (-100, 16000)  # MOD09A1 valid range, in stored integer units
 INGEST_STATUS_ATTR = "ingest_status"  # "incomplete" while `ingest` is writing the cube
+# Root attribute of every store the project writes: each chunk of each variable is on disk
+# (written even when it holds only fill values), so an absent chunk is damage, never "empty".
+ALL_CHUNKS_ATTR = "msmtu_all_chunks_written"
 
 # MOD09A1 500 m StateQA bits (MOD09 user guide, table 13). The ones we reject:
 QA_CLOUD_STATE_MASK = 0b11  # bits 0-1: 00 clear, 01 cloudy, 10 mixed, 11 not set (assumed clear)
@@ -109,10 +115,16 @@ def open_input_cube(path: str | os.PathLike, *, validate: bool = True,
 
 def _explain_open_failure(store: Path, exc: Exception) -> str:
     """Turn xarray's opening error into one line that names the offending variable."""
+    for metadata in sorted([*store.glob("*/zarr.json"), *store.glob("*/.zarray"), *store.glob("*/.zattrs")]):
+        try:
+            json.loads(metadata.read_bytes())
+        except (OSError, ValueError) as problem:
+            return (f"variable '{metadata.parent.name}': unreadable metadata {metadata} "
+                    f"({type(problem).__name__}: {problem})")
     try:
         group = zarr.open_group(store, mode="r")
     except Exception:
-        return f"not a readable Zarr store ({type(exc).__name__}: {exc})"
+        return f"not a readable Zarr store ({type(exc).__name__}: {exc})".replace("\n", " ")
     shapes: dict[str, dict[str, int]] = {}  # dim -> {variable: size}
     for name, array in group.arrays():
         dims = array.metadata.dimension_names if array.metadata.zarr_format == 3 \
@@ -125,31 +137,59 @@ def _explain_open_failure(store: Path, exc: Exception) -> str:
             if size != expected:
                 return (f"variable '{name}' has {dim}={size}, expected {dim}={expected} like the "
                         "other variables (all variables must share one grid)")
-    return f"cannot be opened as an xarray dataset ({type(exc).__name__}: {exc})"
+    return f"cannot be opened as an xarray dataset ({type(exc).__name__}: {exc})".replace("\n", " ")
 
 
-def cube_encoding(ds: xr.Dataset, chunk: int | None = None) -> dict[str, dict]:
-    """Zarr encoding that stores ``ds`` by the contract: grid mapping on every spatial
-    variable, the reflectance fill value, and spatial chunks holding all months and bands."""
+def cube_encoding(ds: xr.Dataset, chunk: int | None = None,
+                  fill_values: Mapping[str, int | float] | None = None) -> dict[str, dict]:
+    """Zarr (v3) encoding that stores ``ds`` as the project writes every store: grid mapping on
+    every spatial variable; spatial chunks holding all months and bands; the declared fill value
+    (``fill_values``: the reflectance fill by default, NaN for floats) also as Zarr's own
+    ``fill_value``, so an absent chunk never decodes as valid data; zstd plus a crc32c checksum
+    per chunk, so a damaged chunk is detected; and every chunk written, even an empty one."""
+    fill_values = {"reflectance": REFLECTANCE_FILL} if fill_values is None else fill_values
     encoding: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
         if "x" not in var.dims:
             continue
-        encoding[name] = {"grid_mapping": "spatial_ref"} if "spatial_ref" in ds.variables else {}
+        encoding[name] = {"compressors": (ZstdCodec(), Crc32cCodec()), "write_empty_chunks": True}
+        if "spatial_ref" in ds.variables:
+            encoding[name]["grid_mapping"] = "spatial_ref"
         if chunk is not None:
             encoding[name]["chunks"] = tuple(
                 min(chunk, var.sizes[d]) if d in ("y", "x") else var.sizes[d] for d in var.dims)
-    if "reflectance" in encoding:
-        encoding["reflectance"]["_FillValue"] = REFLECTANCE_FILL
+        if name in fill_values:
+            encoding[name]["_FillValue"] = encoding[name]["fill_value"] = fill_values[name]
+        elif var.dtype.kind == "f":
+            encoding[name]["fill_value"] = np.nan
     return encoding
+
+
+def project_store(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` ready for :func:`cube_encoding`: no encodings inherited from the store it was read
+    from (another Zarr format's codecs must not leak in) and the all-chunks-written mark."""
+    ds = ds.copy()
+    for var in ds.variables.values():
+        var.encoding = {}
+    return ds.assign_attrs({ALL_CHUNKS_ATTR: True})
+
+
+def write_window(store: str | os.PathLike, arrays: Mapping[str, np.ndarray], ys: slice, xs: slice = slice(None),
+                 group: str = "") -> None:
+    """Write ``arrays`` (name -> values) at rows ``ys`` and columns ``xs`` of their variables in
+    an initialised store, every chunk written even when it holds only fill values (zarr skips
+    those by default, and our readers take an absent chunk for damage)."""
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        root = zarr.open_group(store, mode="r+", path=group)
+        for name, values in arrays.items():
+            root[name][..., ys, xs] = values
 
 
 def write_input_cube(ds: xr.Dataset, store: str | os.PathLike, chunk: int = 128) -> None:
     """Write ``ds`` (raw int16 reflectance with a ``scale_factor`` attribute) as a Zarr cube."""
     # spatial chunks of `chunk` pixels holding every month and band, as the contract asks
-    ds = ds.chunk({dim: (chunk if dim in ("y", "x") else -1) for dim in ds.dims})
+    ds = project_store(ds.chunk({dim: (chunk if dim in ("y", "x") else -1) for dim in ds.dims}))
     for var in ds.variables.values():
-        var.encoding = {}
         var.attrs = {k: v for k, v in var.attrs.items() if k != "_FillValue"}
     ds.to_zarr(store, mode="w", encoding=cube_encoding(ds, chunk), consolidated=False)
 
@@ -207,8 +247,30 @@ def validate_input_cube(ds: xr.Dataset, *, store: Path | str = "<dataset>",
         _expect(var.dims == ("y", "x"), store, name, "dims (y, x)",
                 "(" + ", ".join(map(str, var.dims)) + ")")
         _expect(var.dtype == np.float32, store, name, "dtype float32", f"dtype {var.dtype}")
-    if ancillary and read_values:
-        _validate_ancillary_finite(ds, store, ancillary)
+    if read_values:
+        _validate_chunks(ds, store, ancillary)
+
+
+def _validate_chunks(ds: xr.Dataset, store: Path | str, ancillary: Sequence[str]) -> None:
+    """Every chunk of the dense variables is present (where absence would read as data) and
+    decodes; ancillary values are finite where reflectance was observed."""
+    dense = ["reflectance", *(["state_qa"] if "state_qa" in ds.data_vars else []), *ancillary]
+    group = zarr.open_group(store, mode="r") if Path(store).is_dir() else None
+    for name in dense if group is not None else ():
+        if problem := chunk_problem(store, group, name, decode=False):
+            raise CubeValidationError(f"{store}: variable '{name}': {problem}")
+    try:
+        if ancillary:
+            _validate_ancillary_finite(ds, store, ancillary)
+        else:
+            ds["reflectance"].data.sum().compute()
+    except CubeValidationError:
+        raise
+    except Exception as exc:
+        for name in dense if group is not None else ():  # name the chunk that failed to decode
+            if problem := chunk_problem(store, group, name):
+                raise CubeValidationError(f"{store}: variable '{name}': {problem}") from None
+        raise CubeValidationError(f"{store}: cannot read the data ({type(exc).__name__}: {exc})") from None
 
 
 def _validate_time(ds: xr.Dataset, store: Path | str) -> None:
@@ -236,31 +298,78 @@ def _validate_grid(ds: xr.Dataset, store: Path | str) -> None:
             "a CRS (rioxarray convention: 'spatial_ref' coordinate with crs_wkt)", "no CRS")
 
 
-def unreadable_chunk(store: Path | str, variable: str) -> str | None:
-    """Find the first chunk of ``variable`` that cannot be read; describe it, or None."""
-    array = zarr.open_array(Path(store) / variable, mode="r")
-    dims = array.metadata.dimension_names or tuple(f"dim_{i}" for i in range(array.ndim))
-    for index in np.ndindex(*array.cdata_shape):
-        try:
-            array.blocks[index]
-        except Exception as exc:
-            window = ", ".join(f"{d} {i * c}:{min((i + 1) * c, n)}"
-                               for d, i, c, n in zip(dims, index, array.chunks, array.shape))
-            return f"chunk at {window} is unreadable ({type(exc).__name__}: {exc})"
+def _reads_as_missing(array: zarr.Array) -> bool:
+    """Whether Zarr's ``fill_value`` (what an absent chunk decodes to) is the variable's
+    declared missing value (``_FillValue``, or NaN for floats) rather than valid data."""
+    fill = array.fill_value
+    if array.dtype.kind == "f":
+        return bool(np.isnan(fill))
+    declared = array.attrs.get("_FillValue", fill if array.metadata.zarr_format == 2 else None)
+    return declared is not None and fill is not None and int(fill) == int(declared)
+
+
+def spatial_arrays(group: zarr.Group) -> list[str]:
+    """The arrays of a store with (y, x) as their last axes (not the 1-D coordinates)."""
+    return [name for name, array in group.arrays() if array.ndim >= 2]
+
+
+def window_chunks(array: zarr.Array, ys: slice = slice(None), xs: slice = slice(None)) -> Iterator[tuple[int, ...]]:
+    """Chunk coordinates of ``array`` overlapping rows ``ys`` and columns ``xs`` of its last two
+    axes (all chunks of the other axes)."""
+    ranges = [range(array.cdata_shape[axis]) for axis in range(array.ndim - 2)]
+    for axis, window in ((-2, ys), (-1, xs)):
+        start, stop, _ = window.indices(array.shape[axis])
+        ranges.append(range(start // array.chunks[axis], -(-stop // array.chunks[axis])))
+    return itertools.product(*ranges)
+
+
+def chunk_problem(store: Path | str, group: zarr.Group, name: str, ys: slice = slice(None),
+                  xs: slice = slice(None), decode: bool = True) -> str | None:
+    """Describe the first damaged chunk of ``name`` that overlaps rows ``ys`` and columns ``xs``
+    (its last two axes), or return None.
+
+    A chunk is damaged when it is absent and Zarr would read it as valid data (its
+    ``fill_value`` is not the declared missing value; or the store is one of ours, where every
+    chunk is written), or, with ``decode``, when it does not decode (checksum, codec, bytes)."""
+    array = group[name]
+    dims = (array.metadata.dimension_names if array.metadata.zarr_format == 3
+            else array.attrs.get("_ARRAY_DIMENSIONS")) or tuple(f"dim_{i}" for i in range(array.ndim))
+    absent_ok = _reads_as_missing(array) and not group.attrs.get(ALL_CHUNKS_ATTR, False)
+    folder = Path(store) / array.path
+    for coords in window_chunks(array, ys, xs):
+        key = array.metadata.encode_chunk_key(coords)
+        label = ", ".join(f"{d} {i * c}:{min((i + 1) * c, n)}" for d, i, c, n in
+                          zip(dims, coords, array.chunks, array.shape) if d in ("y", "x"))
+        if not absent_ok and folder.is_dir() and not (folder / key).is_file():
+            reason = ("the store was written with every chunk" if group.attrs.get(ALL_CHUNKS_ATTR, False)
+                      else f"Zarr would read it as {array.fill_value}, not as missing data")
+            return f"chunk {label} ({key}) is absent ({reason})"
+        if decode:
+            try:
+                array.blocks[coords]
+            except Exception as exc:
+                return f"chunk {label} ({key}) is unreadable ({type(exc).__name__}: {exc})"
     return None
+
+
+def read_window(store: Path | str, group: zarr.Group, name: str, ys: slice, xs: slice) -> np.ndarray:
+    """Rows ``ys`` and columns ``xs`` of variable ``name`` (all other axes), refusing absent or
+    damaged chunks by name rather than reading them as data."""
+    if problem := chunk_problem(store, group, name, ys, xs, decode=False):
+        raise CubeValidationError(f"{store}: variable '{name}': {problem}")
+    array = group[name]
+    try:
+        return array[(slice(None),) * (array.ndim - 2) + (ys, xs)]
+    except Exception as exc:
+        problem = chunk_problem(store, group, name, ys, xs) or f"cannot be read ({type(exc).__name__}: {exc})"
+        raise CubeValidationError(f"{store}: variable '{name}': {problem}") from None
 
 
 def _validate_ancillary_finite(ds: xr.Dataset, store: Path | str, names: Sequence[str]) -> None:
     """Ancillary values must be finite wherever any reflectance was observed."""
     has_obs = (ds["reflectance"] != REFLECTANCE_FILL).any(("time", "band"))
     bad_counts = [(~np.isfinite(ds[name]) & has_obs).sum() for name in names]
-    try:
-        counts = xr.concat(bad_counts, dim="variable").compute().values
-    except Exception as exc:
-        for variable in ("reflectance", *names):  # name the chunk that failed to decode
-            if Path(store).is_dir() and (problem := unreadable_chunk(store, variable)):
-                raise CubeValidationError(f"{store}: variable '{variable}': {problem}") from exc
-        raise CubeValidationError(f"{store}: cannot read the data ({type(exc).__name__}: {exc})") from exc
+    counts = xr.concat(bad_counts, dim="variable").compute().values
     for name, count in zip(names, counts):
         if count:
             check_ancillary_finite(store, [name], ds[name].values[None], has_obs.values)

@@ -7,6 +7,7 @@ the class names, and checked with rio-cogeo's validator before it is moved into 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,10 @@ BLOCK = 256
 
 
 def _overview_levels(height: int, width: int) -> int:
-    """Halvings until the smaller side is about 32 pixels (at least one)."""
+    """Halvings until the smaller side is about 32 pixels (at least one; none for a raster
+    one pixel wide or high, which cannot be halved)."""
+    if min(height, width) < 2:
+        return 0
     return max(1, int(math.log2(max(1, min(height, width) / 32))))
 
 
@@ -51,8 +55,9 @@ def export_cogs(store: str | Path, cog_dir: str | Path) -> list[Path]:
         if nodata is not None:
             data = data.rio.write_nodata(nodata, encoded=False)
         final = cog_dir / f"{name}.tif"
-        plain = cog_dir / f".{name}.plain.tif"
-        partial = cog_dir / f".{name}.partial.tif"
+        # temporary names of this process only: a COG appears at its final name complete or not at all
+        plain = cog_dir / f".{name}.{os.getpid()}.plain.tif"
+        partial = cog_dir / f".{name}.{os.getpid()}.partial.tif"
         data.rio.to_raster(plain, tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
         with rasterio.open(plain, "r+") as raster:
             for band, description in enumerate(descriptions, start=1):

@@ -54,6 +54,8 @@ from msmtu_batch.cube import (
     REFLECTANCE_VALID_RANGE,
     cube_encoding,
     open_input_cube,
+    project_store,
+    write_window,
 )
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.modis import COMPOSITE_DAYS, ReflectanceSource, SourceGrid, open_reflectance
@@ -201,12 +203,8 @@ def ingest_chunk(spec: IngestSpec, window: ChunkWindow, inside: np.ndarray | Non
             raise MsmtuError(f"{source_of(spec.ancillary, name)}: no {name} value for {int(bad.sum())} pixel(s) "
                              f"with observed reflectance in chunk {window.label} of the cube; does the raster "
                              "cover the region, and is its nodata value right?")
-    group = zarr.open_group(spec.store, mode="r+")
-    ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
-    group["reflectance"][:, :, ys, xs] = composite
-    group[COUNT_VARIABLE][:, ys, xs] = counts
-    for name, values in ancillary.items():
-        group[name][ys, xs] = values
+    write_window(spec.store, {"reflectance": composite, COUNT_VARIABLE: counts, **ancillary},
+                 slice(window.y0, window.y1), slice(window.x0, window.x1))
     try:
         worker = get_worker().address
     except ValueError:
@@ -307,7 +305,7 @@ def _create_store(store: Path, grid: TargetGrid, year: int, names: tuple[str, ..
         ds[name] = (("y", "x"), lazy((height, width), np.float32, np.nan))
         ds[name].attrs.update(units=ANCILLARY_UNITS[name])
     ds = ds.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
-    ds.attrs.update(attrs)
+    ds = project_store(ds.assign_attrs(attrs))
     ds.to_zarr(store, mode="w", compute=False, encoding=cube_encoding(ds, chunk), consolidated=False)
 
 

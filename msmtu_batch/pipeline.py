@@ -12,12 +12,15 @@ same, the result is byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,14 +35,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch import __version__
 from msmtu_batch.artifact import ModelArtifact, artifact_hash, load_artifact
-from msmtu_batch.clusters import connect, has_gpu_workers, threads_per_task
+from msmtu_batch.clusters import connect, has_gpu_workers, load_cluster_spec, threads_per_task
 from msmtu_batch.cube import (
     BAND_NAMES,
     REFLECTANCE_FILL,
     REFLECTANCE_SCALE,
     check_ancillary_finite,
+    chunk_problem,
     cube_encoding,
     open_input_cube,
+    project_store,
+    read_window,
+    spatial_arrays,
+    window_chunks,
+    write_window,
 )
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.export import export_cogs
@@ -133,13 +142,40 @@ def chunk_stats(store: str | Path, window: ChunkWindow) -> dict | None:
         return None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_chunk(store: str | Path, window: ChunkWindow) -> None:
+    """Force the chunk's files (and the folders naming them) to disk, so that after a power
+    cut its marker never survives its data."""
+    group = zarr.open_group(store, mode="r")
+    folders = set()
+    for name in spatial_arrays(group):
+        array = group[name]
+        for coords in window_chunks(array, slice(window.y0, window.y1), slice(window.x0, window.x1)):
+            path = Path(store) / array.path / array.metadata.encode_chunk_key(coords)
+            _fsync(path)
+            folders.add(path.parent)
+    for folder in folders:
+        _fsync(folder)
+
+
 def _mark_done(store: str | Path, window: ChunkWindow, stats: dict) -> None:
-    """Write the chunk's marker group atomically, after its data."""
+    """Write the chunk's marker group atomically and durably, after its data."""
     marker = _marker(store, window)
     marker.parent.mkdir(exist_ok=True)
     tmp = marker.with_name(".zarr.json.tmp")
-    tmp.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": stats}))
+    with tmp.open("w") as f:
+        f.write(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": stats}))
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(marker)
+    _fsync(marker.parent)
 
 
 def _where() -> dict:
@@ -177,15 +213,11 @@ def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifac
     """Read a chunk's window from the input store, check it, and prepare it (Numba)."""
     group = _input_group(spec.cube)
     ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
-    try:
-        reflectance = group["reflectance"][:, :, ys, xs]
-        state_qa = group["state_qa"][:, ys, xs] if spec.has_qa else None
-        height, width = reflectance.shape[2:]
-        ancillary = (np.stack([group[name][ys, xs] for name in spec.ancillary]) if spec.ancillary
-                     else np.zeros((0, height, width), np.float32))
-    except Exception as exc:
-        raise MsmtuError(f"{spec.cube}: cannot read chunk {window.label} "
-                         f"({type(exc).__name__}: {exc})") from exc
+    reflectance = read_window(spec.cube, group, "reflectance", ys, xs)
+    state_qa = read_window(spec.cube, group, "state_qa", ys, xs) if spec.has_qa else None
+    height, width = reflectance.shape[2:]
+    ancillary = (np.stack([read_window(spec.cube, group, name, ys, xs) for name in spec.ancillary])
+                 if spec.ancillary else np.zeros((0, height, width), np.float32))
     check_ancillary_finite(spec.cube, spec.ancillary, ancillary, (reflectance != REFLECTANCE_FILL).any(axis=(0, 1)),
                            window.y0, window.x0, f" in chunk {window.label}")
     return prepare_chunk(reflectance, state_qa, ancillary, artifact.band_stats, artifact.ancillary_stats)
@@ -207,21 +239,32 @@ def _estimate_and_write(spec: RunSpec, window: ChunkWindow, artifact: ModelArtif
     uncertainty = np.where(valid, prediction["uncertainty"], np.float32(np.nan))
     dominant = np.where(valid, prediction["abundance"].argmax(axis=1), DOMINANT_FILL).astype(np.int16)
     steps, bands = inputs.masks.shape[1:]
-    out = zarr.open_group(spec.store, mode="r+")
-    out["abundance"][:, ys, xs] = abundance.T.reshape(k, height, width)
-    out["dominant_class"][ys, xs] = dominant.reshape(height, width)
-    out["uncertainty"][ys, xs] = uncertainty.reshape(height, width)
-    out["valid_fraction"][ys, xs] = (observed / (steps * bands)).astype(np.float32).reshape(height, width)
-    out["quality_flag"][ys, xs] = np.where(valid, FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS).astype(
-        np.uint8).reshape(height, width)
+    products = {
+        "abundance": abundance.T.reshape(k, height, width),
+        "dominant_class": dominant.reshape(height, width),
+        "uncertainty": uncertainty.reshape(height, width),
+        "valid_fraction": (observed / (steps * bands)).astype(np.float32).reshape(height, width),
+        "quality_flag": np.where(valid, FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS).astype(np.uint8).reshape(
+            height, width)}
     if spec.config.imputed:
         reflectance_units = artifact.band_stats.invert(prediction["imputed"]) / REFLECTANCE_SCALE
         imputed = np.where(valid[:, None, None], np.clip(np.rint(np.nan_to_num(reflectance_units)), -32767, 32767),
                            REFLECTANCE_FILL).astype(np.int16)
-        out["imputed_reflectance"][:, :, ys, xs] = imputed.transpose(1, 2, 0).reshape(steps, bands, height, width)
+        products["imputed_reflectance"] = imputed.transpose(1, 2, 0).reshape(steps, bands, height, width)
+    write_window(spec.store, products, ys, xs)
     stats = {"pixels": n, "valid_pixels": int(valid.sum())}
+    _flush_chunk(spec.store, window)
     _mark_done(spec.store, window, stats)
     return stats
+
+
+def _user_failure(spec: RunSpec, window: ChunkWindow, exc: Exception) -> dict:
+    """What a task returns for a failure the user can cause (bad input, full or read-only
+    disk): one line for the driver to print. Returned rather than raised, so Dask neither
+    retries it nor buries it under its own logs."""
+    message = str(exc) if isinstance(exc, MsmtuError) else \
+        f"{spec.store}: cannot write chunk {window.label} ({type(exc).__name__}: {exc})"
+    return {"error": message}
 
 
 def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
@@ -229,52 +272,135 @@ def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
     idempotent (a done chunk is skipped).
 
     Returns the chunk's stats plus where it ran (the marker keeps only the stats, so the
-    store's bytes do not depend on the cluster).
+    store's bytes do not depend on the cluster), or ``{"error": line}``.
     """
     if (done := chunk_stats(spec.store, window)) is not None:
         return done | _where()
     _use_threads(spec)
-    artifact = worker_model(spec)
-    inputs, observed = _read_and_prepare(spec, window, artifact)
-    stats = _estimate_and_write(spec, window, artifact, inputs, observed)
+    try:
+        artifact = worker_model(spec)
+        inputs, observed = _read_and_prepare(spec, window, artifact)
+        stats = _estimate_and_write(spec, window, artifact, inputs, observed)
+    except (MsmtuError, OSError) as exc:
+        return _user_failure(spec, window, exc)
     where = _where()  # after the work, so the peak memory includes this chunk's
     return stats | where | {"prepared_by": where["worker"]}
 
 
-def prepare_task(spec: RunSpec, window: ChunkWindow) -> PreparedChunk | None:
+def prepare_task(spec: RunSpec, window: ChunkWindow) -> PreparedChunk | dict | None:
     """First stage on GPU clusters, on any worker's CPU: read, check and prepare a chunk
-    (None when it is done already)."""
+    (None when it is done already; ``{"error": line}`` for bad input)."""
     if chunk_stats(spec.store, window) is not None:
         return None
     _use_threads(spec)
-    inputs, observed = _read_and_prepare(spec, window, worker_model(spec))
+    try:
+        inputs, observed = _read_and_prepare(spec, window, worker_model(spec))
+    except (MsmtuError, OSError) as exc:
+        return _user_failure(spec, window, exc)
     return PreparedChunk(inputs.values, inputs.masks.astype(np.uint8), inputs.ancillary, observed,
                          _where()["worker"])
 
 
-def estimate_task(spec: RunSpec, window: ChunkWindow, prepared: PreparedChunk | None) -> dict:
+def estimate_task(spec: RunSpec, window: ChunkWindow, prepared: PreparedChunk | dict | None) -> dict:
     """Second stage on GPU clusters, on a worker holding ``GPU=1``: the model and the writes."""
+    if isinstance(prepared, dict):  # the preparation's failure, passed on
+        return prepared
     if (done := chunk_stats(spec.store, window)) is not None or prepared is None:
         return (done or {}) | _where()
     _use_threads(spec)
-    stats = _estimate_and_write(spec, window, worker_model(spec), prepared.inputs(), prepared.observed)
+    try:
+        stats = _estimate_and_write(spec, window, worker_model(spec), prepared.inputs(), prepared.observed)
+    except (MsmtuError, OSError) as exc:
+        return _user_failure(spec, window, exc)
     return stats | _where() | {"prepared_by": prepared.prepared_by}
 
 
 # --- driver side --------------------------------------------------------------------------
 
-def _input_identity(cube: Path) -> str:
-    """Fingerprint of the input store's metadata (names, shapes, encodings, attributes)."""
+def input_content_digest(cube: Path) -> str:
+    """Digest of the input store's content: the bytes of every file (metadata and chunks, as
+    stored, so no decoding), by relative path. A re-ingested or edited cube never passes for
+    the one an output was made from; a copied or moved one does."""
     digest = hashlib.sha256()
-    for meta in sorted(cube.rglob("zarr.json")) + sorted(cube.rglob(".zarray")) + sorted(cube.rglob(".zattrs")):
-        digest.update(str(meta.relative_to(cube)).encode())
-        digest.update(meta.read_bytes())
+    for path in sorted(p for p in cube.rglob("*") if p.is_file()):
+        with path.open("rb") as f:
+            digest.update(f"{path.relative_to(cube)}\0".encode() + hashlib.file_digest(f, "sha256").digest())
     return "sha256:" + digest.hexdigest()
 
 
+# What makes two runs the same: the content of the input and the model, the settings, the
+# software. The input's path is recorded, not compared.
+IDENTITY_KEYS = ("input_content", "model_hash", "settings", "software_version")
+
+
 def _identity(cube: Path, model_hash: str, config: RunConfig) -> dict:
-    return {"input": str(cube.resolve()), "input_metadata": _input_identity(cube), "model_hash": model_hash,
+    return {"input": str(cube.resolve()), "input_content": input_content_digest(cube), "model_hash": model_hash,
             "settings": config.model_dump(), "software_version": __version__}
+
+
+def _same_run(manifest: dict | None, identity: dict) -> bool:
+    return manifest is not None and all(manifest.get(k) == identity[k] for k in IDENTITY_KEYS)
+
+
+def check_output_path(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output path that is, contains or lies inside one of ``inputs`` (role -> path),
+    or that is an existing file; paths are compared resolved (``..``, links)."""
+    out = out.resolve()
+    for role, path in inputs.items():
+        path = path.resolve()
+        if out == path or out in path.parents:
+            raise MsmtuError(f"--out {out} is or contains the {role} {path}; choose another output path")
+        if path in out.parents:
+            raise MsmtuError(f"--out {out} lies inside the {role} {path}; choose a path outside it")
+    if out.exists() and not out.is_dir():
+        raise MsmtuError(f"--out {out} is an existing file, not an output store; choose another path")
+
+
+def _check_replaceable(store: Path, manifest: dict | None) -> None:
+    """Only a store that msmtu-batch wrote (its run manifest present) is ever deleted."""
+    if manifest is None:
+        raise MsmtuError(f"{store} exists and is not an msmtu-batch output (no run manifest); it is never "
+                         "replaced: remove it yourself or choose another --out")
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside the output for the whole run, so a second run on the same
+    output stops with one line. The kernel's ``flock`` on it ends with its process, so the lock
+    of a run that died (even by SIGKILL) is stale and taken over; the file keeps the holder's
+    host, pid and start time for the message."""
+    lock = out.with_name(f".{out.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            try:
+                who = "host {host}, pid {pid}, started {started}".format(**json.loads(holder))
+            except (ValueError, KeyError, TypeError):
+                who = "holder unknown"
+            raise MsmtuError(f"{out} is being written by another run ({who}); wait for it to end") from None
+        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break  # else the file was removed by its last holder between our open and flock: retry
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def damaged_chunks(store: Path, windows: list[ChunkWindow]) -> list[ChunkWindow]:
+    """The chunks of ``windows`` whose data in ``store`` is absent or does not decode
+    (checksums): what a marker cannot vouch for after a power cut or a damaged disk."""
+    group = zarr.open_group(store, mode="r")
+    return [w for w in windows if any(
+        chunk_problem(store, group, name, slice(w.y0, w.y1), slice(w.x0, w.x1)) for name in spatial_arrays(group))]
 
 
 def _read_manifest(store: Path) -> dict | None:
@@ -323,11 +449,9 @@ def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity
                      model_hash=identity["model_hash"], input_store=identity["input"], level=artifact.level,
                      model_ancillary=", ".join(artifact.ancillary_names) or "none",
                      min_observed_months=config.min_months)
-    encoding = cube_encoding(out, c)
-    encoding["dominant_class"]["_FillValue"] = DOMINANT_FILL
+    out = project_store(out)  # the input's encodings (another Zarr format's codecs) stay behind
+    encoding = cube_encoding(out, c, {"dominant_class": DOMINANT_FILL, "imputed_reflectance": REFLECTANCE_FILL})
     encoding["abundance"]["chunks"] = (k, c, c)
-    if config.imputed:
-        encoding["imputed_reflectance"]["_FillValue"] = REFLECTANCE_FILL
     for var in out.data_vars.values():
         var.attrs.pop("_FillValue", None)
     out.to_zarr(store, mode="w", compute=False, encoding=encoding, consolidated=False)
@@ -341,78 +465,104 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         progress: Callable[[Iterator, int], Iterator] | None = None,
         on_client: Callable[[object], None] | None = None) -> RunSummary:
     """Unmix ``cube`` with ``model`` into the Zarr store ``out`` (see the module docstring)."""
-    cube, model, out = Path(cube), Path(model), Path(out)
+    cube, model, out = Path(cube), Path(model), Path(out).resolve()
     config = config or RunConfig()
     start = time.perf_counter()
+    protected = {"input cube": cube, "model": model}
+    check_output_path(out, protected)
+    if cog_dir is not None:
+        check_output_path(Path(cog_dir), protected)
+    cluster = load_cluster_spec(scheduler)  # a wrong spec stops before any work
     artifact = load_artifact(model)
     ds = open_input_cube(cube, ancillary=artifact.ancillary_names, read_values=False)  # tasks check values
     artifact.check_matches([str(b) for b in ds["band"].values], list(ds.data_vars), str(cube))
-    model_hash = artifact_hash(model)
-    identity = _identity(cube, model_hash, config)
-    run_id = "run-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    height, width = ds.sizes["y"], ds.sizes["x"]
-    windows = chunk_windows(height, width, config.chunk)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        model_hash = artifact_hash(model)
+        identity = _identity(cube, model_hash, config)
+        run_id = "run-" + hashlib.sha256(json.dumps({k: identity[k] for k in IDENTITY_KEYS},
+                                                    sort_keys=True).encode()).hexdigest()[:16]
+        height, width = ds.sizes["y"], ds.sizes["x"]
+        windows = chunk_windows(height, width, config.chunk)
 
-    staging = out.with_name(f".{out.name}.partial")
-    if out.exists():
-        manifest = _read_manifest(out)
-        same = manifest is not None and {k: manifest.get(k) for k in identity} == identity
-        if same and manifest.get("complete") and not overwrite:
-            if cog_dir is not None:
-                export_cogs(out, cog_dir)
-            return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
-                              time.perf_counter() - start, already_complete=True)
-        if not overwrite:
-            raise MsmtuError(f"{out} exists and was made from another model, input or settings; "
-                             "pass --overwrite to replace it")
-    if staging.exists():
-        manifest = _read_manifest(staging)
-        if manifest is None or {k: manifest.get(k) for k in identity} != identity:
-            if not overwrite:
-                raise MsmtuError(f"{staging} holds an interrupted run of another model, input or settings; "
-                                 "pass --overwrite to discard it")
-            shutil.rmtree(staging)
-    if not staging.exists():
-        _create_store(staging, ds, artifact, identity, run_id, config, model)
+        staging = out.with_name(f".{out.name}.partial")
+        if out.exists():
+            manifest = _read_manifest(out)
+            _check_replaceable(out, manifest)
+            if _same_run(manifest, identity) and manifest.get("complete") and not overwrite:
+                damaged = damaged_chunks(out, windows)  # re-verified, not trusted blindly
+                if not damaged:
+                    if cog_dir is not None:
+                        export_cogs(out, cog_dir)
+                    return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
+                                      time.perf_counter() - start, already_complete=True)
+                # recompute only the damaged chunks: back to staging, their markers dropped
+                if staging.exists():
+                    _check_replaceable(staging, _read_manifest(staging))
+                    shutil.rmtree(staging)
+                out.rename(staging)
+                _write_manifest(staging, {**manifest, "complete": False})
+                for window in damaged:
+                    shutil.rmtree(_marker(staging, window).parent)
+            elif not overwrite:
+                raise MsmtuError(f"{out} exists and was made from another model, input or settings; "
+                                 "pass --overwrite to replace it")
+        if staging.exists():
+            manifest = _read_manifest(staging)
+            _check_replaceable(staging, manifest)
+            if not _same_run(manifest, identity):
+                if not overwrite:
+                    raise MsmtuError(f"{staging} holds an interrupted run of another model, input or settings; "
+                                     "pass --overwrite to discard it")
+                shutil.rmtree(staging)
+        if not staging.exists():
+            _create_store(staging, ds, artifact, identity, run_id, config, model)
 
-    todo = [w for w in windows if chunk_stats(staging, w) is None]
-    with connect(scheduler) as client, (dask_performance_report(filename=str(performance_report))
-                                        if performance_report else nullcontext()):
-        if on_client:
-            on_client(client)
-        spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
-                       "state_qa" in ds.data_vars, config, threads_per_task(client))
-        if has_gpu_workers(client):  # prepare on any CPU, estimate on the workers holding GPU=1
-            prepared = [client.submit(prepare_task, spec, w, key=f"msmtu-prepare-{run_id}-{w.name}", pure=False,
-                                      retries=2) for w in todo]
-            futures = [client.submit(estimate_task, spec, w, p, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
-                                     resources={"GPU": 1}, retries=2) for w, p in zip(todo, prepared)]
-            del prepared  # each prepared chunk is freed once its estimate is written
-        else:
-            futures = [client.submit(process_chunk, spec, w, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
-                                     retries=2) for w in todo]
-        finished = as_completed(futures, with_results=True)
+        # chunks marked done by an earlier, interrupted process: their data must still be there
+        # (a power cut can keep a marker and lose data that was not yet on disk)
+        for window in damaged_chunks(staging, [w for w in windows if chunk_stats(staging, w) is not None]):
+            shutil.rmtree(_marker(staging, window).parent)
+        todo = [w for w in windows if chunk_stats(staging, w) is None]
         workers: dict[str, int] = {}
         peaks: dict[str, float] = {}
         prepared_by: dict[str, int] = {}
-        for _future, result in (progress(finished, len(futures)) if progress else finished):
-            workers[result["worker"]] = max(workers.get(result["worker"], 0), result["model_loads"])
-            peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
-            if "prepared_by" in result:
-                prepared_by[result["prepared_by"]] = prepared_by.get(result["prepared_by"], 0) + 1
-    stats = {w.name: chunk_stats(staging, w) for w in windows}
-    missing = [name for name, s in stats.items() if s is None]
-    if missing:
-        raise MsmtuError(f"{staging}: chunks {', '.join(missing[:5])} were not written; rerun to resume")
-    valid = sum(s["valid_pixels"] for s in stats.values())
-    _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, "valid_pixels": valid})
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    if cog_dir is not None:
-        export_cogs(out, cog_dir)
-    return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
-                      workers=workers, worker_peak_mib=peaks, prepared_by=prepared_by)
+        with connect(cluster) as client, (dask_performance_report(filename=str(performance_report))
+                                            if performance_report else nullcontext()):
+            if on_client:
+                on_client(client)
+            spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
+                           "state_qa" in ds.data_vars, config, threads_per_task(client))
+            if has_gpu_workers(client):  # prepare on any CPU, estimate on the workers holding GPU=1
+                prepared = [client.submit(prepare_task, spec, w, key=f"msmtu-prepare-{run_id}-{w.name}", pure=False,
+                                          retries=2) for w in todo]
+                futures = [client.submit(estimate_task, spec, w, p, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
+                                         resources={"GPU": 1}, retries=2) for w, p in zip(todo, prepared)]
+                del prepared  # each prepared chunk is freed once its estimate is written
+            else:
+                futures = [client.submit(process_chunk, spec, w, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
+                                         retries=2) for w in todo]
+            finished = as_completed(futures, with_results=True)
+            for _future, result in (progress(finished, len(futures)) if progress else finished):
+                if "error" in result:  # bad input or a full disk: stop at the first, with its line
+                    client.cancel(futures)
+                    raise MsmtuError(result["error"])
+                workers[result["worker"]] = max(workers.get(result["worker"], 0), result["model_loads"])
+                peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
+                if "prepared_by" in result:
+                    prepared_by[result["prepared_by"]] = prepared_by.get(result["prepared_by"], 0) + 1
+        stats = {w.name: chunk_stats(staging, w) for w in windows}
+        missing = [name for name, s in stats.items() if s is None]
+        if missing:
+            raise MsmtuError(f"{staging}: chunks {', '.join(missing[:5])} were not written; rerun to resume")
+        valid = sum(s["valid_pixels"] for s in stats.values())
+        _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, "valid_pixels": valid})
+        if out.exists():
+            shutil.rmtree(out)  # ours (checked above) and superseded
+        staging.rename(out)
+        if cog_dir is not None:
+            export_cogs(out, cog_dir)
+        return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
+                          workers=workers, worker_peak_mib=peaks, prepared_by=prepared_by)
 
 
 def open_output(path: str | Path) -> xr.Dataset:

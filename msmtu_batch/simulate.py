@@ -40,7 +40,6 @@ import numpy as np
 import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
-import zarr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pyproj import Transformer
 from scipy.special import ndtri
@@ -66,6 +65,8 @@ from msmtu_batch.cube import (
     REFLECTANCE_VALID_RANGE,
     cube_encoding,
     observed_mask,
+    project_store,
+    write_window,
 )
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.training_data import (
@@ -516,7 +517,7 @@ def _template(landscape: SyntheticAndalusia, with_reflectance: bool) -> xr.Datas
     ds.attrs.update(title="synthetic Andalusia-like region", source="msmtu-batch simulate",
                     software_version=__version__, seed=c.seed,
                     simulation_config=c.model_dump_json())
-    return ds
+    return project_store(ds)
 
 
 def _write_rows(store: Path, row0: int, arrays: dict[str, np.ndarray], group: str | None = None) -> None:
@@ -525,9 +526,8 @@ def _write_rows(store: Path, row0: int, arrays: dict[str, np.ndarray], group: st
     The xarray template already holds every encoding and attribute; going through zarr
     keeps the stored integers exactly as generated.
     """
-    root = zarr.open_group(store, mode="r+", path=group or "")
-    for name, values in arrays.items():
-        root[name][..., row0:row0 + values.shape[-2], :] = values
+    height = next(iter(arrays.values())).shape[-2]
+    write_window(store, arrays, slice(row0, row0 + height), group=group or "")
 
 
 def _take_pixels(blk: Block, level1: np.ndarray, local: np.ndarray) -> dict[str, np.ndarray]:

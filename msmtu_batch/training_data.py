@@ -7,8 +7,10 @@ Layout (DESIGN.md section 4), as published on Zenodo (record 7752348)::
                                         square_id, one column per class, Class_max
     ancillary/topo_climatic.csv         square_id + ancillary variables
 
-``values`` are surface reflectance (scale already applied) with 0 where ``masks`` is 0;
-``backward`` is ``forward`` reversed in time.
+``values`` are surface reflectance multiplied by 1e4, as published (the research code
+standardises them with band means of about 1,500-2,900), with 0 where ``masks`` is 0;
+``backward`` is ``forward`` reversed in time. In memory (:class:`PixelSet`) reflectance is
+always in physical units (0-1), as in the input cube once its scale factor is applied.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from msmtu_batch.errors import TrainingDataError
 
 PARTITIONS: tuple[str, ...] = ("train", "validation", "test")
 N_BANDS = 7
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: values in physical reflectance units, read from the published x1e4 layout
+MSMTU_VALUE_UNITS = "reflectance x 1e4"
+MSMTU_VALUE_SCALE = 1e4  # JSON value = reflectance x 1e4
+# The published files' observed values are hundreds to thousands; a median below this means
+# the folder holds reflectance already scaled to 0-1 (an older msmtu-batch wrote that).
+_SCALED_MEDIAN_LIMIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -134,13 +141,14 @@ def write_msmtu_layout(root: Path, *, square_ids: np.ndarray, values: np.ndarray
                        metadata: Sequence[Mapping] | None = None) -> None:
     """Write pixels in the Andalusia-MSMTU layout under ``root``.
 
-    ``values`` and ``masks`` are (n, 12, 7); ``ancillary`` and each ``labels[level]`` have
+    ``values`` (reflectance, 0-1) and ``masks`` are (n, 12, 7); the files hold the values
+    as published, reflectance x 1e4 as integers; ``ancillary`` and each ``labels[level]`` have
     one row per pixel in ``square_ids`` order (labels: one abundance column per class);
     ``partition`` holds indices into :data:`PARTITIONS`.
     """
     ts_dir = root / "ts_files"
     ts_dir.mkdir(parents=True, exist_ok=True)
-    values = np.where(masks, values, 0.0).round(4)
+    values = np.where(masks, np.rint(np.asarray(values, np.float64) * MSMTU_VALUE_SCALE), 0).astype(np.int64)
     for i, square_id in enumerate(square_ids):
         forward = {"values": values[i].tolist(), "masks": masks[i].astype(int).tolist()}
         backward = {"values": values[i][::-1].tolist(), "masks": masks[i][::-1].astype(int).tolist()}
@@ -251,6 +259,9 @@ def read_msmtu(root: str | Path, level: str, *, cache: bool = True) -> PixelSet:
     masks = np.zeros_like(values)
     for i, (square_id, source) in enumerate(zip(labels["square_id"], labels["_file"])):
         values[i], masks[i] = _read_series(root, int(square_id), source)
+    _check_published_units(root, values, masks)
+    # the cube's own conversion (int16 x float32 1e-4), so both give the same bytes
+    values *= np.float32(1 / MSMTU_VALUE_SCALE)
     pixels = PixelSet(values=values, masks=masks, ancillary=ancillary.to_numpy(np.float32),
                       abundance=abundance, ids=labels["square_id"].to_numpy(np.int64),
                       partition=labels["_partition"].to_numpy(np.int8),
@@ -262,6 +273,15 @@ def read_msmtu(root: str | Path, level: str, *, cache: bool = True) -> PixelSet:
         except OSError:
             pass  # a read-only dataset is still readable, only slower next time
     return pixels
+
+
+def _check_published_units(root: Path, values: np.ndarray, masks: np.ndarray) -> None:
+    """Refuse time series that are not reflectance x 1e4 (the layout's published unit)."""
+    observed = np.abs(values[masks > 0])
+    if observed.size and (median := float(np.median(observed))) < _SCALED_MEDIAN_LIMIT:
+        raise TrainingDataError(
+            f"{root / 'ts_files'}: observed values have median {median:.4g}, expected reflectance x 1e4 as "
+            "published (hundreds to thousands); multiply 0-1 reflectance by 10000")
 
 
 def _read_series(root: Path, square_id: int, listed_in: str) -> tuple[np.ndarray, np.ndarray]:

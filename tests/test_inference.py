@@ -14,6 +14,7 @@ from msmtu_batch.model import BRITS, BritsConfig
 from msmtu_batch.preprocess import ModelInputs, compute_deltas
 
 TOLERANCE = 2e-5  # float32 rounding through 12 recurrent steps, plus the 3e-7 tanh approximation
+RELATIVE = 2e-5  # the same rounding on imputed values of magnitude above 1 (hypothesis found 2.1e-5 at 2.02)
 
 
 def random_inputs(rng: np.random.Generator, n: int, n_ancillary: int, steps: int = 12,
@@ -76,7 +77,7 @@ def test_fused_engine_equals_the_model(seed, n, n_classes, n_ancillary, hidden, 
     got = FusedBrits(model)(inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
                             inputs.ancillary, tile=64)
     for key, value in expected.items():
-        np.testing.assert_allclose(got[key], value, atol=TOLERANCE, err_msg=key)
+        np.testing.assert_allclose(got[key], value, atol=TOLERANCE, rtol=RELATIVE, err_msg=key)
     np.testing.assert_allclose(got["abundance"].sum(axis=1), 1.0, atol=1e-5)
 
 
@@ -90,7 +91,7 @@ def test_fused_engine_equals_the_research_formulation_at_full_size():
     expected = reference(straightforward, inputs)
     got = predict(model, inputs)
     for key in ("abundance", "uncertainty", "imputed"):
-        np.testing.assert_allclose(got[key], expected[key], atol=TOLERANCE, err_msg=key)
+        np.testing.assert_allclose(got[key], expected[key], atol=TOLERANCE, rtol=RELATIVE, err_msg=key)
 
 
 def test_tiles_and_threads_do_not_change_the_result():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -209,11 +208,8 @@ def test_refusals_and_bad_chunks(region, model, clean_run, tmp_path):
     for artifact, name in ((model, "b.zarr"), (other, "c.zarr")):  # with and without ancillary data
         with pytest.raises(MsmtuError) as err:
             run(broken, artifact, tmp_path / name, config=RunConfig(chunk=CHUNK))
-        match = re.fullmatch(rf"{re.escape(str(broken))}: cannot read chunk y (\d+):(\d+), x (\d+):(\d+) \(.+\)",
-                             str(err.value))
-        assert match, str(err.value)
-        y0, y1, x0, x1 = map(int, match.groups())
-        assert 32 <= y0 < y1 <= 64 and 64 <= x0 < x1 <= 96, "the named window lies in the broken chunk"
+        assert str(err.value).startswith(f"{broken}: variable 'reflectance': chunk y 32:64, x 64:96 (c/0/0/1/2) "
+                                         "is unreadable ("), str(err.value)
         assert not (tmp_path / name).exists()
     # a NaN ancillary value where reflectance was observed: the task of its chunk names it
     nan_cube = tmp_path / "nan.zarr"

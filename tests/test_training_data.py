@@ -57,7 +57,8 @@ def test_series_match_the_cube(region, cube, labels):
         pixel = refl[:, :, row, col]
         expected_mask = (pixel != REFLECTANCE_FILL) & ~rejected_by_qa(qa[:, row, col])[:, None]
         np.testing.assert_array_equal(masks, expected_mask.astype(int))
-        np.testing.assert_allclose(values, np.where(expected_mask, pixel * 1e-4, 0.0), atol=1e-9)
+        # published units: reflectance x 1e4, the cube's stored integers
+        np.testing.assert_array_equal(values, np.where(expected_mask, pixel, 0))
         backward = record["ts_data"]["backward"]
         assert backward["values"] == forward["values"][::-1]
         assert backward["masks"] == forward["masks"][::-1]
@@ -145,11 +146,11 @@ def test_msmtu_reader_caches_and_notices_changes(msmtu_copy):
     # change one series: the cache is stale and rebuilt
     path = msmtu_copy / "ts_files" / f"{int(first.ids[0]):07d}.json"
     record = json.loads(path.read_text())
-    record["ts_data"]["forward"]["values"][0][0] = 0.4321
+    record["ts_data"]["forward"]["values"][0][0] = 4321
     record["ts_data"]["forward"]["masks"][0][0] = 1
     path.write_text(json.dumps(record))
     changed = read_msmtu(msmtu_copy, "level1")
-    assert changed.values[0, 0, 0] == np.float32(0.4321)
+    assert changed.values[0, 0, 0] == np.float32(4321) * np.float32(1e-4)
 
 
 def _first_train_id(root) -> int:

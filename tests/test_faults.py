@@ -1,0 +1,483 @@
+"""Fault injection: every way a user's data, disk or neighbour can hurt a run ends either in a
+correct result or in one clear refusal, and nothing is lost (the README's "What can go wrong").
+
+Each test names the fault it injects. The inputs come from other tools where it matters
+(xarray's own Zarr writer with its default codecs, files edited byte by byte), not only from
+the project's writers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from msmtu_batch.artifact import load_artifact, save_artifact
+from msmtu_batch.cube import ALL_CHUNKS_ATTR, REFLECTANCE_FILL
+from msmtu_batch.errors import MsmtuError, TrainingDataError
+from msmtu_batch.evaluate import evaluate
+from msmtu_batch.inference import predict
+from msmtu_batch.metrics import rmse
+from msmtu_batch.pipeline import RunConfig, open_output, run
+from msmtu_batch.train import TrainConfig, train
+from msmtu_batch.training_data import read_msmtu
+from tests.conftest import SMALL, zarr_files
+
+BIN = Path(sys.executable).parent
+CHUNK = 24  # 3 x 4 = 12 chunks on the 72 x 96 test region
+SMALL_MODEL = TrainConfig(epochs=2, hidden=16, embed=8, head_hidden=16, batch_size=128)
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "msmtu-batch"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single line a refused command prints (exit 2, no traceback)."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("msmtu-batch: error: "), result.stderr
+    return lines[-1].removeprefix("msmtu-batch: error: ")
+
+
+@pytest.fixture(scope="module")
+def model(region, tmp_path_factory) -> Path:
+    """A model trained on the region's Andalusia-MSMTU files (published units, x 1e4)."""
+    pixels = read_msmtu(region.msmtu, "level2")
+    result = train(pixels, "level2", SMALL_MODEL)
+    return save_artifact(result.artifact, tmp_path_factory.mktemp("msmtu-model") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def clean_output(region, model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("msmtu-run") / "out.zarr"
+    run(region.cube, model, out, config=RunConfig(chunk=CHUNK))
+    return out
+
+
+# --- 1. training-data units ---------------------------------------------------------------------
+
+def test_msmtu_files_hold_published_units(region):
+    """The layout's JSON values are reflectance x 1e4 (hundreds to thousands), as published."""
+    record = json.loads(next((region.msmtu / "ts_files").glob("*.json")).read_text())
+    forward = record["ts_data"]["forward"]
+    observed = [v for row, mask in zip(forward["values"], forward["masks"]) for v, m in zip(row, mask) if m]
+    assert observed and all(float(v).is_integer() for v in observed)
+    assert 100 < np.median(observed) < 10_000
+
+
+def test_model_from_msmtu_files_maps_the_cube_as_evaluate_scores_the_files(region, model, clean_output,
+                                                                          tmp_path):
+    """Trained on the MSMTU layout and applied with `run` to the same region's cube, a model gives
+    the MSMTU pixels the abundances `evaluate` computes from the files."""
+    artifact = load_artifact(model)
+    pixels = read_msmtu(region.msmtu, "level2")
+    test = pixels.split("test")
+    report = evaluate(artifact, pixels, tmp_path / "report", baselines=False)
+    from_files = predict(artifact.model, artifact.inputs(test))["abundance"]
+    output = open_output(clean_output)
+    rows, cols = np.divmod(test.ids, SMALL.width)
+    from_map = output["abundance"].values[:, rows, cols].T
+    estimated = output["quality_flag"].values[rows, cols] == 0
+    assert estimated.mean() > 0.9
+    np.testing.assert_allclose(from_map[estimated], from_files[estimated], atol=2e-5)
+    assert rmse(from_map[estimated], test.abundance[estimated]) == pytest.approx(
+        rmse(from_files[estimated], test.abundance[estimated]), abs=1e-5)
+    if estimated.all():
+        assert report["methods"]["brits"]["rmse"] == pytest.approx(rmse(from_map, test.abundance), abs=1e-5)
+
+
+def test_msmtu_files_in_scaled_units_are_refused(region, tmp_path):
+    """A folder whose values are 0-1 reflectance (not the published x 1e4) stops with one line."""
+    root = tmp_path / "msmtu"
+    shutil.copytree(region.msmtu, root, ignore=shutil.ignore_patterns(".msmtu_cache"))
+    for path in (root / "ts_files").glob("*.json"):
+        record = json.loads(path.read_text())
+        for direction in ("forward", "backward"):
+            series = record["ts_data"][direction]
+            series["values"] = [[v * 1e-4 for v in row] for row in series["values"]]
+        path.write_text(json.dumps(record))
+    with pytest.raises(TrainingDataError) as err:
+        read_msmtu(root, "level2")
+    assert str(err.value).startswith(f"{root / 'ts_files'}: observed values have median 0.")
+    assert str(err.value).endswith(", expected reflectance x 1e4 as published (hundreds to thousands); "
+                                   "multiply 0-1 reflectance by 10000")
+
+
+def test_artifact_without_band_units_is_refused(model, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(model, framework="pt") as f:
+        meta = json.loads(f.metadata()["msmtu_batch"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for units, expected in ((None, "none recorded (an artifact from before msmtu-batch 0.2: retrain it)"),
+                            ("DN", "'DN'")):
+        meta.pop("band_statistics_units", None)
+        if units:
+            meta["band_statistics_units"] = units
+        path = tmp_path / f"{units}.safetensors"
+        save_file(tensors, path, metadata={"msmtu_batch": json.dumps(meta)})
+        with pytest.raises(MsmtuError) as err:
+            load_artifact(path)
+        assert str(err.value) == (f"{path}: unit of the band statistics is {expected}; expected 'reflectance' "
+                                  "or 'reflectance x 1e4'")
+    # statistics recorded in the published x 1e4 units are converted on load: same model, same inputs
+    meta["band_statistics_units"] = "reflectance x 1e4"
+    tensors["band_mean"], tensors["band_std"] = tensors["band_mean"] * 1e4, tensors["band_std"] * 1e4
+    path = tmp_path / "x1e4.safetensors"
+    save_file(tensors, path, metadata={"msmtu_batch": json.dumps(meta)})
+    converted, original = load_artifact(path), load_artifact(model)
+    np.testing.assert_allclose(converted.band_stats.mean, original.band_stats.mean, rtol=1e-6)
+    np.testing.assert_allclose(converted.band_stats.std, original.band_stats.std, rtol=1e-6)
+
+
+# --- 3-5. Zarr written by others; absent and damaged chunks -----------------------------------
+
+def xarray_default_copy(cube: Path, target: Path, zarr_format: int) -> Path:
+    """The cube as a user's own xarray would write it: raw integers with their CF attributes,
+    default codecs of that Zarr format, no encodings of ours."""
+    ds = xr.open_zarr(cube, mask_and_scale=False, decode_coords="all", consolidated=False)
+    ds.attrs.pop(ALL_CHUNKS_ATTR)
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.to_zarr(target, zarr_format=zarr_format, consolidated=False)
+    return target
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_cubes_written_by_xarray_with_default_codecs_validate_train_and_run(region, model, clean_output, zarr_format,
+                                                                            tmp_path):
+    store = xarray_default_copy(region.cube, tmp_path / "cube.zarr", zarr_format)
+    if zarr_format == 2:
+        assert (store / "reflectance" / ".zarray").is_file(), "a Zarr v2 store with xarray's default compressor"
+    assert cli("validate", store).returncode == 0
+    result = cli("train", "--cube", store, "--reference", region.reference, "--level", "level2", "--ancillary",
+                 "none", "--epochs", "1", "--hidden", "8", "--out", tmp_path / "m.safetensors")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out.zarr"
+    run(store, model, out, config=RunConfig(chunk=CHUNK))
+    assert (out / "abundance" / "zarr.json").is_file(), "outputs are the project's own Zarr v3"
+    got, expected = open_output(out), open_output(clean_output)
+    for name in ("abundance", "dominant_class", "uncertainty", "valid_fraction", "quality_flag"):
+        np.testing.assert_array_equal(got[name].values, expected[name].values)
+
+
+def test_project_stores_declare_their_fill_values_and_checksum_every_chunk(region, clean_output):
+    reflectance = zarr.open_array(region.cube / "reflectance", mode="r")
+    assert reflectance.fill_value == REFLECTANCE_FILL
+    assert np.isnan(zarr.open_array(region.cube / "altitude", mode="r").fill_value)
+    for store, name in ((region.cube, "reflectance"), (clean_output, "abundance"), (clean_output, "quality_flag")):
+        codecs = json.loads((store / name / "zarr.json").read_text())["codecs"]
+        assert codecs[-1]["name"] == "crc32c", (store, name, codecs)
+
+
+def copy_of(store: Path, target: Path) -> Path:
+    shutil.copytree(store, target)
+    return target
+
+
+def test_absent_input_chunk_is_named_not_read_as_zero(region, model, tmp_path):
+    cube = copy_of(region.cube, tmp_path / "cube.zarr")
+    (cube / "reflectance" / "c" / "0" / "0" / "1" / "2").unlink()
+    message = (f"{cube}: variable 'reflectance': chunk y 32:64, x 64:96 (c/0/0/1/2) is absent (the store was "
+               "written with every chunk)")
+    with pytest.raises(MsmtuError) as err:
+        run(cube, model, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK))
+    assert str(err.value) == message
+    assert not (tmp_path / "out.zarr").exists()
+    assert one_line_error(cli("validate", cube)) == message
+    # a store written by xarray v3 defaults: zarr's fill_value 0 would read as valid reflectance
+    other = xarray_default_copy(region.cube, tmp_path / "xr.zarr", 3)
+    assert zarr.open_array(other / "reflectance", mode="r").fill_value == 0
+    (other / "reflectance" / "c" / "0" / "0" / "0" / "1").unlink()
+    with pytest.raises(MsmtuError) as err:
+        run(other, model, tmp_path / "out2.zarr", config=RunConfig(chunk=CHUNK))
+    assert str(err.value) == (f"{other}: variable 'reflectance': chunk y 0:32, x 32:64 (c/0/0/0/1) is absent "
+                              "(Zarr would read it as 0, not as missing data)")
+
+
+def test_corrupted_chunk_fails_its_checksum_and_is_named(region, model, tmp_path):
+    cube = copy_of(region.cube, tmp_path / "cube.zarr")
+    chunk = cube / "reflectance" / "c" / "0" / "0" / "1" / "2"
+    data = bytearray(chunk.read_bytes())
+    data[100:164] = bytes(b ^ 0xFF for b in data[100:164])  # 64 flipped bytes
+    chunk.write_bytes(bytes(data))
+    result = cli("run", "--cube", cube, "--model", model, "--out", tmp_path / "out.zarr", "--chunk", CHUNK)
+    line = one_line_error(result)
+    assert line.startswith(f"{cube}: variable 'reflectance': chunk y 32:64, x 64:96 (c/0/0/1/2) is unreadable ("), line
+    assert "checksum" in line
+    assert "Compute Failed" not in result.stderr, "an input error is not retried by Dask"
+    assert not (tmp_path / "out.zarr").exists()
+
+
+# --- 6. identity follows content; 12. a complete output is re-verified ----------------------------
+
+def test_changed_input_is_never_reported_complete(region, model, clean_output, tmp_path):
+    cube = copy_of(region.cube, tmp_path / "cube.zarr")
+    out = copy_of(clean_output, tmp_path / "out.zarr")
+    args = ("run", "--cube", cube, "--model", model, "--out", out, "--chunk", CHUNK)
+    # a copied input with the same content: the output made from the original is complete
+    assert "already complete" in cli(*args).stdout
+    # edited in place, same shape and metadata (as a re-ingest would): refused, then recomputed
+    reflectance = zarr.open_array(cube / "reflectance", mode="r+")
+    edited = reflectance[:, :, 30:40, 30:40]
+    reflectance[:, :, 30:40, 30:40] = np.where(edited == REFLECTANCE_FILL, edited, edited // 2)
+    assert one_line_error(cli(*args)) == (f"{out} exists and was made from another model, input or settings; "
+                                          "pass --overwrite to replace it")
+    result = cli(*args, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert "12 of 12 chunks computed" in result.stdout
+    before, after = open_output(clean_output)["abundance"].values, open_output(out)["abundance"].values
+    changed = ~np.isclose(before, after, equal_nan=True)
+    assert changed[:, 30:40, 30:40].any() and not changed[:, :24, 48:].any()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied by a power cut", "bit rot"])
+def test_damaged_complete_output_is_recomputed_where_damaged(region, model, clean_output, damage, tmp_path):
+    out = copy_of(clean_output, tmp_path / "out.zarr")
+    chunk = out / "abundance" / "c" / "0" / "1" / "2"
+    if damage == "deleted":
+        chunk.unlink()
+    elif damage == "bit rot":
+        data = bytearray(chunk.read_bytes())
+        data[-10] ^= 0x01
+        chunk.write_bytes(bytes(data))
+    else:
+        chunk.write_bytes(b"")
+    summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK))
+    assert not summary.already_complete and summary.computed_chunks == 1
+    assert zarr_files(out) == zarr_files(clean_output)
+
+
+# --- 7. --overwrite only replaces what the project wrote -------------------------------------------
+
+def test_overwrite_never_touches_the_input_or_foreign_folders(region, model, tmp_path):
+    project = tmp_path / "p"
+    cube = copy_of(region.cube, project / "cube.zarr")
+    unrelated = project / "notes.txt"
+    unrelated.write_text("keep me")
+    (project / "sub").mkdir()
+    before = zarr_files(cube)
+    cases = {
+        cube: f"--out {cube} is or contains the input cube {cube}; choose another output path",
+        project / "sub" / "..": f"--out {project} is or contains the input cube {cube}; choose another output path",
+        cube / "inner.zarr": f"--out {cube / 'inner.zarr'} lies inside the input cube {cube}; choose a path "
+                             "outside it",
+        unrelated: f"--out {unrelated} is an existing file, not an output store; choose another path",
+        project / "sub": f"{project / 'sub'} exists and is not an msmtu-batch output (no run manifest); it is never "
+                         "replaced: remove it yourself or choose another --out",
+    }
+    for out, message in cases.items():
+        for flags in ((), ("--overwrite",)):
+            result = cli("run", "--cube", cube, "--model", model, "--out", out, "--chunk", CHUNK, *flags)
+            assert one_line_error(result) == message, (out, flags)
+    assert zarr_files(cube) == before and unrelated.read_text() == "keep me" and (project / "sub").is_dir()
+
+
+# --- 8. two runs on one output ---------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from msmtu_batch.pipeline import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_second_run_on_the_same_output_stops_and_a_dead_runs_lock_is_taken_over(region, model, clean_output,
+                                                                              tmp_path):
+    out = tmp_path / "out.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = one_line_error(cli("run", "--cube", region.cube, "--model", model, "--out", out, "--chunk", CHUNK))
+        host = re.escape(socket.gethostname())
+        assert re.fullmatch(rf"{re.escape(str(out))} is being written by another run \(host {host}, "
+                            rf"pid {holder.pid}, started \S+\); wait for it to end", line), line
+        assert not out.exists() and not (tmp_path / ".out.zarr.partial").exists()
+    finally:
+        holder.kill()  # SIGKILL: its lock file stays behind, stale
+        holder.wait()
+    assert (tmp_path / ".out.zarr.lock").exists()
+    result = cli("run", "--cube", region.cube, "--model", model, "--out", out, "--chunk", CHUNK,
+                 "--cog", tmp_path / "cogs")
+    assert result.returncode == 0, result.stderr
+    assert zarr_files(out) == zarr_files(clean_output)
+    assert not (tmp_path / ".out.zarr.lock").exists(), "the lock is released at the end"
+    assert sorted(p.name for p in (tmp_path / "cogs").iterdir()) == [
+        "abundance.tif", "dominant_class.tif", "quality_flag.tif", "uncertainty.tif", "valid_fraction.tif"]
+
+
+# --- 9. every failure a user can cause: one line, exit 2, before the heavy work -------------------
+
+def mount_tmpfs(folder: Path, options: str) -> None:
+    folder.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB file system: room for a store's metadata, not for its chunks."""
+    folder = tmp_path / "disk"
+    mount_tmpfs(folder, "size=64k")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    mount_tmpfs(folder, "ro,size=64k")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_full_disk_ends_in_one_line_and_resumes_elsewhere(region, model, small_disk, clean_output):
+    line = one_line_error(cli("run", "--cube", region.cube, "--model", model, "--out", small_disk / "out.zarr",
+                              "--chunk", CHUNK))
+    assert "No space left on device" in line and str(small_disk) in line, line
+    assert not (small_disk / "out.zarr").exists(), "nothing incomplete at the final path"
+
+
+def test_read_only_output_folder_ends_in_one_line(region, model, read_only_folder):
+    line = one_line_error(cli("run", "--cube", region.cube, "--model", model, "--out",
+                              read_only_folder / "out.zarr", "--chunk", CHUNK))
+    assert line == f"{read_only_folder / '.out.zarr.lock'}: Read-only file system"
+
+
+SPECS = {
+    "cluster: local\nn_workers: [1\n": "not valid YAML at line 3 (expected ',' or ']', but got '<stream end>')",
+    "cluster: local\nn_workers: many\n": "invalid cluster spec: n_workers: Input should be a valid integer, "
+                                         "unable to parse string as an integer",
+    "cluster: address\n": "invalid cluster spec: address: Field required",
+    "cluster: local\nworkers: 4\n": "invalid cluster spec: workers: Extra inputs are not permitted",
+    "cluster: local\nn_workers: 0\n": "invalid cluster spec: n_workers: Input should be greater than or equal to 1",
+    "cluster: slurmm\n": "invalid cluster spec: cluster: Input tag 'slurmm' found using 'cluster' does not match "
+                         "any of the expected tags: 'local', 'address'",
+    "- local\n": "expected a mapping with a 'cluster' key (local or address)",
+}
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_bad_cluster_specs_are_refused_before_any_work(region, model, spec, tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(spec)
+    line = one_line_error(cli("run", "--cube", region.cube, "--model", model, "--out", tmp_path / "out.zarr",
+                              "--scheduler", path))
+    assert line == f"{path}: {SPECS[spec]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cluster.yaml"], "nothing written"
+
+
+def test_truncated_zarr_json_is_named(region, model, tmp_path):
+    cube = copy_of(region.cube, tmp_path / "cube.zarr")
+    metadata = cube / "reflectance" / "zarr.json"
+    metadata.write_text(metadata.read_text()[:100])
+    for args in (("validate", cube), ("run", "--cube", cube, "--model", model, "--out", tmp_path / "o.zarr")):
+        line = one_line_error(cli(*args))
+        assert line.startswith(f"{cube}: variable 'reflectance': unreadable metadata {metadata} ("), line
+
+
+def test_one_pixel_region_exports_valid_cogs(region, model, tmp_path):
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    pixel = xr.open_zarr(region.cube, mask_and_scale=False, decode_coords="all", consolidated=False).isel(
+        y=slice(40, 41), x=slice(50, 51))
+    from msmtu_batch.cube import write_input_cube
+
+    write_input_cube(pixel, tmp_path / "pixel.zarr")
+    result = cli("run", "--cube", tmp_path / "pixel.zarr", "--model", model, "--out", tmp_path / "o.zarr",
+                 "--cog", tmp_path / "cogs")
+    assert result.returncode == 0, result.stderr
+    with rasterio.open(tmp_path / "cogs" / "abundance.tif") as raster:
+        assert raster.shape == (1, 1)
+        expected = open_output(tmp_path / "o.zarr")["abundance"].values[:, 0, 0]
+        np.testing.assert_allclose(raster.read()[:, 0, 0], expected)
+    assert cog_validate(tmp_path / "cogs" / "abundance.tif")[0]
+
+
+# --- 10. artifact contents are checked for meaning --------------------------------------------------
+
+def rewritten(model: Path, target: Path, meta_update: dict | None = None, tensors_update: dict | None = None) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(model, framework="pt") as f:
+        meta = json.loads(f.metadata()["msmtu_batch"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta.update(meta_update or {})
+    tensors.update(tensors_update or {})
+    save_file(tensors, target, metadata={"msmtu_batch": json.dumps(meta)})
+    return target
+
+
+def test_meaningless_artifacts_are_refused(model, tmp_path):
+    import torch
+
+    classes = load_artifact(model).classes
+    zero_std = torch.ones(7)
+    zero_std[3] = 0
+    cases = [
+        ({}, {"band_std": zero_std}, "normalisation statistic band_std must be finite and positive, found "
+                                     "[1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]"),
+        ({"classes": [classes[0], *classes[:-1]]}, {}, f"class name(s) {classes[0]} appear more than once"),
+        ({"classes": [1, *classes[1:]]}, {}, f"classes must be a non-empty list of names, found {[1, *classes[1:]]!r}"),
+        ({"classes": list(classes[:-1]), "hyperparameters": {**load_artifact(model).config.to_dict(),
+                                                            "n_classes": len(classes) - 1}}, {},
+         f"weights do not match the architecture in its metadata (forward_pass.head.3.weight ({len(classes)}, 16) "
+         f"!= ({len(classes) - 1}, 16), forward_pass.head.3.bias ({len(classes)},) != ({len(classes) - 1},), "
+         f"backward_pass.head.3.weight ({len(classes)}, 16) != ({len(classes) - 1}, 16), backward_pass.head.3.bias "
+         f"({len(classes)},) != ({len(classes) - 1},))"),
+        ({"level": "../../etc"}, {}, "level '../../etc' is not a safe name (letters, digits, _ . -; at most 64 "
+                                     "characters)"),
+        ({"ancillary_names": ["longitude", "latitude", "altitude", "slope", "rainfall", "evapotranspiration",
+                              "temperature_ave", "temperature_max", "temperature_min"]}, {},
+         "unknown ancillary variable(s) rainfall (known: longitude, latitude, altitude, slope, precipitation, "
+         "evapotranspiration, temperature_ave, temperature_max, temperature_min)"),
+        ({"band_names": ["sur_refl_b02", "sur_refl_b01", *[f"sur_refl_b0{i}" for i in range(3, 8)]]}, {},
+         "band_names ['sur_refl_b02', 'sur_refl_b01', 'sur_refl_b03', 'sur_refl_b04', 'sur_refl_b05', "
+         "'sur_refl_b06', 'sur_refl_b07'], expected sur_refl_b01, sur_refl_b02, sur_refl_b03, sur_refl_b04, "
+         "sur_refl_b05, sur_refl_b06, sur_refl_b07 in that order"),
+    ]
+    for i, (meta, tensors, message) in enumerate(cases):
+        path = rewritten(model, tmp_path / f"bad{i}.safetensors", meta, tensors)
+        with pytest.raises(MsmtuError) as err:
+            load_artifact(path)
+        assert str(err.value) == f"{path}: {message}"
+        line = one_line_error(cli("run", "--cube", "absent.zarr", "--model", path, "--out", tmp_path / "o.zarr"))
+        assert line == f"{path}: {message}"
+
+
+# --- 11. the local cluster accepts only this run's clients ------------------------------------------
+
+def test_local_cluster_refuses_clients_without_its_credentials():
+    from distributed import Client
+    from distributed.security import Security
+
+    from msmtu_batch.clusters import connect
+
+    with connect() as client:
+        address = client.scheduler.address
+        assert address.startswith("tls://127.0.0.1:"), address
+        # another user's process: plain TCP, or TLS with credentials of its own making
+        for attempt, security in ((address.replace("tls://", "tcp://"), None), (address, Security.temporary())):
+            with pytest.raises((OSError, TimeoutError)):
+                Client(attempt, timeout="3s", security=security)
+        assert client.submit(sum, [1, 2]).result() == 3, "the run's own client works"
