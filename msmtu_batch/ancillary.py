@@ -16,7 +16,7 @@ memory follows the chunk size, not the raster size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyproj
@@ -27,9 +27,10 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
-from msmtu_batch.cube import CLIMATIC_NAMES
+from msmtu_batch.cube import ANCILLARY_UNITS, CLIMATIC_NAMES
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.tiling import covering_window
+from msmtu_batch.units import convert, linear_conversion
 
 MARGIN = 3  # source pixels read beyond a chunk: the slope's neighbours and the resampling kernels
 SLOPE_NAMES = ("altitude", "slope")
@@ -39,20 +40,35 @@ SLOPE_NAMES = ("altitude", "slope")
 class AncillarySources:
     dem: str | None = None
     climate: dict[str, str] = field(default_factory=dict)  # variable -> raster
-
+    climate_units: dict[str, str] = field(default_factory=dict)  # variable -> units of its raster
     def names(self) -> tuple[str, ...]:
         """The ancillary variables these sources give, in contract order."""
         return ("longitude", "latitude") + (SLOPE_NAMES if self.dem else ()) + tuple(
             n for n in CLIMATIC_NAMES if n in self.climate)
 
-    def check(self) -> None:
-        """Every raster opens and has a CRS; climate variables have contract names."""
-        unknown = sorted(set(self.climate) - set(CLIMATIC_NAMES))
+    def check(self) -> AncillarySources:
+        """Every raster opens and has a CRS; climate variables have contract names and units that
+        convert to the contract's. Returns the sources with every climate raster's units resolved:
+        as declared (``--climate-units``), else as the raster says (GDAL's band unit), else the
+        contract's unit is assumed."""
+        unknown = sorted((set(self.climate) | set(self.climate_units)) - set(CLIMATIC_NAMES))
         if unknown:
             raise MsmtuError(f"unknown climate variable(s) {', '.join(unknown)}; expected {', '.join(CLIMATIC_NAMES)}")
-        for path in ([self.dem] if self.dem else []) + list(self.climate.values()):
-            with open_raster(path):
+        if undeclared := sorted(set(self.climate_units) - set(self.climate)):
+            raise MsmtuError(f"units given for {', '.join(undeclared)} but no raster (--climate NAME=RASTER)")
+        if self.dem:
+            with open_raster(self.dem):
                 pass
+        resolved = {}
+        for name, path in self.climate.items():
+            with open_raster(path) as src:
+                units = self.climate_units.get(name) or (src.units[0] if src.units and src.units[0] else None)
+            units = units or ANCILLARY_UNITS[name]
+            if linear_conversion(units, ANCILLARY_UNITS[name]) is None:
+                raise MsmtuError(f"{path}: {name} in {units!r} cannot be converted to the cube's "
+                                 f"{ANCILLARY_UNITS[name]!r}; declare its units with --climate-units {name}=UNITS")
+            resolved[name] = units
+        return replace(self, climate_units=resolved)
 
 
 def open_raster(path: str) -> rasterio.DatasetReader:
@@ -154,8 +170,10 @@ def chunk_ancillary(sources: AncillarySources, crs: CRS, transform: Affine, heig
                 out[name] = np.full((height, width), np.nan, np.float32)
                 continue
             finer = _pixel_size_in(src, crs) < target_pixel
-            out[name] = _warp(_read_float(src, window)[None], src, window, crs, transform, height, width,
-                              Resampling.average if finer else Resampling.bilinear)[0]
+            values = _warp(_read_float(src, window)[None], src, window, crs, transform, height, width,
+                           Resampling.average if finer else Resampling.bilinear)[0]
+            out[name] = convert(values, sources.climate_units.get(name, ANCILLARY_UNITS[name]), ANCILLARY_UNITS[name],
+                                f"{src.name}: {name}")
     return out
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from msmtu_batch import __version__
-from msmtu_batch.cube import ANCILLARY_NAMES, BAND_NAMES
+from msmtu_batch.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.model import BRITS, BritsConfig
 from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
 from msmtu_batch.training_data import PixelSet
+from msmtu_batch.units import apply_conversions, conversions_to_model
 
 ARTIFACT_FORMAT = "msmtu-batch-model/1"
 METADATA_KEY = "msmtu_batch"
@@ -52,15 +53,32 @@ class ModelArtifact:
     band_names: tuple[str, ...] = BAND_NAMES
     software_version: str = __version__
     training: dict = field(default_factory=dict)
+    ancillary_units: tuple[str, ...] = ()  # units of the ancillary statistics; default: the cube contract's
+
+    def __post_init__(self) -> None:
+        if not self.ancillary_units:
+            self.ancillary_units = tuple(ANCILLARY_UNITS[n] for n in self.ancillary_names)
 
     @property
     def config(self) -> BritsConfig:
         return self.model.cfg
 
-    def inputs(self, pixels: PixelSet) -> ModelInputs:
-        """Model inputs for ``pixels``, prepared with the statistics stored in the artifact."""
+    def inputs(self, pixels: PixelSet, source: str = "the data") -> ModelInputs:
+        """Model inputs for ``pixels``, prepared with the statistics stored in the artifact (their
+        ancillary values converted to the units of those statistics, or refused)."""
         subset = pixels.with_ancillary(self.ancillary_names)
-        return prepare_inputs(subset.values, subset.masks, subset.ancillary, self.band_stats, self.ancillary_stats)
+        ancillary = self.to_model_units(subset.ancillary.T, dict(zip(subset.ancillary_names, subset.ancillary_units)),
+                                        source).T
+        return prepare_inputs(subset.values, subset.masks, ancillary, self.band_stats, self.ancillary_stats)
+
+    def unit_conversions(self, data_units: Mapping[str, str | None], source: str) -> tuple[tuple[float, float], ...]:
+        """Per ancillary variable, (scale, offset) from the data's units to the statistics' units."""
+        return conversions_to_model(self.ancillary_names, data_units, dict(zip(self.ancillary_names,
+                                                                               self.ancillary_units)), source)
+
+    def to_model_units(self, ancillary: np.ndarray, data_units: Mapping[str, str | None], source: str) -> np.ndarray:
+        """``ancillary`` (A, ...) in the model's variable order, converted to the statistics' units."""
+        return apply_conversions(ancillary, self.unit_conversions(data_units, source))
 
     def check_matches(self, band_names: Sequence[str], ancillary_available: Sequence[str],
                       source: str) -> None:
@@ -89,7 +107,8 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
         "architecture": "BRITS", "hyperparameters": artifact.config.to_dict(),
         "level": artifact.level, "classes": list(artifact.classes),
         "band_names": list(artifact.band_names), "band_statistics_units": BAND_STATISTICS_UNITS,
-        "ancillary_names": list(artifact.ancillary_names), "training": artifact.training,
+        "ancillary_names": list(artifact.ancillary_names), "ancillary_units": list(artifact.ancillary_units),
+        "training": artifact.training,
     }
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
@@ -147,6 +166,11 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
             raise ArtifactError(f"{path}: normalisation statistic {name} must be finite"
                                 + (" and positive" if name.endswith("_std") else "") + f", found {values.tolist()}")
     band_factor = _band_unit_factor(path, meta)
+    units = meta.get("ancillary_units")
+    if not isinstance(units, list) or len(units) != len(ancillary) or not all(isinstance(u, str) and u for u in units):
+        raise ArtifactError(f"{path}: ancillary_units must give the units of each of the {len(ancillary)} ancillary "
+                            f"statistics, found {units!r}")
+    units = tuple(units)
     ancillary_stats = None
     if ancillary:
         if stats.get("ancillary_mean", np.empty(0)).shape != (len(ancillary),):
@@ -157,7 +181,8 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
                          band_stats=Standardizer(stats["band_mean"] * np.float32(band_factor),
                                                  stats["band_std"] * np.float32(band_factor)),
                          ancillary_stats=ancillary_stats, band_names=tuple(meta["band_names"]),
-                         software_version=meta["software_version"], training=meta.get("training", {}))
+                         software_version=meta["software_version"], training=meta.get("training", {}),
+                         ancillary_units=units)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -39,6 +39,11 @@ class AncillaryChoice(StrEnum):
         return ANCILLARY_SETS[self.value]
 
 
+class OutOfDistribution(StrEnum):
+    stop = "stop"
+    flag = "flag"
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Bad input ends the command with one line on stderr and exit status 2."""
@@ -316,14 +321,15 @@ def _chunk_progress(description: str):
     return progress
 
 
-def _climate_option(values: list[str] | None) -> dict[str, str]:
-    climate = {}
+def _pairs_option(values: list[str] | None, option: str, example: str) -> dict[str, str]:
+    """NAME=VALUE items of a repeatable option, as a mapping."""
+    pairs = {}
     for item in values or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise MsmtuError(f"--climate {item}: expected NAME=RASTER, e.g. precipitation=pre.tif")
-        climate[name] = path
-    return climate
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise MsmtuError(f"{option} {item}: expected {example}")
+        pairs[name] = value
+    return pairs
 
 
 @app.command("ingest")
@@ -345,6 +351,10 @@ def ingest_command(
     climate: Annotated[list[str] | None, typer.Option(
         help="NAME=RASTER, repeatable; NAME in precipitation, evapotranspiration, temperature_ave, "
              "temperature_max, temperature_min.")] = None,
+    climate_units: Annotated[list[str] | None, typer.Option(
+        help="NAME=UNITS, repeatable: the units of a climate raster (CF/udunits, e.g. precipitation='mm month-1', "
+             "temperature_ave=K), converted to the cube's (mm year-1, degC). Default: the raster's own unit "
+             "metadata, else the cube's units.")] = None,
     model: Annotated[Path | None, typer.Option(help="Model artifact the cube is for: refuse early when "
                                                     "the sources lack ancillary variables it needs.")] = None,
     chunk: Annotated[int | None, typer.Option(help="Spatial chunk of the cube and of the tasks (default 256).")]
@@ -361,7 +371,10 @@ def ingest_command(
     with _user_errors():
         settings = _with_overrides(_config_section(config, "ingest"), dict(
             inputs=inputs or None, manifest=manifest, year=year, region=region, crs=crs, resolution=resolution,
-            resampling=resampling, composite=composite, dem=dem, climate=_climate_option(climate) or None,
+            resampling=resampling, composite=composite, dem=dem,
+            climate=_pairs_option(climate, "--climate", "NAME=RASTER, e.g. precipitation=pre.tif") or None,
+            climate_units=_pairs_option(climate_units, "--climate-units", "NAME=UNITS, e.g. precipitation='mm "
+                                        "month-1'") or None,
             chunk=chunk))
         summary = ingest(IngestConfig(**settings), out, model=model, scheduler=scheduler, overwrite=overwrite,
                          progress=_chunk_progress("ingesting chunks"))
@@ -380,6 +393,10 @@ def run_command(
              "on 127.0.0.1 sized to this machine.")] = None,
     chunk: Annotated[int, typer.Option(help="Spatial chunk side in pixels (all months and bands).")] = 256,
     min_months: Annotated[int, typer.Option(help="Fewer observed months give NaN abundances and a flag.")] = 3,
+    out_of_distribution: Annotated[OutOfDistribution, typer.Option(
+        help="A chunk whose inputs are unlike the model's training data (a band's chunk mean beyond 4, an "
+             "ancillary variable's beyond 6 training standard deviations): stop with it named, or flag its "
+             "pixels (quality_flag 2) and go on.")] = OutOfDistribution.stop,
     imputed: Annotated[bool, typer.Option(help="Also write imputed_reflectance(time, band, y, x).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an output made from another model, input or "
                                                  "settings.")] = False,
@@ -394,7 +411,8 @@ def run_command(
             console.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
 
     with _user_errors():
-        summary = run(cube, model, out, config=RunConfig(chunk=chunk, min_months=min_months, imputed=imputed),
+        summary = run(cube, model, out, config=RunConfig(chunk=chunk, min_months=min_months, imputed=imputed,
+                                                              out_of_distribution=out_of_distribution.value),
                       scheduler=scheduler, overwrite=overwrite, cog_dir=cog, performance_report=performance_report,
                       progress=_chunk_progress("unmixing chunks"), on_client=announce)
         if summary.already_complete:

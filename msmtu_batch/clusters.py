@@ -19,6 +19,7 @@ dask-jobqueue SLURM/PBS specs plug in here (``cluster: slurm``) in a later issue
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,8 +108,10 @@ def connect(scheduler: str | LocalSpec | AddressSpec | None = None) -> Iterator[
         return
     threads = spec.threads_per_worker
     workers = spec.n_workers or max(1, (os.cpu_count() or 1) // threads)
+    # workers log errors only: a task's warnings on shutdown would otherwise follow the one line
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0", security=Security.temporary()) as cluster, \
+                      dashboard_address="127.0.0.1:0", security=Security.temporary(),
+                      silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
         yield client
 

@@ -247,6 +247,8 @@ def validate_input_cube(ds: xr.Dataset, *, store: Path | str = "<dataset>",
         _expect(var.dims == ("y", "x"), store, name, "dims (y, x)",
                 "(" + ", ".join(map(str, var.dims)) + ")")
         _expect(var.dtype == np.float32, store, name, "dtype float32", f"dtype {var.dtype}")
+        _expect(bool(var.attrs.get("units")), store, name, f"a CF units attribute (e.g. {ANCILLARY_UNITS[name]!r})",
+                "none")
     if read_values:
         _validate_chunks(ds, store, ancillary)
 

@@ -80,6 +80,8 @@ class IngestConfig(BaseModel):
     composite: CompositeRule = CompositeRule.median
     dem: Path | None = None
     climate: dict[str, Path] = Field(default_factory=dict, description="climatic variable -> raster")
+    climate_units: dict[str, str] = Field(default_factory=dict, description="climatic variable -> units of its "
+                                          "raster (e.g. 'mm month-1', 'K'); converted to the cube's")
     chunk: int = Field(256, ge=8, le=4096, description="spatial chunk of the cube and of the tasks")
 
     @model_validator(mode="after")
@@ -89,7 +91,8 @@ class IngestConfig(BaseModel):
         return self
 
     def ancillary_sources(self) -> AncillarySources:
-        return AncillarySources(str(self.dem) if self.dem else None, {k: str(v) for k, v in self.climate.items()})
+        return AncillarySources(str(self.dem) if self.dem else None, {k: str(v) for k, v in self.climate.items()},
+                                dict(self.climate_units))
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,7 @@ def _check_year(source: ReflectanceSource, year: int) -> None:
 
 
 def _create_store(store: Path, grid: TargetGrid, year: int, names: tuple[str, ...], chunk: int,
-                  attrs: dict) -> None:
+                  attrs: dict, source_units: dict[str, str]) -> None:
     height, width = grid.height, grid.width
     cols, rows = np.arange(width) + 0.5, np.arange(height) + 0.5
     ds = xr.Dataset(coords={
@@ -304,6 +307,8 @@ def _create_store(store: Path, grid: TargetGrid, year: int, names: tuple[str, ..
     for name in names:
         ds[name] = (("y", "x"), lazy((height, width), np.float32, np.nan))
         ds[name].attrs.update(units=ANCILLARY_UNITS[name])
+        if name in source_units:
+            ds[name].attrs.update(source_units=source_units[name])
     ds = ds.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
     ds = project_store(ds.assign_attrs(attrs))
     ds.to_zarr(store, mode="w", compute=False, encoding=cube_encoding(ds, chunk), consolidated=False)
@@ -331,8 +336,7 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
     source = open_reflectance(config.inputs, config.manifest)
     year = config.year or _infer_year(source)
     _check_year(source, year)
-    sources = config.ancillary_sources()
-    sources.check()
+    sources = config.ancillary_sources().check()
     names = sources.names()
     if model is not None:
         _check_model_needs(Path(model), names)
@@ -360,7 +364,7 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
         "region": str(config.region) if config.region else "none",
         "ancillary_variables": ", ".join(names), INGEST_STATUS_ATTR: "incomplete",
     }
-    _create_store(staging, grid, year, names, config.chunk, attrs)
+    _create_store(staging, grid, year, names, config.chunk, attrs, sources.climate_units)
     spec = IngestSpec(source, grid, year, config.composite, config.resampling, sources, str(staging))
     windows = chunk_windows(grid.height, grid.width, config.chunk)
     peaks: dict[str, float] = {}

@@ -558,6 +558,7 @@ def _write_sample(root: Path, landscape: SyntheticAndalusia, pixels: np.ndarray,
         metadata=[{"row": int(r), "col": int(q), "x": float(landscape.x_coords()[q]),
                    "y": float(landscape.y_coords()[r]), "crs": c.crs}
                   for r, q in zip(rows, columns)],
+        ancillary_units=ANCILLARY_UNITS,
     )
 
 

@@ -134,6 +134,7 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     seconds = time.perf_counter() - start
     artifact = ModelArtifact(
         model=model, level=level, classes=pixels.classes, ancillary_names=names, band_stats=band_stats,
+        ancillary_units=pixels.ancillary_units,
         ancillary_stats=ancillary_stats,
         training={"source": source, "config": cfg.model_dump(), "train_pixels": len(train_set),
                   "validation_pixels": len(val_set), "epochs_run": len(history), "best_epoch": best_epoch,

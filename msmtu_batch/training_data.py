@@ -29,16 +29,19 @@ import xarray as xr
 
 from msmtu_batch.cube import (
     ANCILLARY_NAMES,
+    ANCILLARY_UNITS,
     N_MONTHS,
     REFLECTANCE_SCALE,
     observed_mask,
     open_input_cube,
 )
 from msmtu_batch.errors import TrainingDataError
+from msmtu_batch.units import MSMTU_TABLE_UNITS
 
 PARTITIONS: tuple[str, ...] = ("train", "validation", "test")
 N_BANDS = 7
-CACHE_FORMAT = 2  # 2: values in physical reflectance units, read from the published x1e4 layout
+CACHE_FORMAT = 2  # 2: values in physical reflectance units, read from the published x1e4 layout; units
+UNITS_FILE = "units.json"  # ancillary/units.json: {variable: CF units}; absent in the published layout
 MSMTU_VALUE_UNITS = "reflectance x 1e4"
 MSMTU_VALUE_SCALE = 1e4  # JSON value = reflectance x 1e4
 # The published files' observed values are hundreds to thousands; a median below this means
@@ -65,6 +68,11 @@ class PixelSet:
     ancillary_names: tuple[str, ...]
     classes: tuple[str, ...]
     grid_shape: tuple[int, int] | None = None
+    ancillary_units: tuple[str, ...] = ()  # per ancillary variable; default: the cube contract's units
+
+    def __post_init__(self) -> None:
+        if not self.ancillary_units:
+            object.__setattr__(self, "ancillary_units", tuple(ANCILLARY_UNITS.get(n, "") for n in self.ancillary_names))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,13 +90,15 @@ class PixelSet:
             raise TrainingDataError(f"ancillary variable(s) {', '.join(missing)} not in the "
                                     f"training data (have: {', '.join(self.ancillary_names)})")
         columns = [self.ancillary_names.index(n) for n in names]
-        return replace(self, ancillary=self.ancillary[:, columns], ancillary_names=tuple(names))
+        return replace(self, ancillary=self.ancillary[:, columns], ancillary_names=tuple(names),
+                       ancillary_units=tuple(self.ancillary_units[c] for c in columns))
 
     def save(self, path: Path, fingerprint: str = "") -> None:
         """Write atomically (temporary file, then rename): readers never see half a file."""
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.npz")
         np.savez(tmp, **{f: getattr(self, f) for f in _ARRAY_FIELDS},
                  ancillary_names=np.array(self.ancillary_names, dtype=str),
+                 ancillary_units=np.array(self.ancillary_units, dtype=str),
                  classes=np.array(self.classes, dtype=str),
                  grid_shape=np.array(self.grid_shape or (0, 0)),
                  fingerprint=np.array(fingerprint), format=np.array(CACHE_FORMAT))
@@ -105,6 +115,7 @@ class PixelSet:
                 grid = tuple(int(v) for v in data["grid_shape"])
                 return cls(**{f: data[f] for f in _ARRAY_FIELDS},
                            ancillary_names=tuple(str(v) for v in data["ancillary_names"]),
+                           ancillary_units=tuple(str(v) for v in data["ancillary_units"]),
                            classes=tuple(str(v) for v in data["classes"]),
                            grid_shape=grid if grid != (0, 0) else None)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
@@ -138,13 +149,15 @@ def spatial_block_split(height: int, width: int, block: int,
 def write_msmtu_layout(root: Path, *, square_ids: np.ndarray, values: np.ndarray,
                        masks: np.ndarray, ancillary: pd.DataFrame,
                        labels: Mapping[str, pd.DataFrame], partition: np.ndarray,
-                       metadata: Sequence[Mapping] | None = None) -> None:
+                       metadata: Sequence[Mapping] | None = None, ancillary_units: Mapping[str, str] | None = None
+                       ) -> None:
     """Write pixels in the Andalusia-MSMTU layout under ``root``.
 
     ``values`` (reflectance, 0-1) and ``masks`` are (n, 12, 7); the files hold the values
     as published, reflectance x 1e4 as integers; ``ancillary`` and each ``labels[level]`` have
     one row per pixel in ``square_ids`` order (labels: one abundance column per class);
-    ``partition`` holds indices into :data:`PARTITIONS`.
+    ``partition`` holds indices into :data:`PARTITIONS`. ``ancillary_units`` (variable -> CF
+    units) go to ``ancillary/units.json``, an addition of ours: the published table has none.
     """
     ts_dir = root / "ts_files"
     ts_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +173,8 @@ def write_msmtu_layout(root: Path, *, square_ids: np.ndarray, values: np.ndarray
     (root / "ancillary").mkdir(parents=True, exist_ok=True)
     ancillary.insert(0, "square_id", square_ids)
     ancillary.to_csv(root / "ancillary" / "topo_climatic.csv", index=False)
+    if ancillary_units is not None:
+        (root / "ancillary" / UNITS_FILE).write_text(json.dumps(dict(ancillary_units), indent=1))
 
     for level, table in labels.items():
         part_dir = root / "labels" / level / "partitions"
@@ -214,7 +229,8 @@ def read_msmtu(root: str | Path, level: str, *, cache: bool = True) -> PixelSet:
         raise TrainingDataError(f"{ancillary_csv}: missing ancillary table")
     if not (root / "ts_files").is_dir():
         raise TrainingDataError(f"{root / 'ts_files'}: missing time-series folder")
-    fingerprint = _fingerprint(root, [*files.values(), ancillary_csv])
+    units_json = root / "ancillary" / UNITS_FILE
+    fingerprint = _fingerprint(root, [*files.values(), ancillary_csv, *([units_json] if units_json.is_file() else [])])
     cache_path = root / ".msmtu_cache" / f"{level}.npz"
     if cache and (cached := PixelSet.load(cache_path, fingerprint)) is not None:
         return cached
@@ -265,7 +281,7 @@ def read_msmtu(root: str | Path, level: str, *, cache: bool = True) -> PixelSet:
     pixels = PixelSet(values=values, masks=masks, ancillary=ancillary.to_numpy(np.float32),
                       abundance=abundance, ids=labels["square_id"].to_numpy(np.int64),
                       partition=labels["_partition"].to_numpy(np.int8),
-                      ancillary_names=names, classes=classes)
+                      ancillary_names=names, classes=classes, ancillary_units=_msmtu_units(root, names))
     if cache:
         try:
             cache_path.parent.mkdir(exist_ok=True)
@@ -273,6 +289,18 @@ def read_msmtu(root: str | Path, level: str, *, cache: bool = True) -> PixelSet:
         except OSError:
             pass  # a read-only dataset is still readable, only slower next time
     return pixels
+
+
+def _msmtu_units(root: Path, names: Sequence[str]) -> tuple[str, ...]:
+    """Units of the ancillary table: ``ancillary/units.json`` where present (msmtu-batch writes
+    it), else those of the published table, whose precipitation and evapotranspiration are in a
+    unit of their own."""
+    path = root / "ancillary" / UNITS_FILE
+    try:
+        declared = json.loads(path.read_text()) if path.is_file() else MSMTU_TABLE_UNITS
+    except ValueError as exc:
+        raise TrainingDataError(f"{path}: not a JSON mapping of variable to units ({exc})") from None
+    return tuple(str(declared.get(name, "")) for name in names)
 
 
 def _check_published_units(root: Path, values: np.ndarray, masks: np.ndarray) -> None:
@@ -347,4 +375,5 @@ def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
         if ancillary else np.zeros((len(ids), 0), np.float32),
         abundance=truth[keep].astype(np.float32), ids=ids, partition=partition.ravel()[keep],
         ancillary_names=tuple(ancillary), classes=tuple(str(c) for c in abundance["class"].values),
+        ancillary_units=tuple(str(ds[n].attrs.get("units", "")) for n in ancillary),
         grid_shape=(height, width))

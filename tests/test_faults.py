@@ -481,3 +481,94 @@ def test_local_cluster_refuses_clients_without_its_credentials():
             with pytest.raises((OSError, TimeoutError)):
                 Client(attempt, timeout="3s", security=security)
         assert client.submit(sum, [1, 2]).result() == 3, "the run's own client works"
+
+
+# --- 2. data unlike the training data: the input-distribution guard and ancillary units -----------
+
+def edited_cube(region, target: Path, edit) -> Path:
+    """A copy of the region's cube with ``edit(arrays) -> arrays`` applied to its variables."""
+    from msmtu_batch.cube import write_window
+
+    cube = copy_of(region.cube, target)
+    names = ["reflectance", "precipitation"]
+    arrays = {name: zarr.open_array(cube / name, mode="r")[...] for name in names}
+    write_window(cube, edit(arrays), slice(None))
+    return cube
+
+
+GUARD = (r"(?P<cube>.+): chunk y \d+:\d+, x \d+:\d+: (?P<what>.+) has mean (?P<mean>\S+)(?P<unit> [^()]+)? where "
+         r"the model's training data has \S+ \+/- \S+(?P=unit)? \((?P<z>[-+]\d+\.\d) standard deviations, limit "
+         r"(?P<limit>\d+)\); check "
+         r"its units and band order, or pass --out-of-distribution flag to map it with quality_flag 2")
+
+
+def swap_red_and_nir(arrays: dict) -> dict:
+    return {"reflectance": arrays["reflectance"][:, [1, 0, 2, 3, 4, 5, 6]]}
+
+
+def reflectance_scaled_twice(arrays: dict) -> dict:
+    refl = arrays["reflectance"]
+    return {"reflectance": np.where(refl == REFLECTANCE_FILL, refl, np.rint(refl * 1e-4)).astype(np.int16)}
+
+
+def precipitation_in_table_units(arrays: dict) -> dict:
+    return {"precipitation": arrays["precipitation"] * np.float32(6.2)}  # about the research table's 3,400
+
+
+@pytest.mark.parametrize(("edit", "what"), [(swap_red_and_nir, "band sur_refl_b0[12] \\((red|nir1)\\)"),
+                                            (reflectance_scaled_twice, "band sur_refl_b0\\d \\(\\w+\\)"),
+                                            (precipitation_in_table_units, "ancillary 'precipitation'")])
+def test_inputs_unlike_the_training_data_stop_the_run_or_are_flagged(region, model, edit, what, tmp_path):
+    cube = edited_cube(region, tmp_path / "cube.zarr", edit)
+    line = one_line_error(cli("run", "--cube", cube, "--model", model, "--out", tmp_path / "out.zarr", "--chunk",
+                              CHUNK))
+    match = re.fullmatch(GUARD, line)
+    assert match and match["cube"] == str(cube) and re.fullmatch(what, match["what"]), line
+    assert abs(float(match["z"])) > float(match["limit"])
+    assert not (tmp_path / "out.zarr").exists()
+    # asked to go on, the run maps every chunk and flags the pixels it estimated
+    summary = run(cube, model, tmp_path / "flagged.zarr", config=RunConfig(chunk=CHUNK, out_of_distribution="flag"))
+    flags = open_output(tmp_path / "flagged.zarr")["quality_flag"].values
+    assert summary.valid_pixels == int((flags == 2).sum()) > 0 and set(np.unique(flags)) <= {1, 2}
+
+
+def test_statistics_in_the_wrong_unit_are_caught_by_the_guard(region, model, tmp_path):
+    """The failure mode of the research layout's units: band statistics x 1e4 labelled as reflectance."""
+    artifact = load_artifact(model)
+    stats = {"band_mean": artifact.band_stats.mean * 1e4, "band_std": artifact.band_stats.std * 1e4}
+    import torch
+
+    path = rewritten(model, tmp_path / "x1e4.safetensors", tensors_update={k: torch.from_numpy(v)
+                                                                         for k, v in stats.items()})
+    with pytest.raises(MsmtuError) as err:
+        run(region.cube, path, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK))
+    match = re.fullmatch(GUARD, str(err.value))
+    assert match and match["what"].startswith("band ") and float(match["z"]) < -4, str(err.value)
+
+
+def test_ancillary_units_are_converted_or_refused_by_name(region, model, clean_output, tmp_path):
+    # precipitation declared and stored in metres per year: converted to the model's mm year-1
+    cube = edited_cube(region, tmp_path / "metres.zarr", lambda a: {"precipitation": a["precipitation"] / 1000})
+    attrs_path = cube / "precipitation" / "zarr.json"
+    meta = json.loads(attrs_path.read_text())
+    meta["attributes"]["units"] = "m year-1"
+    attrs_path.write_text(json.dumps(meta))
+    run(cube, model, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK))
+    np.testing.assert_allclose(open_output(tmp_path / "out.zarr")["abundance"].values,
+                               open_output(clean_output)["abundance"].values, atol=1e-5)
+    # no units at all: the cube contract asks for them
+    meta["attributes"].pop("units")
+    attrs_path.write_text(json.dumps(meta))
+    assert one_line_error(cli("validate", cube)) == (f"{cube}: variable 'precipitation': expected a CF units "
+                                                     "attribute (e.g. 'mm year-1'), found none")
+    # a model trained on the published table (precipitation in its own unit) meets mm year-1
+    root = copy_of(region.msmtu, tmp_path / "published")
+    (root / "ancillary" / "units.json").unlink()
+    shutil.rmtree(root / ".msmtu_cache", ignore_errors=True)
+    published = save_artifact(train(read_msmtu(root, "level2"), "level2", SMALL_MODEL).artifact,
+                              tmp_path / "published.safetensors")
+    assert load_artifact(published).ancillary_units[4] == "Andalusia-MSMTU table units"
+    line = one_line_error(cli("run", "--cube", region.cube, "--model", published, "--out", tmp_path / "p.zarr"))
+    assert line == (f"{region.cube}: variable 'precipitation' is in 'mm year-1' but the model's statistics are in "
+                    "'Andalusia-MSMTU table units', which cannot be converted; give the data in 'Andalusia-MSMTU "
+                    "table units' or train on data in its units")

@@ -311,6 +311,25 @@ def test_coarse_climate_is_interpolated_and_fine_climate_averaged(tmp_path):
     np.testing.assert_allclose(values["temperature_max"], np.broadcast_to(centres_km, (10, 12)), rtol=1e-5)
 
 
+def test_climate_units_are_declared_or_read_and_converted(tmp_path):
+    grid = (rasterio.crs.CRS.from_epsg(25830), from_origin(300000, 4300000, 5000, 5000), 10, 12)
+    transform = from_origin(250000, 4350000, 1000, 1000)
+    monthly = write_raster(tmp_path / "pre.tif", np.full((300, 400), 50.0, np.float32), "EPSG:25830", transform)
+    kelvin = write_raster(tmp_path / "tave.tif", np.full((300, 400), 290.0, np.float32), "EPSG:25830", transform)
+    with rasterio.open(kelvin, "r+") as raster:
+        raster.set_band_unit(1, "K")  # the raster says its unit; precipitation's is declared
+    sources = AncillarySources(climate={"precipitation": str(monthly), "temperature_ave": str(kelvin)},
+                               climate_units={"precipitation": "mm month-1"}).check()
+    assert sources.climate_units == {"precipitation": "mm month-1", "temperature_ave": "K"}
+    values = chunk_ancillary(sources, *grid)
+    np.testing.assert_allclose(values["precipitation"], 600.0, rtol=1e-6)  # mm year-1
+    np.testing.assert_allclose(values["temperature_ave"], 290.0 - 273.15, rtol=1e-5)  # degC
+    with pytest.raises(MsmtuError) as err:
+        AncillarySources(climate={"precipitation": str(monthly)}, climate_units={"precipitation": "degC"}).check()
+    assert str(err.value) == (f"{monthly}: precipitation in 'degC' cannot be converted to the cube's 'mm year-1'; "
+                              "declare its units with --climate-units precipitation=UNITS")
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 def one_granule(folder: Path, start=STARTS[0], tile=(17, 5), **kwargs) -> Path:
@@ -406,13 +425,20 @@ def test_ingest_then_run_from_the_command_line(granules, region, tmp_path):
                            "--model", str(model), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ancillary longitude, latitude, altitude, slope, precipitation" in done.stdout
+    # the granules lie far from the simulated region the model was trained on: the guard stops the
+    # run, and mapping it anyway flags every estimated pixel
     done = subprocess.run([BIN / "msmtu-batch", "run", "--cube", str(cube), "--model", str(model), "--out", str(out),
                            "--chunk", "16"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "standard deviations" in done.stderr.splitlines()[-1], done.stderr
+    done = subprocess.run([BIN / "msmtu-batch", "run", "--cube", str(cube), "--model", str(model), "--out", str(out),
+                           "--chunk", "16", "--out-of-distribution", "flag"], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     result = xr.open_zarr(out, consolidated=False)
     observed = (xr.open_zarr(cube, consolidated=False)["clear_count"] > 0).any("time").values
     estimated = np.isfinite(result["abundance"].values).all(axis=0)
     assert estimated.sum() > 100 and not estimated[~observed].any()
+    assert (result["quality_flag"].values[estimated] == 2).all()
 
 
 def test_workflow_ingest_section_is_a_valid_ingest_config():
