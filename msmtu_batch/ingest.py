@@ -18,6 +18,8 @@ says ``incomplete`` (such a store fails cube validation), marked complete and re
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -45,6 +47,7 @@ from msmtu_batch.ancillary import AncillarySources, chunk_ancillary, source_of
 from msmtu_batch.clusters import connect
 from msmtu_batch.composite import CompositeRule, composite_months
 from msmtu_batch.cube import (
+    ALL_CHUNKS_ATTR,
     ANCILLARY_UNITS,
     BAND_NAMES,
     INGEST_STATUS_ATTR,
@@ -59,6 +62,7 @@ from msmtu_batch.cube import (
 )
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.modis import COMPOSITE_DAYS, ReflectanceSource, SourceGrid, open_reflectance
+from msmtu_batch.outputs import check_output_path, check_replaceable, output_lock
 from msmtu_batch.tiling import ChunkWindow, chunk_windows, covering_window, peak_memory_mib
 
 COUNT_VARIABLE = "clear_count"
@@ -325,63 +329,96 @@ def _check_model_needs(model: Path, available: tuple[str, ...]) -> None:
                          f"given sources do not provide (add {how})")
 
 
+def _source_record(config: IngestConfig, source: ReflectanceSource) -> dict[str, str]:
+    """What the cube was made from: every source file's path, size, modification time and
+    sha256, and a content id over those digests and the settings, so that a cube re-ingested
+    from changed sources never passes for the old one."""
+    files = [*source.files, *(str(p) for p in (config.dem, config.region, config.manifest, *config.climate.values())
+                             if p is not None)]
+    record = []
+    for path in map(Path, files):
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        stat = path.stat()
+        record.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
+    settings = config.model_dump_json(exclude={"inputs", "manifest", "region", "dem", "climate"})
+    content = hashlib.sha256(json.dumps([[r["sha256"] for r in record], settings]).encode()).hexdigest()
+    return {"source_files_record": json.dumps(record), "content_id": f"sha256:{content}"}
+
+
+def _written_by_us(store: Path) -> bool:
+    try:
+        attrs = zarr.open_group(store, mode="r").attrs
+    except Exception:
+        return False
+    return bool(attrs.get(ALL_CHUNKS_ATTR)) or "msmtu-batch" in str(attrs.get("title", ""))
+
+
 def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = None,
            scheduler: str | None = None, overwrite: bool = False,
            progress: Callable[[Iterator, int], Iterator] | None = None) -> IngestSummary:
     """Build the input cube ``out`` (see the module docstring)."""
     start_time = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise MsmtuError(f"{out} exists; pass --overwrite to replace it")
-    source = open_reflectance(config.inputs, config.manifest)
-    year = config.year or _infer_year(source)
-    _check_year(source, year)
-    sources = config.ancillary_sources().check()
-    names = sources.names()
-    if model is not None:
-        _check_model_needs(Path(model), names)
-    region = _read_region(config.region) if config.region else None
-    grid = plan_grid(source.grid, config, region)
-    inside = None
-    if region is not None:
-        inside = geometry_mask(region.to_crs(grid.crs).geometry, (grid.height, grid.width), grid.transform,
-                               invert=True)
-        if not inside.any():
-            raise MsmtuError(f"{config.region}: boundary covers no pixel centre of the {grid.width} x "
-                             f"{grid.height} grid")
-
-    staging = out.with_name(f".{out.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)  # an interrupted ingest: start over
-    attrs = {
-        "title": "MODIS monthly surface reflectance cube (msmtu-batch ingest)",
-        "Conventions": "CF-1.8", "software_version": __version__, "year": year,
-        "source_kind": source.kind, "source_files": len(source.files),
-        "observations": len(source.observations), "composite_rule": str(config.composite),
-        "qa_rejected": "StateQA cloud state 01 (cloudy) or 10 (mixed), bit 2 cloud shadow, bit 12 MOD35 "
-                       "snow/ice, bit 15 internal snow; any band outside -100..16000",
-        "resampling": "none (native grid)" if grid.native_offset is not None else config.resampling,
-        "region": str(config.region) if config.region else "none",
-        "ancillary_variables": ", ".join(names), INGEST_STATUS_ATTR: "incomplete",
-    }
-    _create_store(staging, grid, year, names, config.chunk, attrs, sources.climate_units)
-    spec = IngestSpec(source, grid, year, config.composite, config.resampling, sources, str(staging))
-    windows = chunk_windows(grid.height, grid.width, config.chunk)
-    peaks: dict[str, float] = {}
-    observed = 0
-    with connect(scheduler) as client:
-        futures = [client.submit(ingest_chunk, spec, w,
-                                 None if inside is None else inside[w.y0:w.y1, w.x0:w.x1],
-                                 key=f"msmtu-ingest-{out.name}-{w.name}", pure=False, retries=1)
-                   for w in windows]
-        finished = as_completed(futures, with_results=True)
-        for _future, result in (progress(finished, len(futures)) if progress else finished):
-            observed += result["observed"]
-            peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
-    zarr.open_group(staging, mode="r+").attrs[INGEST_STATUS_ATTR] = "complete"
-    open_input_cube(staging, ancillary=names, read_values=False)  # the contract, before it is published
+    out = Path(out).resolve()
+    check_output_path(out, [*(("input", path) for path in config.inputs), ("manifest", config.manifest),
+                            ("region", config.region), ("DEM", config.dem), ("model", model),
+                            *((f"{name} raster", path) for name, path in config.climate.items())])
     if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return IngestSummary(out, grid.height, grid.width, len(source.observations), observed, len(windows),
-                         time.perf_counter() - start_time, names, peaks)
+        if not overwrite:
+            raise MsmtuError(f"{out} exists; pass --overwrite to replace it")
+        check_replaceable(out, _written_by_us(out), "msmtu-batch cube")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        source = open_reflectance(config.inputs, config.manifest)
+        year = config.year or _infer_year(source)
+        _check_year(source, year)
+        sources = config.ancillary_sources().check()
+        names = sources.names()
+        if model is not None:
+            _check_model_needs(Path(model), names)
+        region = _read_region(config.region) if config.region else None
+        grid = plan_grid(source.grid, config, region)
+        inside = None
+        if region is not None:
+            inside = geometry_mask(region.to_crs(grid.crs).geometry, (grid.height, grid.width), grid.transform,
+                                   invert=True)
+            if not inside.any():
+                raise MsmtuError(f"{config.region}: boundary covers no pixel centre of the {grid.width} x "
+                                 f"{grid.height} grid")
+
+        staging = out.with_name(f".{out.name}.partial")
+        if staging.exists():
+            shutil.rmtree(staging)  # an interrupted ingest: start over
+        attrs = {
+            "title": "MODIS monthly surface reflectance cube (msmtu-batch ingest)",
+            "Conventions": "CF-1.8", "software_version": __version__, "year": year,
+            "source_kind": source.kind, "source_files": len(source.files),
+            "observations": len(source.observations), "composite_rule": str(config.composite),
+            "qa_rejected": "StateQA cloud state 01 (cloudy) or 10 (mixed), bit 2 cloud shadow, bit 12 MOD35 "
+                           "snow/ice, bit 15 internal snow; any band outside -100..16000",
+            "resampling": "none (native grid)" if grid.native_offset is not None else config.resampling,
+            "region": str(config.region) if config.region else "none",
+            "ancillary_variables": ", ".join(names), INGEST_STATUS_ATTR: "incomplete",
+            **_source_record(config, source),
+        }
+        _create_store(staging, grid, year, names, config.chunk, attrs, sources.climate_units)
+        spec = IngestSpec(source, grid, year, config.composite, config.resampling, sources, str(staging))
+        windows = chunk_windows(grid.height, grid.width, config.chunk)
+        peaks: dict[str, float] = {}
+        observed = 0
+        with connect(scheduler) as client:
+            futures = [client.submit(ingest_chunk, spec, w,
+                                     None if inside is None else inside[w.y0:w.y1, w.x0:w.x1],
+                                     key=f"msmtu-ingest-{out.name}-{w.name}", pure=False, retries=1)
+                       for w in windows]
+            finished = as_completed(futures, with_results=True)
+            for _future, result in (progress(finished, len(futures)) if progress else finished):
+                observed += result["observed"]
+                peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
+        zarr.open_group(staging, mode="r+").attrs[INGEST_STATUS_ATTR] = "complete"
+        open_input_cube(staging, ancillary=names, read_values=False)  # the contract, before it is published
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        return IngestSummary(out, grid.height, grid.width, len(source.observations), observed, len(windows),
+                             time.perf_counter() - start_time, names, peaks)

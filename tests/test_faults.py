@@ -14,6 +14,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,18 +40,49 @@ CHUNK = 24  # 3 x 4 = 12 chunks on the 72 x 96 test region
 SMALL_MODEL = TrainConfig(epochs=2, hidden=16, embed=8, head_hidden=16, batch_size=128)
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "msmtu-batch"), *map(str, args)], capture_output=True, text=True,
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: object) -> Done:
+    """The command line in this process (typer's runner): the same error handling as the
+    installed command, without a new interpreter per call."""
+    from typer.testing import CliRunner
+
+    from msmtu_batch.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return Done(result.exit_code, result.stdout, result.stderr)
+
+
+def cli_process(*args: object, timeout: int = 300) -> Done:
+    """The installed command in its own process: where what the process prints is the point."""
+    done = subprocess.run([str(BIN / "msmtu-batch"), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+    return Done(done.returncode, done.stdout, done.stderr)
 
 
-def one_line_error(result: subprocess.CompletedProcess) -> str:
+def one_line_error(result: Done) -> str:
     """The single line a refused command prints (exit 2, no traceback)."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("msmtu-batch: error: "), result.stderr
     return lines[-1].removeprefix("msmtu-batch: error: ")
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """One real LocalCluster (2 worker processes on 127.0.0.1) for this module's runs: the runs
+    under test connect to it, as to an operator's scheduler, rather than each starting one."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +94,9 @@ def model(region, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean_output(region, model, tmp_path_factory) -> Path:
+def clean_output(region, model, scheduler, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("msmtu-run") / "out.zarr"
-    run(region.cube, model, out, config=RunConfig(chunk=CHUNK))
+    run(region.cube, model, out, config=RunConfig(chunk=CHUNK), scheduler=scheduler)
     return out
 
 
@@ -158,7 +192,7 @@ def xarray_default_copy(cube: Path, target: Path, zarr_format: int) -> Path:
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_cubes_written_by_xarray_with_default_codecs_validate_train_and_run(region, model, clean_output, zarr_format,
-                                                                            tmp_path):
+                                                                            scheduler, tmp_path):
     store = xarray_default_copy(region.cube, tmp_path / "cube.zarr", zarr_format)
     if zarr_format == 2:
         assert (store / "reflectance" / ".zarray").is_file(), "a Zarr v2 store with xarray's default compressor"
@@ -167,7 +201,7 @@ def test_cubes_written_by_xarray_with_default_codecs_validate_train_and_run(regi
                  "none", "--epochs", "1", "--hidden", "8", "--out", tmp_path / "m.safetensors")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out.zarr"
-    run(store, model, out, config=RunConfig(chunk=CHUNK))
+    run(store, model, out, config=RunConfig(chunk=CHUNK), scheduler=scheduler)
     assert (out / "abundance" / "zarr.json").is_file(), "outputs are the project's own Zarr v3"
     got, expected = open_output(out), open_output(clean_output)
     for name in ("abundance", "dominant_class", "uncertainty", "valid_fraction", "quality_flag"):
@@ -188,13 +222,13 @@ def copy_of(store: Path, target: Path) -> Path:
     return target
 
 
-def test_absent_input_chunk_is_named_not_read_as_zero(region, model, tmp_path):
+def test_absent_input_chunk_is_named_not_read_as_zero(region, model, scheduler, tmp_path):
     cube = copy_of(region.cube, tmp_path / "cube.zarr")
     (cube / "reflectance" / "c" / "0" / "0" / "1" / "2").unlink()
     message = (f"{cube}: variable 'reflectance': chunk y 32:64, x 64:96 (c/0/0/1/2) is absent (the store was "
                "written with every chunk)")
     with pytest.raises(MsmtuError) as err:
-        run(cube, model, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK))
+        run(cube, model, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK), scheduler=scheduler)
     assert str(err.value) == message
     assert not (tmp_path / "out.zarr").exists()
     assert one_line_error(cli("validate", cube)) == message
@@ -203,7 +237,7 @@ def test_absent_input_chunk_is_named_not_read_as_zero(region, model, tmp_path):
     assert zarr.open_array(other / "reflectance", mode="r").fill_value == 0
     (other / "reflectance" / "c" / "0" / "0" / "0" / "1").unlink()
     with pytest.raises(MsmtuError) as err:
-        run(other, model, tmp_path / "out2.zarr", config=RunConfig(chunk=CHUNK))
+        run(other, model, tmp_path / "out2.zarr", config=RunConfig(chunk=CHUNK), scheduler=scheduler)
     assert str(err.value) == (f"{other}: variable 'reflectance': chunk y 0:32, x 32:64 (c/0/0/0/1) is absent "
                               "(Zarr would read it as 0, not as missing data)")
 
@@ -214,7 +248,7 @@ def test_corrupted_chunk_fails_its_checksum_and_is_named(region, model, tmp_path
     data = bytearray(chunk.read_bytes())
     data[100:164] = bytes(b ^ 0xFF for b in data[100:164])  # 64 flipped bytes
     chunk.write_bytes(bytes(data))
-    result = cli("run", "--cube", cube, "--model", model, "--out", tmp_path / "out.zarr", "--chunk", CHUNK)
+    result = cli_process("run", "--cube", cube, "--model", model, "--out", tmp_path / "out.zarr", "--chunk", CHUNK)
     line = one_line_error(result)
     assert line.startswith(f"{cube}: variable 'reflectance': chunk y 32:64, x 64:96 (c/0/0/1/2) is unreadable ("), line
     assert "checksum" in line
@@ -224,10 +258,10 @@ def test_corrupted_chunk_fails_its_checksum_and_is_named(region, model, tmp_path
 
 # --- 6. identity follows content; 12. a complete output is re-verified ----------------------------
 
-def test_changed_input_is_never_reported_complete(region, model, clean_output, tmp_path):
+def test_changed_input_is_never_reported_complete(region, model, clean_output, scheduler, tmp_path):
     cube = copy_of(region.cube, tmp_path / "cube.zarr")
     out = copy_of(clean_output, tmp_path / "out.zarr")
-    args = ("run", "--cube", cube, "--model", model, "--out", out, "--chunk", CHUNK)
+    args = ("run", "--cube", cube, "--model", model, "--out", out, "--chunk", CHUNK, "--scheduler", scheduler)
     # a copied input with the same content: the output made from the original is complete
     assert "already complete" in cli(*args).stdout
     # edited in place, same shape and metadata (as a re-ingest would): refused, then recomputed
@@ -245,7 +279,8 @@ def test_changed_input_is_never_reported_complete(region, model, clean_output, t
 
 
 @pytest.mark.parametrize("damage", ["deleted", "emptied by a power cut", "bit rot"])
-def test_damaged_complete_output_is_recomputed_where_damaged(region, model, clean_output, damage, tmp_path):
+def test_damaged_complete_output_is_recomputed_where_damaged(region, model, clean_output, damage, scheduler,
+                                                             tmp_path):
     out = copy_of(clean_output, tmp_path / "out.zarr")
     chunk = out / "abundance" / "c" / "0" / "1" / "2"
     if damage == "deleted":
@@ -256,7 +291,7 @@ def test_damaged_complete_output_is_recomputed_where_damaged(region, model, clea
         chunk.write_bytes(bytes(data))
     else:
         chunk.write_bytes(b"")
-    summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK))
+    summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK), scheduler=scheduler)
     assert not summary.already_complete and summary.computed_chunks == 1
     assert zarr_files(out) == zarr_files(clean_output)
 
@@ -291,7 +326,7 @@ def test_overwrite_never_touches_the_input_or_foreign_folders(region, model, tmp
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from msmtu_batch.pipeline import output_lock
+from msmtu_batch.outputs import output_lock
 with output_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -299,7 +334,7 @@ with output_lock(Path(sys.argv[1])):
 
 
 def test_second_run_on_the_same_output_stops_and_a_dead_runs_lock_is_taken_over(region, model, clean_output,
-                                                                              tmp_path):
+                                                                              scheduler, tmp_path):
     out = tmp_path / "out.zarr"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -314,7 +349,7 @@ def test_second_run_on_the_same_output_stops_and_a_dead_runs_lock_is_taken_over(
         holder.wait()
     assert (tmp_path / ".out.zarr.lock").exists()
     result = cli("run", "--cube", region.cube, "--model", model, "--out", out, "--chunk", CHUNK,
-                 "--cog", tmp_path / "cogs")
+                 "--cog", tmp_path / "cogs", "--scheduler", scheduler)
     assert result.returncode == 0, result.stderr
     assert zarr_files(out) == zarr_files(clean_output)
     assert not (tmp_path / ".out.zarr.lock").exists(), "the lock is released at the end"
@@ -324,34 +359,36 @@ def test_second_run_on_the_same_output_stops_and_a_dead_runs_lock_is_taken_over(
 
 # --- 9. every failure a user can cause: one line, exit 2, before the heavy work -------------------
 
-def mount_tmpfs(folder: Path, options: str) -> None:
+@contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A small file system of its own at ``folder`` (root can mount one; elsewhere: skipped)."""
     folder.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
                             text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 KiB file system: room for a store's metadata, not for its chunks."""
-    folder = tmp_path / "disk"
-    mount_tmpfs(folder, "size=64k")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=True)
+    with tmpfs(tmp_path / "disk", "size=64k") as folder:
+        yield folder
 
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    folder = tmp_path / "ro"
-    mount_tmpfs(folder, "ro,size=64k")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=True)
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as folder:
+        yield folder
 
 
 def test_full_disk_ends_in_one_line_and_resumes_elsewhere(region, model, small_disk, clean_output):
-    line = one_line_error(cli("run", "--cube", region.cube, "--model", model, "--out", small_disk / "out.zarr",
-                              "--chunk", CHUNK))
+    line = one_line_error(cli_process("run", "--cube", region.cube, "--model", model, "--out",
+                                      small_disk / "out.zarr", "--chunk", CHUNK))
     assert "No space left on device" in line and str(small_disk) in line, line
     assert not (small_disk / "out.zarr").exists(), "nothing incomplete at the final path"
 
@@ -394,7 +431,7 @@ def test_truncated_zarr_json_is_named(region, model, tmp_path):
         assert line.startswith(f"{cube}: variable 'reflectance': unreadable metadata {metadata} ("), line
 
 
-def test_one_pixel_region_exports_valid_cogs(region, model, tmp_path):
+def test_one_pixel_region_exports_valid_cogs(region, model, scheduler, tmp_path):
     import rasterio
     from rio_cogeo.cogeo import cog_validate
 
@@ -404,7 +441,7 @@ def test_one_pixel_region_exports_valid_cogs(region, model, tmp_path):
 
     write_input_cube(pixel, tmp_path / "pixel.zarr")
     result = cli("run", "--cube", tmp_path / "pixel.zarr", "--model", model, "--out", tmp_path / "o.zarr",
-                 "--cog", tmp_path / "cogs")
+                 "--cog", tmp_path / "cogs", "--scheduler", scheduler)
     assert result.returncode == 0, result.stderr
     with rasterio.open(tmp_path / "cogs" / "abundance.tif") as raster:
         assert raster.shape == (1, 1)
@@ -518,21 +555,22 @@ def precipitation_in_table_units(arrays: dict) -> dict:
 @pytest.mark.parametrize(("edit", "what"), [(swap_red_and_nir, "band sur_refl_b0[12] \\((red|nir1)\\)"),
                                             (reflectance_scaled_twice, "band sur_refl_b0\\d \\(\\w+\\)"),
                                             (precipitation_in_table_units, "ancillary 'precipitation'")])
-def test_inputs_unlike_the_training_data_stop_the_run_or_are_flagged(region, model, edit, what, tmp_path):
+def test_inputs_unlike_the_training_data_stop_the_run_or_are_flagged(region, model, edit, what, scheduler, tmp_path):
     cube = edited_cube(region, tmp_path / "cube.zarr", edit)
     line = one_line_error(cli("run", "--cube", cube, "--model", model, "--out", tmp_path / "out.zarr", "--chunk",
-                              CHUNK))
+                              CHUNK, "--scheduler", scheduler))
     match = re.fullmatch(GUARD, line)
     assert match and match["cube"] == str(cube) and re.fullmatch(what, match["what"]), line
     assert abs(float(match["z"])) > float(match["limit"])
     assert not (tmp_path / "out.zarr").exists()
     # asked to go on, the run maps every chunk and flags the pixels it estimated
-    summary = run(cube, model, tmp_path / "flagged.zarr", config=RunConfig(chunk=CHUNK, out_of_distribution="flag"))
+    summary = run(cube, model, tmp_path / "flagged.zarr", config=RunConfig(chunk=CHUNK, out_of_distribution="flag"),
+                  scheduler=scheduler)
     flags = open_output(tmp_path / "flagged.zarr")["quality_flag"].values
     assert summary.valid_pixels == int((flags == 2).sum()) > 0 and set(np.unique(flags)) <= {1, 2}
 
 
-def test_statistics_in_the_wrong_unit_are_caught_by_the_guard(region, model, tmp_path):
+def test_statistics_in_the_wrong_unit_are_caught_by_the_guard(region, model, scheduler, tmp_path):
     """The failure mode of the research layout's units: band statistics x 1e4 labelled as reflectance."""
     artifact = load_artifact(model)
     stats = {"band_mean": artifact.band_stats.mean * 1e4, "band_std": artifact.band_stats.std * 1e4}
@@ -541,19 +579,19 @@ def test_statistics_in_the_wrong_unit_are_caught_by_the_guard(region, model, tmp
     path = rewritten(model, tmp_path / "x1e4.safetensors", tensors_update={k: torch.from_numpy(v)
                                                                          for k, v in stats.items()})
     with pytest.raises(MsmtuError) as err:
-        run(region.cube, path, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK))
+        run(region.cube, path, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK), scheduler=scheduler)
     match = re.fullmatch(GUARD, str(err.value))
     assert match and match["what"].startswith("band ") and float(match["z"]) < -4, str(err.value)
 
 
-def test_ancillary_units_are_converted_or_refused_by_name(region, model, clean_output, tmp_path):
+def test_ancillary_units_are_converted_or_refused_by_name(region, model, clean_output, scheduler, tmp_path):
     # precipitation declared and stored in metres per year: converted to the model's mm year-1
     cube = edited_cube(region, tmp_path / "metres.zarr", lambda a: {"precipitation": a["precipitation"] / 1000})
     attrs_path = cube / "precipitation" / "zarr.json"
     meta = json.loads(attrs_path.read_text())
     meta["attributes"]["units"] = "m year-1"
     attrs_path.write_text(json.dumps(meta))
-    run(cube, model, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK))
+    run(cube, model, tmp_path / "out.zarr", config=RunConfig(chunk=CHUNK), scheduler=scheduler)
     np.testing.assert_allclose(open_output(tmp_path / "out.zarr")["abundance"].values,
                                open_output(clean_output)["abundance"].values, atol=1e-5)
     # no units at all: the cube contract asks for them

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -218,6 +219,20 @@ def test_mosaic_of_two_tiles_has_no_gap_or_duplicate(granules, tmp_path, schedul
                                                               abs=1e-4)
     assert ds.attrs["ancillary_variables"] == "longitude, latitude"
     assert ds.attrs["composite_rule"] == "median"
+    # provenance: every granule with its digest, and a content id that follows the bytes
+    import hashlib
+    import json
+
+    record = json.loads(ds.attrs["source_files_record"])
+    assert sorted(Path(r["path"]).name for r in record) == sorted(p.name for p in granules.iterdir())
+    first = Path(record[0]["path"])
+    assert record[0]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    changed = tmp_path / "changed"
+    shutil.copytree(granules, changed)
+    (changed / first.name).write_bytes(first.read_bytes() + b"\0")  # same granule, one byte more
+    again = ingest(IngestConfig(inputs=[changed], chunk=16), tmp_path / "again.zarr", scheduler=scheduler)
+    attrs = xr.open_zarr(again.out, consolidated=False).attrs
+    assert attrs["content_id"].startswith("sha256:") and attrs["content_id"] != ds.attrs["content_id"]
 
 
 def test_reprojected_grid_takes_the_nearest_source_pixel_inside_the_region(granules, tmp_path, scheduler):
