@@ -456,6 +456,74 @@ def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity
     _write_manifest(store, {**identity, "run_id": run_id, "complete": False})
 
 
+def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[ChunkWindow], overwrite: bool) -> bool:
+    """Decide what existing stores mean for this run: True when ``out`` is a complete, intact
+    output of this very run (re-verified, not trusted blindly). Otherwise leave a staging store
+    to resume (this run's, or the complete output moved back with its damaged chunks
+    unmarked) or none, deleting only stores msmtu-batch wrote and, with work in them, only
+    with ``overwrite``."""
+    if out.exists():
+        manifest = _read_manifest(out)
+        check_replaceable(out, manifest is not None)
+        if _same_run(manifest, identity) and manifest.get("complete") and not overwrite:
+            damaged = damaged_chunks(out, windows)
+            if not damaged:
+                return True
+            # recompute only the damaged chunks: back to staging, their markers dropped
+            if staging.exists():
+                check_replaceable(staging, _read_manifest(staging) is not None)
+                shutil.rmtree(staging)
+            out.rename(staging)
+            _write_manifest(staging, {**manifest, "complete": False})
+            for window in damaged:
+                shutil.rmtree(_marker(staging, window).parent)
+        elif not overwrite:
+            raise MsmtuError(f"{out} exists and was made from another model, input or settings; "
+                             "pass --overwrite to replace it")
+    if staging.exists():
+        manifest = _read_manifest(staging)
+        check_replaceable(staging, manifest is not None)
+        if not _same_run(manifest, identity):
+            finished = any(p.is_dir() for p in (staging / DONE_GROUP).glob("*"))
+            if finished and not overwrite:  # without a finished chunk there is nothing to lose
+                raise MsmtuError(f"{staging} holds an interrupted run of another model, input or settings; "
+                                 "pass --overwrite to discard it")
+            shutil.rmtree(staging)
+    return False
+
+
+def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
+                    progress: Callable[[Iterator, int], Iterator] | None
+                    ) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
+    """Submit the chunks to the cluster and wait for them; stop at the first failure the user
+    can cause, with its line. Returns per worker: model loads, peak memory, chunks prepared."""
+    if has_gpu_workers(client):  # prepare on any CPU, estimate on the workers holding GPU=1
+        prepared = [client.submit(prepare_task, spec, w, key=f"msmtu-prepare-{run_id}-{w.name}", pure=False,
+                                  retries=2) for w in todo]
+        futures = [client.submit(estimate_task, spec, w, p, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
+                                 resources={"GPU": 1}, retries=2) for w, p in zip(todo, prepared)]
+        del prepared  # each prepared chunk is freed once its estimate is written
+    else:
+        futures = [client.submit(process_chunk, spec, w, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
+                                 retries=2) for w in todo]
+    workers: dict[str, int] = {}
+    peaks: dict[str, float] = {}
+    prepared_by: dict[str, int] = {}
+    # results are fetched one at a time (small dicts): nothing is in flight when a failure stops
+    # the loop, so closing the cluster then logs no broken transfers over the line
+    finished = as_completed(futures)
+    for future in (progress(finished, len(futures)) if progress else finished):
+        result = future.result()
+        if "error" in result:  # bad input or a full disk: stop at the first, with its line
+            client.cancel(futures)
+            raise MsmtuError(result["error"])
+        workers[result["worker"]] = max(workers.get(result["worker"], 0), result["model_loads"])
+        peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
+        if "prepared_by" in result:
+            prepared_by[result["prepared_by"]] = prepared_by.get(result["prepared_by"], 0) + 1
+    return workers, peaks, prepared_by
+
+
 def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConfig | None = None,
         scheduler: str | None = None, overwrite: bool = False, cog_dir: str | Path | None = None,
         performance_report: str | Path | None = None,
@@ -484,36 +552,12 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         windows = chunk_windows(height, width, config.chunk)
 
         staging = out.with_name(f".{out.name}.partial")
-        if out.exists():
+        if _reuse_or_clear(out, staging, identity, windows, overwrite):
+            if cog_dir is not None:
+                export_cogs(out, cog_dir)
             manifest = _read_manifest(out)
-            check_replaceable(out, manifest is not None)
-            if _same_run(manifest, identity) and manifest.get("complete") and not overwrite:
-                damaged = damaged_chunks(out, windows)  # re-verified, not trusted blindly
-                if not damaged:
-                    if cog_dir is not None:
-                        export_cogs(out, cog_dir)
-                    return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
-                                      time.perf_counter() - start, already_complete=True)
-                # recompute only the damaged chunks: back to staging, their markers dropped
-                if staging.exists():
-                    check_replaceable(staging, _read_manifest(staging) is not None)
-                    shutil.rmtree(staging)
-                out.rename(staging)
-                _write_manifest(staging, {**manifest, "complete": False})
-                for window in damaged:
-                    shutil.rmtree(_marker(staging, window).parent)
-            elif not overwrite:
-                raise MsmtuError(f"{out} exists and was made from another model, input or settings; "
-                                 "pass --overwrite to replace it")
-        if staging.exists():
-            manifest = _read_manifest(staging)
-            check_replaceable(staging, manifest is not None)
-            if not _same_run(manifest, identity):
-                finished = any(p.is_dir() for p in (staging / DONE_GROUP).glob("*"))
-                if finished and not overwrite:  # without a finished chunk there is nothing to lose
-                    raise MsmtuError(f"{staging} holds an interrupted run of another model, input or settings; "
-                                     "pass --overwrite to discard it")
-                shutil.rmtree(staging)
+            return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
+                              time.perf_counter() - start, already_complete=True)
         if not staging.exists():
             _create_store(staging, ds, artifact, identity, run_id, config, model)
 
@@ -522,36 +566,13 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         for window in damaged_chunks(staging, [w for w in windows if chunk_stats(staging, w) is not None]):
             shutil.rmtree(_marker(staging, window).parent)
         todo = [w for w in windows if chunk_stats(staging, w) is None]
-        workers: dict[str, int] = {}
-        peaks: dict[str, float] = {}
-        prepared_by: dict[str, int] = {}
         with connect(cluster) as client, (dask_performance_report(filename=str(performance_report))
                                             if performance_report else nullcontext()):
             if on_client:
                 on_client(client)
             spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
                            "state_qa" in ds.data_vars, config, threads_per_task(client), conversions)
-            if has_gpu_workers(client):  # prepare on any CPU, estimate on the workers holding GPU=1
-                prepared = [client.submit(prepare_task, spec, w, key=f"msmtu-prepare-{run_id}-{w.name}", pure=False,
-                                          retries=2) for w in todo]
-                futures = [client.submit(estimate_task, spec, w, p, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
-                                         resources={"GPU": 1}, retries=2) for w, p in zip(todo, prepared)]
-                del prepared  # each prepared chunk is freed once its estimate is written
-            else:
-                futures = [client.submit(process_chunk, spec, w, key=f"msmtu-chunk-{run_id}-{w.name}", pure=False,
-                                         retries=2) for w in todo]
-            # results are fetched one at a time (small dicts): nothing is in flight when a failure
-            # stops the loop, so closing the cluster then logs no broken transfers over the line
-            finished = as_completed(futures)
-            for future in (progress(finished, len(futures)) if progress else finished):
-                result = future.result()
-                if "error" in result:  # bad input or a full disk: stop at the first, with its line
-                    client.cancel(futures)
-                    raise MsmtuError(result["error"])
-                workers[result["worker"]] = max(workers.get(result["worker"], 0), result["model_loads"])
-                peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
-                if "prepared_by" in result:
-                    prepared_by[result["prepared_by"]] = prepared_by.get(result["prepared_by"], 0) + 1
+            workers, peaks, prepared_by = _compute_chunks(client, spec, todo, run_id, progress)
         stats = {w.name: chunk_stats(staging, w) for w in windows}
         missing = [name for name, s in stats.items() if s is None]
         if missing:
