@@ -423,6 +423,21 @@ def run_command(
               f"({summary.pixels_per_second:,.0f} pixels/s)" + (f"; COGs in {cog}" if cog else ""))
 
 
+@app.command("cluster-script")
+def cluster_script_command(
+    spec: Annotated[str, typer.Argument(help="Cluster spec (YAML) with cluster: slurm or pbs.")],
+) -> None:
+    """Print the job script a SLURM or PBS cluster spec submits for its workers (dask-jobqueue's
+    job_script()), to check before a run. The scheduler address in it changes with every run."""
+    from msmtu_batch.clusters import PbsSpec, SlurmSpec, job_script, load_cluster_spec
+
+    with _user_errors():
+        cluster = load_cluster_spec(spec if spec.endswith((".yaml", ".yml")) else spec + ".yaml")
+        if not isinstance(cluster, SlurmSpec | PbsSpec):
+            raise MsmtuError(f"{spec}: cluster '{cluster.cluster}' submits no jobs; expected slurm or pbs")
+        print(job_script(cluster), end="")
+
+
 @app.command("bench")
 def bench_command(
     out: Annotated[Path, typer.Option(help="Working folder (replaced).")] = Path("bench-output"),

@@ -1,10 +1,11 @@
-"""Where the work runs: a LocalCluster sized to the machine, a running scheduler, or a spec.
+"""Where the work runs: a LocalCluster sized to the machine, a running scheduler, or a batch
+system (SLURM or PBS through dask-jobqueue).
 
 ``--scheduler`` takes nothing (LocalCluster on 127.0.0.1, one single-threaded worker per
 core, dashboard on loopback, TLS with temporary credentials), a scheduler address
 (``tcp://host:port`` or ``tls://host:port``), or a YAML file::
 
-    cluster: local          # or: address
+    cluster: local          # or: address, slurm, pbs
     n_workers: 4            # local only (at least 1)
     threads_per_worker: 1   # local only (at least 1)
     address: tls://...      # address only (required)
@@ -13,23 +14,41 @@ core, dashboard on loopback, TLS with temporary credentials), a scheduler addres
       cert: client-cert.pem
       key: client-key.pem
 
+SLURM and PBS (:class:`SlurmSpec`, :class:`PbsSpec`): each batch job runs ``processes``
+Dask workers on ``cores`` cores; ``jobs`` fixes how many jobs run, ``adapt`` lets their
+number follow the work. The scheduler runs in the driver process and requires TLS with
+credentials made for the run (written, readable by you only, to ``shared_directory`` for
+the jobs to read); it binds to 127.0.0.1 unless ``interface`` or ``scheduler_host`` says
+where the compute nodes can reach it. ``gpu: true`` asks one GPU per job (``--gres=gpu:1``
+or PBS ``ngpus=1``) and runs its one worker with the resource ``GPU=1``.
+
 Unknown keys and wrong types are refused with one line naming the file and the key.
-dask-jobqueue SLURM/PBS specs plug in here (``cluster: slurm``) in a later issue.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
+from dask.utils import parse_bytes
 from distributed import Client, LocalCluster
 from distributed.security import Security
-from pydantic import BaseModel, ConfigDict, Field, FilePath, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from msmtu_batch.errors import MsmtuError
 
@@ -61,12 +80,123 @@ class AddressSpec(_Spec):
     tls: TlsFiles | None = None
 
 
-ClusterSpec = Annotated[LocalSpec | AddressSpec, Field(discriminator="cluster")]
+class Adapt(_Spec):
+    """Jobs follow the work between these bounds (dask-jobqueue's ``adapt``)."""
+
+    minimum_jobs: int = Field(0, ge=0)
+    maximum_jobs: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Adapt:
+        if self.minimum_jobs > self.maximum_jobs:
+            raise ValueError(f"minimum_jobs {self.minimum_jobs} is more than maximum_jobs {self.maximum_jobs}")
+        return self
+
+
+class _BatchSpec(_Spec):
+    """What SLURM and PBS jobs have in common (dask-jobqueue's keywords, named for operators)."""
+
+    queue: str | None = Field(None, description="SLURM partition or PBS queue")
+    account: str | None = None
+    cores: int = Field(1, ge=1, description="cores per job")
+    processes: int | None = Field(None, ge=1, description="Dask worker processes per job (default: one per "
+                                                         "core, one thread each; 1 with gpu)")
+    memory: str = Field("4GB", description="memory per job, e.g. 16GB")
+    walltime: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,3}(:\d\d){0,2}$")
+    local_directory: str | None = Field(None, description="fast node-local scratch for the workers, e.g. $TMPDIR")
+    log_directory: str | None = Field(None, description="where the jobs' stdout/stderr go")
+    job_directives: list[str] = Field(default_factory=list, description="extra #SBATCH / #PBS lines")
+    job_script_prologue: list[str] = Field(default_factory=list, description="shell lines before the worker "
+                                           "starts (module load, conda activate)")
+    python: str = Field(default_factory=lambda: sys.executable, description="the workers' Python")
+    interface: str | None = Field(None, description="network interface of scheduler and workers, e.g. ib0")
+    scheduler_host: str | None = Field(None, description="address the scheduler binds to")
+    shared_directory: str = Field("~/.msmtu-batch/dask", description="folder the compute nodes see, for the "
+                                  "run's TLS credentials")
+    jobs: int | None = Field(None, ge=1, description="a fixed number of jobs (default 1 unless adapt)")
+    adapt: Adapt | None = None
+    gpu: bool = Field(False, description="one GPU per job, one worker per GPU, resource GPU=1")
+    worker_start_timeout: float = Field(3600, gt=0, description="seconds to wait for the first worker")
+
+    @field_validator("memory")
+    @classmethod
+    def _bytes(cls, value: str) -> str:
+        try:
+            parse_bytes(value)
+        except (ValueError, TypeError):
+            raise ValueError(f"{value!r} is not an amount of memory (e.g. 16GB)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _BatchSpec:
+        if self.jobs is not None and self.adapt is not None:
+            raise ValueError("give jobs (a fixed number) or adapt (bounds), not both")
+        if self.gpu and self.processes not in (None, 1):
+            raise ValueError("a gpu job runs one worker (processes: 1)")
+        if self.cores % self.worker_processes:
+            raise ValueError(f"cores {self.cores} is not a multiple of processes {self.processes}")
+        if self.interface is not None and self.scheduler_host is not None:
+            raise ValueError("give interface or scheduler_host, not both")
+        return self
+
+    @property
+    def worker_processes(self) -> int:
+        return 1 if self.gpu else (self.processes or self.cores)
+
+    def _common(self) -> dict:
+        """dask-jobqueue keywords shared by both batch systems."""
+        host = None if self.interface else (self.scheduler_host or "127.0.0.1")
+        shared = Path(os.path.expandvars(self.shared_directory)).expanduser()
+        shared.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return dict(
+            job_name="msmtu-worker", cores=self.cores, processes=self.worker_processes, memory=self.memory,
+            walltime=self.walltime, queue=self.queue, account=self.account, local_directory=self.local_directory,
+            log_directory=self.log_directory, job_script_prologue=list(self.job_script_prologue),
+            python=self.python, interface=self.interface, security=Security.temporary(),
+            shared_temp_directory=str(shared), silence_logs=logging.ERROR,
+            worker_extra_args=["--resources", "GPU=1"] if self.gpu else [],
+            # the dashboard stays on loopback: reach it through an SSH tunnel
+            scheduler_options={"dashboard_address": "127.0.0.1:0"} | ({"host": host} if host else {}))
+
+
+class SlurmSpec(_BatchSpec):
+    """Workers as SLURM jobs (dask-jobqueue's SLURMCluster)."""
+
+    cluster: Literal["slurm"]
+
+    def make_cluster(self):
+        from dask_jobqueue import SLURMCluster
+
+        directives = [*self.job_directives, *(["--gres=gpu:1"] if self.gpu else [])]
+        return SLURMCluster(**self._common(), job_extra_directives=directives)
+
+
+class PbsSpec(_BatchSpec):
+    """Workers as PBS jobs (dask-jobqueue's PBSCluster)."""
+
+    cluster: Literal["pbs"]
+
+    def make_cluster(self):
+        from dask_jobqueue import PBSCluster
+        from dask_jobqueue.pbs import pbs_format_bytes_ceil
+
+        resources = f"select=1:ncpus={self.cores}" + (":ngpus=1" if self.gpu else "") + \
+            f":mem={pbs_format_bytes_ceil(parse_bytes(self.memory))}"
+        return PBSCluster(**self._common(), resource_spec=resources, job_extra_directives=list(self.job_directives))
+
+
+BatchSpec = SlurmSpec | PbsSpec
+AnySpec = LocalSpec | AddressSpec | SlurmSpec | PbsSpec
+ClusterSpec = Annotated[AnySpec, Field(discriminator="cluster")]
 _SPEC = TypeAdapter(ClusterSpec)
+KINDS = "local, address, slurm or pbs"
 
 
-def load_cluster_spec(scheduler: str | None) -> LocalSpec | AddressSpec:
-    """Parse ``--scheduler`` (nothing, an address or a YAML file); one clear line if it is wrong."""
+def load_cluster_spec(scheduler: str | AnySpec | Client | None) -> AnySpec | Client:
+    """Parse ``--scheduler`` (nothing, an address or a YAML file); one clear line if it is wrong.
+    A spec or a connected Client is returned as it is."""
+    if isinstance(scheduler, AnySpec | Client):
+        return scheduler
     if not scheduler:
         return LocalSpec()
     if not scheduler.endswith((".yaml", ".yml")):
@@ -80,20 +210,36 @@ def load_cluster_spec(scheduler: str | None) -> LocalSpec | AddressSpec:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise MsmtuError(f"{scheduler}: not valid YAML{line} ({getattr(exc, 'problem', None) or exc})") from None
-    if not isinstance(loaded, dict) or "cluster" not in loaded:
-        raise MsmtuError(f"{scheduler}: expected a mapping with a 'cluster' key (local or address)")
+    return cluster_spec_from(loaded, scheduler)
+
+
+def cluster_spec_from(values: object, where: str) -> AnySpec:
+    """A cluster spec from a parsed mapping (a YAML file's or a workflow's ``cluster`` section)."""
+    if not isinstance(values, dict) or "cluster" not in values:
+        raise MsmtuError(f"{where}: expected a mapping with a 'cluster' key ({KINDS})")
     try:
-        return _SPEC.validate_python(loaded)
+        return _SPEC.validate_python(values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'cluster'}: {e['msg']}"
-                             for e in exc.errors())
-        raise MsmtuError(f"{scheduler}: invalid cluster spec: {problems}") from None
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'spec'}: "
+                             + e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise MsmtuError(f"{where}: invalid cluster spec: {problems}") from None
+
+
+def job_script(spec: BatchSpec) -> str:
+    """The job script dask-jobqueue would submit for one batch of workers (for an operator to
+    check); the scheduler address in it is this process's and changes with every run."""
+    with spec.make_cluster() as cluster:
+        return cluster.job_script()
 
 
 @contextmanager
-def connect(scheduler: str | LocalSpec | AddressSpec | None = None) -> Iterator[Client]:
-    """A client for ``scheduler``; a cluster it starts is stopped on exit."""
-    spec = scheduler if isinstance(scheduler, LocalSpec | AddressSpec) else load_cluster_spec(scheduler)
+def connect(scheduler: str | AnySpec | Client | None = None) -> Iterator[Client]:
+    """A client for ``scheduler``; a cluster it starts is stopped on exit, a Client given is
+    used as it is (and left open)."""
+    spec = load_cluster_spec(scheduler)
+    if isinstance(spec, Client):
+        yield spec
+        return
     if isinstance(spec, AddressSpec):
         security = (Security(tls_ca_file=str(spec.tls.ca_file), tls_client_cert=str(spec.tls.cert),
                              tls_client_key=str(spec.tls.key), require_encryption=True) if spec.tls else None)
@@ -105,6 +251,19 @@ def connect(scheduler: str | LocalSpec | AddressSpec | None = None) -> Iterator[
             yield client
         finally:
             client.close()
+        return
+    if isinstance(spec, SlurmSpec | PbsSpec):
+        with spec.make_cluster() as cluster, Client(cluster) as client:
+            if spec.adapt is not None:
+                cluster.adapt(minimum_jobs=spec.adapt.minimum_jobs, maximum_jobs=spec.adapt.maximum_jobs)
+            else:
+                cluster.scale(jobs=spec.jobs or 1)
+            try:  # a GPU cluster is told by its workers' resources: wait for the first one
+                client.wait_for_workers(1, timeout=spec.worker_start_timeout)
+            except TimeoutError:
+                raise MsmtuError(f"no {spec.cluster.upper()} worker joined within {spec.worker_start_timeout:g} s; "
+                                 "check the jobs (squeue / qstat) and their logs") from None
+            yield client
         return
     threads = spec.threads_per_worker
     workers = spec.n_workers or max(1, (os.cpu_count() or 1) // threads)
@@ -123,9 +282,12 @@ def has_gpu_workers(client: Client) -> bool:
 
 
 def threads_per_task(client: Client) -> int:
-    """Cores left to one task's torch/numba threads so Dask threads x their threads <= cores."""
+    """Cores left to one task's torch/numba threads so Dask threads x their threads <= cores
+    (on this machine; workers elsewhere run one thread per core already)."""
     workers = list(client.scheduler_info()["workers"].values())
     if not workers:
+        return 1
+    if any(w.get("host") not in ("127.0.0.1", "localhost") for w in workers):
         return 1
     cores = os.cpu_count() or 1
     total_threads = sum(w.get("nthreads", 1) for w in workers)

@@ -23,6 +23,7 @@ import json
 import math
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 from affine import Affine
-from distributed import as_completed, get_worker
+from distributed import Client, as_completed, get_worker
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
@@ -44,7 +45,7 @@ from rasterio.windows import from_bounds
 
 from msmtu_batch import __version__
 from msmtu_batch.ancillary import AncillarySources, chunk_ancillary, source_of
-from msmtu_batch.clusters import connect
+from msmtu_batch.clusters import AnySpec, connect, load_cluster_spec
 from msmtu_batch.composite import CompositeRule, composite_months
 from msmtu_batch.cube import (
     ALL_CHUNKS_ATTR,
@@ -355,7 +356,7 @@ def _written_by_us(store: Path) -> bool:
 
 
 def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = None,
-           scheduler: str | None = None, overwrite: bool = False,
+           scheduler: str | AnySpec | Client | None = None, overwrite: bool = False,
            progress: Callable[[Iterator, int], Iterator] | None = None) -> IngestSummary:
     """Build the input cube ``out`` (see the module docstring)."""
     start_time = time.perf_counter()
@@ -363,6 +364,7 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
     check_output_path(out, [*(("input", path) for path in config.inputs), ("manifest", config.manifest),
                             ("region", config.region), ("DEM", config.dem), ("model", model),
                             *((f"{name} raster", path) for name, path in config.climate.items())])
+    cluster = load_cluster_spec(scheduler)  # a wrong spec stops before any work
     if out.exists():
         if not overwrite:
             raise MsmtuError(f"{out} exists; pass --overwrite to replace it")
@@ -406,10 +408,11 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
         windows = chunk_windows(grid.height, grid.width, config.chunk)
         peaks: dict[str, float] = {}
         observed = 0
-        with connect(scheduler) as client:
+        task_prefix = uuid.uuid4().hex[:12]  # several ingests (years) may share one cluster
+        with connect(cluster) as client:
             futures = [client.submit(ingest_chunk, spec, w,
                                      None if inside is None else inside[w.y0:w.y1, w.x0:w.x1],
-                                     key=f"msmtu-ingest-{out.name}-{w.name}", pure=False, retries=1)
+                                     key=f"msmtu-ingest-{task_prefix}-{w.name}", pure=False, retries=1)
                        for w in windows]
             finished = as_completed(futures, with_results=True)
             for _future, result in (progress(finished, len(futures)) if progress else finished):

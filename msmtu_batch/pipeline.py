@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
-from distributed import as_completed, get_worker
+from distributed import Client, as_completed, get_worker
 from distributed import performance_report as dask_performance_report
 from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch import __version__
 from msmtu_batch.artifact import ModelArtifact, artifact_hash, load_artifact
-from msmtu_batch.clusters import connect, has_gpu_workers, load_cluster_spec, threads_per_task
+from msmtu_batch.clusters import AnySpec, connect, has_gpu_workers, load_cluster_spec, threads_per_task
 from msmtu_batch.cube import (
     BAND_COMMON_NAMES,
     BAND_NAMES,
@@ -525,7 +525,7 @@ def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
 
 
 def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConfig | None = None,
-        scheduler: str | None = None, overwrite: bool = False, cog_dir: str | Path | None = None,
+        scheduler: str | AnySpec | Client | None = None, overwrite: bool = False, cog_dir: str | Path | None = None,
         performance_report: str | Path | None = None,
         progress: Callable[[Iterator, int], Iterator] | None = None,
         on_client: Callable[[object], None] | None = None) -> RunSummary:

@@ -39,3 +39,22 @@ def reference(region: SimulationResult) -> dict[str, xr.Dataset]:
 def zarr_files(store: Path) -> dict[str, bytes]:
     """Every file of a store (chunks and metadata) by relative path."""
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    """A real one-node SLURM on this machine (tests/slurm.py), for the whole session."""
+    import os
+
+    from tests.slurm import OneNodeSlurm, missing_requirements
+
+    why = missing_requirements()
+    if why:
+        if os.environ.get("MSMTU_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SLURM tests required (MSMTU_REQUIRE_SLURM=1) but {why}")
+        pytest.skip(f"no SLURM here: {why}")
+    cluster = OneNodeSlurm(tmp_path_factory.mktemp("slurm")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
