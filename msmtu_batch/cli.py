@@ -1,4 +1,5 @@
-"""Command line: ``msmtu-batch simulate | validate | demo | train | evaluate | ablation | ingest | run | bench``
+"""Command line: ``msmtu-batch simulate | validate | demo | train | evaluate | ablation | ingest | run |
+workflow | cluster-script | bench``
 (DESIGN.md section 4b)."""
 
 from __future__ import annotations
@@ -314,11 +315,10 @@ def ablation_command(
 
 
 def _chunk_progress(description: str):
-    """A progress bar over finished chunks on a terminal; nothing in batch jobs."""
-    def progress(items, total: int):
-        return track(items, description=description, total=total, console=console, transient=True) \
-            if console.is_terminal else items
-    return progress
+    """A progress bar over finished chunks on a terminal; progress lines in batch logs."""
+    from msmtu_batch.reporting import Reporter
+
+    return Reporter(console).progress(description)
 
 
 def _pairs_option(values: list[str] | None, option: str, example: str) -> dict[str, str]:
@@ -421,6 +421,43 @@ def run_command(
         print(f"wrote {out}: {summary.pixels:,} pixels, {summary.valid_pixels:,} estimated, "
               f"{summary.computed_chunks} of {summary.chunks} chunks computed in {summary.seconds:.1f} s "
               f"({summary.pixels_per_second:,.0f} pixels/s)" + (f"; COGs in {cog}" if cog else ""))
+
+
+def _years_option(years: str | None) -> list[int] | None:
+    if not years:
+        return None
+    try:
+        return [int(y) for y in years.split(",") if y.strip()]
+    except ValueError:
+        raise MsmtuError(f"--years {years}: expected years separated by commas, e.g. 2013,2014") from None
+
+
+@app.command("workflow")
+def workflow_command(
+    definition: Annotated[Path, typer.Argument(help="Workflow definition (YAML), e.g. workflows/andalusia.yaml.")],
+    years: Annotated[str | None, typer.Option(help="Only these years of the definition, e.g. 2013,2014.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Say what would run and why; compute and write nothing.")] = False,
+    log_file: Annotated[Path | None, typer.Option(help="Also append every line, time-stamped, to this file.")]
+        = None,
+) -> None:
+    """Produce every year of a definition: ingest -> run -> COG export, each stage only when its
+    output is out of date with its inputs by content. Exit status: 0 all years done, 3 some
+    years failed (the others finished), 2 a bad definition. A run record (JSON) is written
+    under OUTPUT/records/."""
+    from msmtu_batch.reporting import Reporter
+    from msmtu_batch.workflow import run_workflow
+
+    with _user_errors(), Reporter(console, log_file) as reporter:
+        status, record = run_workflow(definition, reporter, _years_option(years), dry_run)
+        done = [y for y, r in record["years"].items() if r["status"] != "failed"]
+        summary = (f"workflow {'dry run' if dry_run else 'finished'} in {record['seconds']:.1f} s: "
+                   f"{len(done)} year(s) {'checked' if dry_run else 'done'}")
+        if record["failed_years"]:
+            summary += f", {len(record['failed_years'])} failed ({', '.join(map(str, record['failed_years']))})"
+        if record.get("record"):
+            summary += f"; record {record['record']}"
+        reporter.say(summary)
+    raise typer.Exit(status)
 
 
 @app.command("cluster-script")

@@ -220,8 +220,10 @@ def cluster_spec_from(values: object, where: str) -> AnySpec:
     try:
         return _SPEC.validate_python(values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'spec'}: "
-                             + e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        def field(error: dict) -> str:
+            return ".".join(map(str, error["loc"][1:])) or ("cluster" if error["type"].startswith("union_tag")
+                                                            else "spec")
+        problems = "; ".join(f"{field(e)}: " + e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise MsmtuError(f"{where}: invalid cluster spec: {problems}") from None
 
 
@@ -253,7 +255,7 @@ def connect(scheduler: str | AnySpec | Client | None = None) -> Iterator[Client]
             client.close()
         return
     if isinstance(spec, SlurmSpec | PbsSpec):
-        with spec.make_cluster() as cluster, Client(cluster) as client:
+        with spec.make_cluster() as cluster, _client_of(cluster) as client:
             if spec.adapt is not None:
                 cluster.adapt(minimum_jobs=spec.adapt.minimum_jobs, maximum_jobs=spec.adapt.maximum_jobs)
             else:
@@ -270,9 +272,20 @@ def connect(scheduler: str | AnySpec | Client | None = None) -> Iterator[Client]
     # workers log errors only: a task's warnings on shutdown would otherwise follow the one line
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0", security=Security.temporary(),
-                      silence_logs=logging.ERROR) as cluster, \
-            Client(cluster) as client:
+                      silence_logs=logging.ERROR) as cluster, _client_of(cluster) as client:
         yield client
+
+
+@contextmanager
+def _client_of(cluster) -> Iterator[Client]:
+    """A client of ``cluster``, closed on exit. Not Client's own context manager: that one sets
+    a context variable which must be reset in the same thread, and a workflow starts its
+    cluster in whichever year's thread first has work."""
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def has_gpu_workers(client: Client) -> bool:

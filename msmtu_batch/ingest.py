@@ -61,6 +61,7 @@ from msmtu_batch.cube import (
     project_store,
     write_window,
 )
+from msmtu_batch.digests import file_sha256
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.modis import COMPOSITE_DAYS, ReflectanceSource, SourceGrid, open_reflectance
 from msmtu_batch.outputs import check_output_path, check_replaceable, output_lock
@@ -330,21 +331,57 @@ def _check_model_needs(model: Path, available: tuple[str, ...]) -> None:
                          f"given sources do not provide (add {how})")
 
 
-def _source_record(config: IngestConfig, source: ReflectanceSource) -> dict[str, str]:
-    """What the cube was made from: every source file's path, size, modification time and
+def _source_record(config: IngestConfig, source: ReflectanceSource,
+                   file_digest: Callable[[Path], str] = file_sha256) -> dict:
+    """What the cube is made from: every source file's path, size, modification time and
     sha256, and a content id over those digests and the settings, so that a cube re-ingested
     from changed sources never passes for the old one."""
     files = [*source.files, *(str(p) for p in (config.dem, config.region, config.manifest, *config.climate.values())
                              if p is not None)]
     record = []
     for path in map(Path, files):
-        with path.open("rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
         stat = path.stat()
-        record.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
+        record.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                       "sha256": file_digest(path)})
     settings = config.model_dump_json(exclude={"inputs", "manifest", "region", "dem", "climate"})
     content = hashlib.sha256(json.dumps([[r["sha256"] for r in record], settings]).encode()).hexdigest()
-    return {"source_files_record": json.dumps(record), "content_id": f"sha256:{content}"}
+    return {"files": record, "content_id": f"sha256:{content}"}
+
+
+def planned_sources(config: IngestConfig, file_digest: Callable[[Path], str] = file_sha256) -> dict:
+    """The sources an ingest of ``config`` would read, with digests, and the content id of the
+    cube it would make (granule metadata and file bytes are read; nothing is written)."""
+    return _source_record(config, open_reflectance(config.inputs, config.manifest), file_digest)
+
+
+def cube_status(out: Path, planned: dict) -> str | None:
+    """None when the cube at ``out`` was made from exactly the ``planned`` sources and settings
+    by this software version (its content id), else why it is not."""
+    if not out.exists():
+        return "no cube yet"
+    try:
+        attrs = dict(zarr.open_group(out, mode="r").attrs)
+    except Exception:
+        return "the existing cube is unreadable"
+    if attrs.get(INGEST_STATUS_ATTR) != "complete":
+        return "the existing cube is incomplete"
+    if attrs.get("software_version") != __version__:
+        return f"software version changed ({attrs.get('software_version')} -> {__version__})"
+    if attrs.get("content_id") == planned["content_id"]:
+        return None
+    try:
+        before = {r["path"]: r["sha256"] for r in json.loads(attrs.get("source_files_record", "[]"))}
+    except (ValueError, TypeError, KeyError):
+        before = {}
+    now = {r["path"]: r["sha256"] for r in planned["files"]}
+    changed = sorted(p for p in before.keys() | now.keys() if before.get(p) != now.get(p))
+    if not changed:
+        return "ingest settings changed"
+    return (f"{len(changed)} source file(s) changed, added or removed (first: {Path(changed[0]).name})")
+
+
+def _record_attrs(record: dict) -> dict[str, str]:
+    return {"source_files_record": json.dumps(record["files"]), "content_id": record["content_id"]}
 
 
 def _written_by_us(store: Path) -> bool:
@@ -357,8 +394,10 @@ def _written_by_us(store: Path) -> bool:
 
 def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = None,
            scheduler: str | AnySpec | Client | None = None, overwrite: bool = False,
-           progress: Callable[[Iterator, int], Iterator] | None = None) -> IngestSummary:
-    """Build the input cube ``out`` (see the module docstring)."""
+           progress: Callable[[Iterator, int], Iterator] | None = None,
+           file_digest: Callable[[Path], str] = file_sha256) -> IngestSummary:
+    """Build the input cube ``out`` (see the module docstring). ``file_digest`` gives a source
+    file's sha256 (a :class:`~msmtu_batch.digests.DigestCache` skips files read before)."""
     start_time = time.perf_counter()
     out = Path(out).resolve()
     check_output_path(out, [*(("input", path) for path in config.inputs), ("manifest", config.manifest),
@@ -401,7 +440,7 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
             "resampling": "none (native grid)" if grid.native_offset is not None else config.resampling,
             "region": str(config.region) if config.region else "none",
             "ancillary_variables": ", ".join(names), INGEST_STATUS_ATTR: "incomplete",
-            **_source_record(config, source),
+            **_record_attrs(_source_record(config, source, file_digest)),
         }
         _create_store(staging, grid, year, names, config.chunk, attrs, sources.climate_units)
         spec = IngestSpec(source, grid, year, config.composite, config.resampling, sources, str(staging))

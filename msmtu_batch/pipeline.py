@@ -398,11 +398,28 @@ def damaged_chunks(store: Path, windows: list[ChunkWindow]) -> list[ChunkWindow]
         chunk_problem(store, group, name, slice(w.y0, w.y1), slice(w.x0, w.x1)) for name in spatial_arrays(group))]
 
 
-def _read_manifest(store: Path) -> dict | None:
+def read_manifest(store: Path) -> dict | None:
     try:
         return json.loads(zarr.open_group(store, mode="r").attrs[MANIFEST_ATTR])
     except Exception:
         return None
+
+
+def output_status(cube: Path, model_hash: str, out: Path, config: RunConfig) -> str | None:
+    """None when ``out`` is a complete output of exactly this input content, model, settings
+    and software version (by its manifest; chunks are not re-read), else why it is not."""
+    if not out.exists():
+        staging = out.with_name(f".{out.name}.partial")
+        return "an interrupted run to resume" if staging.exists() else "no output yet"
+    manifest = read_manifest(out)
+    if manifest is None or not manifest.get("complete"):
+        return "the existing output is not a complete msmtu-batch output"
+    identity = _identity(cube, model_hash, config)
+    for key, change in (("software_version", "software version"), ("model_hash", "model"),
+                        ("settings", "run settings"), ("input_content", "input cube content")):
+        if manifest.get(key) != identity[key]:
+            return f"{change} changed"
+    return None
 
 
 def _write_manifest(store: Path, manifest: dict) -> None:
@@ -463,7 +480,7 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
     unmarked) or none, deleting only stores msmtu-batch wrote and, with work in them, only
     with ``overwrite``."""
     if out.exists():
-        manifest = _read_manifest(out)
+        manifest = read_manifest(out)
         check_replaceable(out, manifest is not None)
         if _same_run(manifest, identity) and manifest.get("complete") and not overwrite:
             damaged = damaged_chunks(out, windows)
@@ -471,7 +488,7 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
                 return True
             # recompute only the damaged chunks: back to staging, their markers dropped
             if staging.exists():
-                check_replaceable(staging, _read_manifest(staging) is not None)
+                check_replaceable(staging, read_manifest(staging) is not None)
                 shutil.rmtree(staging)
             out.rename(staging)
             _write_manifest(staging, {**manifest, "complete": False})
@@ -481,7 +498,7 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
             raise MsmtuError(f"{out} exists and was made from another model, input or settings; "
                              "pass --overwrite to replace it")
     if staging.exists():
-        manifest = _read_manifest(staging)
+        manifest = read_manifest(staging)
         check_replaceable(staging, manifest is not None)
         if not _same_run(manifest, identity):
             finished = any(p.is_dir() for p in (staging / DONE_GROUP).glob("*"))
@@ -555,7 +572,7 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         if _reuse_or_clear(out, staging, identity, windows, overwrite):
             if cog_dir is not None:
                 export_cogs(out, cog_dir)
-            manifest = _read_manifest(out)
+            manifest = read_manifest(out)
             return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
                               time.perf_counter() - start, already_complete=True)
         if not staging.exists():

@@ -407,8 +407,8 @@ SPECS = {
     "cluster: local\nworkers: 4\n": "invalid cluster spec: workers: Extra inputs are not permitted",
     "cluster: local\nn_workers: 0\n": "invalid cluster spec: n_workers: Input should be greater than or equal to 1",
     "cluster: slurmm\n": "invalid cluster spec: cluster: Input tag 'slurmm' found using 'cluster' does not match "
-                         "any of the expected tags: 'local', 'address'",
-    "- local\n": "expected a mapping with a 'cluster' key (local or address)",
+                         "any of the expected tags: 'local', 'address', 'slurm', 'pbs'",
+    "- local\n": "expected a mapping with a 'cluster' key (local, address, slurm or pbs)",
 }
 
 

@@ -1,0 +1,319 @@
+"""``msmtu-batch workflow``: stages skipped by content, reruns that compute only what changed,
+model versions and the ``latest`` pointer, failed years, dry runs, run records; and the
+production as a SLURM batch job (deploy/slurm/), including the self-resubmitting schedule."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+import yaml
+from rasterio.transform import from_origin
+from rich.console import Console
+from typer.testing import CliRunner
+
+from msmtu_batch.artifact import save_artifact
+from msmtu_batch.cli import app
+from msmtu_batch.cube import CLIMATIC_NAMES
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.reporting import Reporter
+from msmtu_batch.train import TrainConfig, train
+from msmtu_batch.training_data import read_cube_reference
+from msmtu_batch.workflow import load_workflow, run_workflow
+from tests.conftest import zarr_files
+from tests.test_ingest import geojson, tile_values, write_raster, write_year
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def starts(year: int) -> list[dt.date]:
+    """12 of the year's 46 composites, one about every month (enough for every month)."""
+    return [dt.date(year, 1, 1) + dt.timedelta(days=8 * i) for i in range(0, 46, 4)]
+
+
+def year_values(year: int):
+    return lambda h: tile_values(h) + np.int16(10 * (year - 2013))
+
+
+def write_granules(downloads: Path, year: int) -> Path:
+    return write_year(downloads / "MOD09A1" / str(year), tiles=((17, 5),), starts=starts(year),
+                      values=year_values(year))
+
+
+def trained_model(region, path: Path, seed: int) -> Path:
+    pixels = read_cube_reference(region.cube, region.reference, "level2")
+    result = train(pixels, "level2", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8, seed=seed))
+    return save_artifact(result.artifact, path)
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    """Granules of 2013-2015 (tile h17v05), a DEM, climate rasters and a boundary."""
+    folder = tmp_path_factory.mktemp("downloads")
+    for year in (2013, 2014, 2015):
+        write_granules(folder, year)
+    transform = from_origin(-10.0, 42.0, 0.05, 0.05)
+    write_raster(folder / "dem.tif", np.linspace(0, 900, 200 * 300, dtype=np.float32).reshape(200, 300),
+                 "EPSG:4326", transform)
+    for i, name in enumerate(CLIMATIC_NAMES):
+        write_raster(folder / f"{name}.tif", np.full((200, 300), 10.0 * (i + 1), np.float32), "EPSG:4326", transform)
+    geojson(folder / "region.geojson", -4.0, 37.0, -0.5, 39.5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(region, tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    return trained_model(region, folder / "level2.safetensors", 0), trained_model(region, folder / "next.safetensors",
+                                                                                     1)
+
+
+def definition(downloads: Path, output: Path, model: Path, years=(2013, 2014), cluster=None, **extra) -> dict:
+    return {"workflow": {
+        "years": list(years), "output": str(output), "model": str(model),
+        "cluster": cluster or {"cluster": "local", "n_workers": 2},
+        "ingest": {"inputs": [str(downloads / "MOD09A1" / "{year}" / "*.hdf")],
+                   "region": str(downloads / "region.geojson"), "crs": "EPSG:25830", "resolution": 20000,
+                   "dem": str(downloads / "dem.tif"),
+                   "climate": {name: str(downloads / f"{name}.tif") for name in CLIMATIC_NAMES}, "chunk": 8},
+        # the synthetic granules are unlike the simulated region the model learnt: map them flagged
+        "run": {"chunk": 8, "out_of_distribution": "flag"},
+        **extra}}
+
+
+def write_definition(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def workflow(path: Path, years=None, dry_run=False, log_file=None) -> tuple[int, dict, str]:
+    """Run a workflow in this process, its lines captured as a batch log would have them."""
+    lines = []
+    with Reporter(Console(stderr=True), log_file, interactive=False) as reporter:
+        say = reporter.say
+        reporter.say = lambda line: (lines.append(line), say(line))  # what the command prints
+        status, record = run_workflow(path, reporter, years, dry_run)
+    return status, record, "\n".join(lines)
+
+
+def stages(record: dict) -> dict[str, dict[str, str]]:
+    """year -> stage -> status."""
+    return {year: {s["stage"]: s["status"] for s in r["stages"]} for year, r in record["years"].items()}
+
+
+ALL_RAN = {"ingest": "ran", "run": "ran", "export": "ran"}
+ALL_SKIPPED = {"ingest": "up to date", "run": "up to date", "export": "up to date"}
+
+
+def test_reruns_compute_only_what_changed(downloads, models, tmp_path):
+    model, next_model = models
+    output = tmp_path / "production"
+    path = write_definition(tmp_path / "andalusia.yaml", definition(downloads, output, model))
+
+    status, first, log = workflow(path)
+    assert status == 0, log
+    assert stages(first) == {"2013": ALL_RAN, "2014": ALL_RAN}
+    version = output / first["model"]["id"]
+    assert first["model"]["id"].startswith("level2-") and os.readlink(output / "latest") == first["model"]["id"]
+    for year in (2013, 2014):
+        result = xr.open_zarr(version / str(year) / "abundance.zarr", consolidated=False)
+        assert np.isfinite(result["abundance"].values).all(axis=0).sum() > 20
+        with rasterio.open(version / str(year) / "cog" / "abundance.tif") as cog:
+            assert cog.count == result.sizes["class"]
+    assert Path(first["record"]).parent == output / "records"
+    assert json.loads(Path(first["record"]).read_text()) == json.loads(json.dumps(first, default=str))
+    # each file read once (a shared raster may be read by both years at once)
+    assert first["cluster"]["started"] and 2 * 12 + 7 <= first["source_files_hashed"] <= 2 * 12 + 2 * 7
+    run_stage = first["years"]["2013"]["stages"][1]
+    assert run_stage["details"]["pixels_per_second"] > 0 and run_stage["details"]["worker_peak_mib"] > 50
+    assert {f["path"] for f in first["years"]["2014"]["inputs"]} >= {
+        str(p) for p in (downloads / "MOD09A1" / "2014").glob("*.hdf")}
+    assert "2013: run runs: its input cube is rebuilt" in log
+
+    # nothing new: nothing computed, no cluster, no source file read again
+    outputs = {year: zarr_files(version / str(year) / "abundance.zarr") for year in (2013, 2014)}
+    status, second, log = workflow(path)
+    assert status == 0 and stages(second) == {"2013": ALL_SKIPPED, "2014": ALL_SKIPPED}
+    assert not second["cluster"]["started"] and second["source_files_hashed"] == 0
+    assert second["seconds"] < first["seconds"] / 2
+
+    # a year added: only it is computed
+    path = write_definition(path, definition(downloads, output, model, years=(2013, 2014, 2015)))
+    status, third, _ = workflow(path)
+    assert status == 0 and stages(third) == {"2013": ALL_SKIPPED, "2014": ALL_SKIPPED, "2015": ALL_RAN}
+
+    # a granule of 2014 reprocessed with other values (same name): 2014 reruns, the others do not;
+    # a granule touched without a change of content reruns nothing
+    touched = sorted((downloads / "MOD09A1" / "2013").glob("*.hdf"))[0]
+    os.utime(touched, ns=(time.time_ns(), time.time_ns()))
+    changed = sorted((downloads / "MOD09A1" / "2014").glob("*.hdf"))[3]
+    original = changed.read_bytes()
+    try:
+        write_year(changed.parent, tiles=((17, 5),), starts=[starts(2014)[3]], values=year_values(2000))
+        assert changed.read_bytes() != original
+        status, fourth, log = workflow(path)
+    finally:
+        changed.write_bytes(original)
+    assert status == 0 and stages(fourth) == {"2013": ALL_SKIPPED, "2014": ALL_RAN, "2015": ALL_SKIPPED}
+    assert f"2014: ingest runs: 1 source file(s) changed, added or removed (first: {changed.name})" in log
+    assert zarr_files(version / "2013" / "abundance.zarr") == outputs[2013]
+    assert zarr_files(version / "2014" / "abundance.zarr") != outputs[2014]
+
+    # a new model: every year recomputed into a new version, the old one kept, latest moved
+    path = write_definition(path, definition(downloads, output, next_model, years=(2013, 2014, 2015)))
+    status, fifth, log = workflow(path, years=[2013, 2015])
+    assert status == 0
+    assert stages(fifth) == {year: {"ingest": "up to date", "run": "ran", "export": "ran"} for year in ("2013", "2015")}
+    assert "2013: run runs: no output yet" in log
+    assert os.readlink(output / "latest") == fifth["model"]["id"] != first["model"]["id"]
+    assert zarr_files(version / "2013" / "abundance.zarr") == outputs[2013]  # the previous version, intact
+    assert xr.open_zarr(output / "latest" / "2013" / "abundance.zarr", consolidated=False).attrs["model_hash"] == \
+        fifth["model"]["hash"]
+
+
+def test_dry_run_says_what_would_run_and_why_and_writes_nothing(downloads, models, tmp_path):
+    output = tmp_path / "production"
+    path = write_definition(tmp_path / "w.yaml", definition(downloads, output, models[0]))
+    status, record, log = workflow(path, dry_run=True)
+    assert status == 0 and not output.exists()
+    assert stages(record) == {year: {"ingest": "would run", "run": "would run", "export": "would run"}
+                              for year in ("2013", "2014")}
+    assert "2013: ingest would run: no cube yet" in log and "2014: run would run: its input cube is rebuilt" in log
+    assert "2014: export would run: its output is recomputed" in log
+
+
+def test_a_failed_year_is_reported_and_the_others_finish(downloads, models, tmp_path):
+    output = tmp_path / "production"
+    values = definition(downloads, output, models[0], years=(2013, 2016), cog=False)
+    path = write_definition(tmp_path / "w.yaml", values)
+    status, record, lines = workflow(path, log_file=tmp_path / "log.txt")
+    assert status == 3, lines
+    pattern = downloads / "MOD09A1" / "2016" / "*.hdf"
+    assert f"2016: ingest failed: year 2016: inputs pattern {pattern} matches no file" in lines
+    assert record == json.loads(next((output / "records").iterdir()).read_text())
+    assert record["failed_years"] == [2016] and record["exit_status"] == 3 and record["latest"] is None
+    assert stages(record)["2013"] == {"ingest": "ran", "run": "ran"}
+    assert not (output / "latest").exists()  # the version is incomplete: latest is not moved
+    log = (tmp_path / "log.txt").read_text().splitlines()
+    # batch log: time-stamped lines, progress in steps, no bar
+    assert all(len(line) > 21 and line[20] == " " and line[:4] == str(dt.date.today().year) for line in log)
+    assert any(line.endswith("s") and "2013 run: " in line and "(100 %)" in line for line in log), log
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"years": []}, "invalid workflow definition: years: List should have at least 1 item"),
+    ({"ingest": {"inputs": ["x"], "resolutoin": 20}}, "invalid workflow definition: resolutoin: Extra inputs are "
+                                                      "not permitted"),
+    ({"cluster": {"cluster": "slurm", "cores": 0}}, "cluster: invalid cluster spec: cores: Input should be greater "
+                                                    "than or equal to 1"),
+    ({"concurrent_year": 2}, "invalid workflow definition: concurrent_year: Extra inputs are not permitted"),
+])
+def test_bad_definitions_are_refused_in_one_line(downloads, models, tmp_path, change, message):
+    values = definition(downloads, tmp_path / "out", models[0])
+    values["workflow"].update(change)
+    path = write_definition(tmp_path / "w.yaml", values)
+    with pytest.raises(MsmtuError) as caught:
+        load_workflow(path)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+def test_a_bad_definition_exits_2_before_any_work(downloads, models, tmp_path):
+    values = definition(downloads, tmp_path / "out", models[0])
+    path = write_definition(tmp_path / "w.yaml", values)
+    done = subprocess.run([BIN / "msmtu-batch", "workflow", str(path), "--years", "2013,2019"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (f"msmtu-batch: error: {path}: --years 2019 not among the definition's years (2013, "
+                           "2014)\n")
+    assert not (tmp_path / "out").exists()
+    # a year whose inputs are missing: exit 3, the summary names it
+    values["workflow"]["years"] = [2016]
+    result = CliRunner().invoke(app, ["workflow", str(write_definition(path, values))])
+    assert result.exit_code == 3, result.output
+    assert "workflow finished in " in result.stdout and "0 year(s) done, 1 failed (2016)" in result.stdout
+
+
+def test_the_shipped_definitions_are_valid():
+    from msmtu_batch.clusters import cluster_spec_from
+    from msmtu_batch.workflow import WorkflowDefinition, year_ingest_config
+
+    values = yaml.safe_load((ROOT / "workflows" / "andalusia.yaml").read_text())["workflow"]
+    production = WorkflowDefinition(**values)
+    config = year_ingest_config(production, 2014, expand=False)
+    assert config.year == 2014 and "2014" in str(config.inputs[0]) and config.crs == "EPSG:25830"
+    for name in ("cpu.yaml", "gpu.yaml"):
+        spec = cluster_spec_from(yaml.safe_load((ROOT / "deploy" / "slurm" / name).read_text()), name)
+        assert spec.cluster == "slurm" and spec.gpu == (name == "gpu.yaml")
+
+
+# --- the production as SLURM batch jobs ------------------------------------------------------
+
+def sbatch(slurm, *args: str, env: dict[str, str]) -> str:
+    done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, timeout=600,
+                          env=os.environ | slurm.env | env, check=True)
+    return done.stdout.strip().split(";")[0]
+
+
+def wait_for_jobs(slurm, name: str, count: int, seconds: float) -> list[dict[str, str]]:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        jobs = [job for job in slurm.jobs() if job.get("Name") == name]
+        if len(jobs) >= count:
+            return jobs
+        time.sleep(1)
+    raise AssertionError(f"{count} job(s) {name} did not finish within {seconds} s: {slurm.jobs()}")
+
+
+def test_workflow_as_a_batch_job_with_slurm_workers(slurm, downloads, models, tmp_path):
+    """deploy/slurm/workflow.sbatch: the driver is a job, its workers are jobs too."""
+    output = tmp_path / "production"
+    spec = {"cluster": "slurm", "queue": "batch", "cores": 1, "memory": "2GB", "walltime": "00:10:00",
+            "jobs": 1, "shared_directory": str(tmp_path / "tls"), "worker_start_timeout": 120}
+    path = write_definition(tmp_path / "w.yaml", definition(downloads, output, models[0], years=(2013,),
+                                                             cluster=spec))
+    before = len(slurm.jobs())
+    job = sbatch(slurm, "--wait", "--output", str(tmp_path / "driver.out"), str(ROOT / "deploy/slurm/workflow.sbatch"),
+                 env={"MSMTU_WORKFLOW": str(path), "MSMTU_BATCH": str(BIN / "msmtu-batch"),
+                      "MSMTU_LOG": str(tmp_path / "workflow.log")})
+    jobs = slurm.jobs()[before:]
+    driver = next(j for j in jobs if j["JobId"] == job)
+    assert driver["JobState"] == "COMPLETED" and driver["ExitCode"] == "0:0", (tmp_path / "driver.out").read_text()
+    workers = [j for j in jobs if j["Name"] == "msmtu-worker"]
+    assert len(workers) == 1 and workers[0]["StartTime"] >= driver["StartTime"]
+    record = json.loads(next((output / "records").iterdir()).read_text())
+    assert record["slurm_job_id"] == job and stages(record) == {"2013": ALL_RAN}
+    assert "workflow finished" in (tmp_path / "workflow.log").read_text()
+
+
+def test_self_resubmitting_job_runs_again_and_finds_nothing_to_do(slurm, downloads, models, tmp_path):
+    """deploy/slurm/rerun.sbatch at a short interval: the second run starts by itself."""
+    output = tmp_path / "production"
+    path = write_definition(tmp_path / "w.yaml", definition(downloads, output, models[0], years=(2013,),
+                                                             cog=False))
+    # --chdir: the resubmitted job's default output file lands there too
+    sbatch(slurm, "--chdir", str(tmp_path), "--output", str(tmp_path / "rerun-%j.out"),
+           str(ROOT / "deploy/slurm/rerun.sbatch"),
+           env={"MSMTU_WORKFLOW": str(path), "MSMTU_BATCH": str(BIN / "msmtu-batch"), "MSMTU_BEGIN": "now+2",
+                "MSMTU_RESUBMIT_TIMES": "1"})
+    jobs = wait_for_jobs(slurm, "msmtu-rerun", 2, 300)
+    assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"], [p.read_text() for p in
+                                                                       tmp_path.glob("*.out")]
+    assert jobs[1]["StartTime"] >= jobs[0]["EndTime"]
+    records = sorted((output / "records").iterdir())
+    assert len(records) == 2
+    first, second = (json.loads(r.read_text()) for r in records)
+    assert stages(first) == {"2013": {"ingest": "ran", "run": "ran"}}
+    assert stages(second) == {"2013": {"ingest": "up to date", "run": "up to date"}}
+    assert not second["cluster"]["started"]
+    assert "msmtu-rerun" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True,
+                                               env=os.environ | slurm.env).stdout  # the chain ended
