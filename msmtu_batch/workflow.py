@@ -13,7 +13,7 @@ Layout under ``output``::
     cubes/<year>.zarr                      input cube of the year (independent of the model)
     <model-id>/<year>/abundance.zarr       output cube (model-id = model file stem + hash)
     <model-id>/<year>/cog/*.tif            COGs, with export.json saying what they were made from
-    latest -> <model-id>                   moved atomically when every year of a run is done
+    latest -> <model-id>                   moved atomically once every year of the definition is done
     records/<time>-<host>-<pid>.json       the record of each workflow run
     .msmtu-digests.json                    source-file digests by stat
 
@@ -81,7 +81,8 @@ class WorkflowDefinition(BaseModel):
 
 
 def load_workflow(path: Path, years: list[int] | None = None) -> WorkflowDefinition:
-    """Read and check a definition (every year's ingest settings included); one line if wrong."""
+    """Read and check a definition (every year's ingest settings included, and that ``years``
+    are among its years); one line if wrong."""
     if not path.is_file():
         raise MsmtuError(f"{path}: workflow definition not found")
     try:
@@ -98,7 +99,6 @@ def load_workflow(path: Path, years: list[int] | None = None) -> WorkflowDefinit
             if unknown:
                 raise MsmtuError(f"{path}: --years {', '.join(map(str, unknown))} not among the definition's years "
                                  f"({', '.join(map(str, definition.years))})")
-            definition = definition.model_copy(update={"years": [y for y in definition.years if y in years]})
         for year in definition.years:
             year_ingest_config(definition, year, expand=False)
     except ValidationError as exc:
@@ -222,8 +222,10 @@ def export_status(out: Path, cog: Path) -> str | None:
 class Workflow:
     """One workflow run: plan and process the years, write the record."""
 
-    def __init__(self, path: Path, definition: WorkflowDefinition, reporter: Reporter, dry_run: bool = False):
+    def __init__(self, path: Path, definition: WorkflowDefinition, reporter: Reporter, dry_run: bool = False,
+                 years: list[int] | None = None):
         self.path, self.definition, self.reporter, self.dry_run = path, definition, reporter, dry_run
+        self.years = [y for y in definition.years if not years or y in years]
         self.root = definition.output.resolve()
         if not definition.model.is_file():
             raise MsmtuError(f"{path}: model {definition.model} not found")
@@ -320,15 +322,15 @@ class Workflow:
         try:
             with ThreadPoolExecutor(max_workers=self.definition.concurrent_years,
                                     thread_name_prefix="msmtu-year") as pool:
-                futures = [pool.submit(self.process_year, year) for year in self.definition.years]
+                futures = [pool.submit(self.process_year, year) for year in self.years]
                 self.cluster.serve_until(futures)
-                results = {year: future.result() for year, future in zip(self.definition.years, futures)}
+                results = {year: future.result() for year, future in zip(self.years, futures)}
         finally:
             started_cluster = self.cluster.started
             self.cluster.close()
         failed = sorted(year for year, r in results.items() if r["status"] == "failed")
         latest = None
-        if not failed and not self.dry_run:
+        if not failed and not self.dry_run and self._version_complete():
             latest = self._point_latest()
         self.digests.save()
         record = {
@@ -341,7 +343,7 @@ class Workflow:
                                                         "hash": self.model_hash, "id": self.model_id},
             "cluster": {"spec": self.cluster.spec.model_dump(mode="json"), "started": started_cluster},
             "source_files_hashed": self.digests.hashed, "latest": latest,
-            "years": {str(year): results[year] for year in self.definition.years},
+            "years": {str(year): results[year] for year in self.years},
             "failed_years": failed, "exit_status": EXIT_YEARS_FAILED if failed else EXIT_OK,
         }
         if not self.dry_run:
@@ -350,6 +352,13 @@ class Workflow:
             (self.root / "records").mkdir(parents=True, exist_ok=True)
             write_text_durably(Path(record["record"]), json.dumps(record, indent=2, default=str))
         return record["exit_status"], record
+
+    def _version_complete(self) -> bool:
+        """Whether this model's version holds a complete output of every year of the
+        definition (not only of the years this run was asked for)."""
+        from msmtu_batch.pipeline import read_manifest
+
+        return all((read_manifest(self.paths(year).out) or {}).get("complete") for year in self.definition.years)
 
     def _point_latest(self) -> str:
         """Point ``latest`` at this model's version, atomically (a symlink renamed over the old)."""
@@ -383,4 +392,4 @@ def run_workflow(path: Path, reporter: Reporter, years: list[int] | None = None,
     """Load ``path`` and run it; returns the exit status (0 all done, 3 some years failed) and
     the record. A bad definition raises :class:`MsmtuError` (exit status 2 on the command line)."""
     definition = load_workflow(path, years)
-    return Workflow(path, definition, reporter, dry_run).execute()
+    return Workflow(path, definition, reporter, dry_run, years).execute()

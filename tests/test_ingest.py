@@ -29,6 +29,7 @@ from msmtu_batch.cube import BAND_NAMES, CLIMATIC_NAMES, REFLECTANCE_FILL, open_
 from msmtu_batch.errors import CubeValidationError, MsmtuError
 from msmtu_batch.ingest import COUNT_VARIABLE, IngestConfig, ingest
 from msmtu_batch.modis import DOY_LAYER, QA_LAYER, SINUSOIDAL_CRS, SPHERE_RADIUS, tile_upper_left, write_granule
+from msmtu_batch.pipeline import RunConfig, run
 from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import read_cube_reference
 
@@ -421,7 +422,7 @@ def test_missing_sources_refused_when_the_model_needs_them(granules, region, tmp
 
 # --- end to end: ingest, then run unchanged ------------------------------------------------
 
-def test_ingest_then_run_from_the_command_line(granules, region, tmp_path):
+def test_ingest_then_run_from_the_command_line(granules, region, scheduler, tmp_path):
     pixels = read_cube_reference(region.cube, region.reference, "level1")
     artifact = train(pixels, "level1", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8))
     model = save_artifact(artifact.artifact, tmp_path / "model.safetensors")
@@ -441,14 +442,11 @@ def test_ingest_then_run_from_the_command_line(granules, region, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "ancillary longitude, latitude, altitude, slope, precipitation" in done.stdout
     # the granules lie far from the simulated region the model was trained on: the guard stops the
-    # run, and mapping it anyway flags every estimated pixel
-    done = subprocess.run([BIN / "msmtu-batch", "run", "--cube", str(cube), "--model", str(model), "--out", str(out),
-                           "--chunk", "16"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "standard deviations" in done.stderr.splitlines()[-1], done.stderr
-    done = subprocess.run([BIN / "msmtu-batch", "run", "--cube", str(cube), "--model", str(model), "--out", str(out),
-                           "--chunk", "16", "--out-of-distribution", "flag"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    # run, and mapping it anyway flags every estimated pixel (in this process: the command line
+    # of `run` is tested in test_pipeline)
+    with pytest.raises(MsmtuError, match="standard deviations"):
+        run(cube, model, out, config=RunConfig(chunk=16), scheduler=scheduler)
+    run(cube, model, out, config=RunConfig(chunk=16, out_of_distribution="flag"), scheduler=scheduler)
     result = xr.open_zarr(out, consolidated=False)
     observed = (xr.open_zarr(cube, consolidated=False)["clear_count"] > 0).any("time").values
     estimated = np.isfinite(result["abundance"].values).all(axis=0)

@@ -17,6 +17,7 @@ import pytest
 import rasterio
 import xarray as xr
 import yaml
+from distributed import LocalCluster
 from rasterio.transform import from_origin
 from rich.console import Console
 from typer.testing import CliRunner
@@ -72,6 +73,15 @@ def downloads(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def scheduler():
+    """One real LocalCluster (2 worker processes on 127.0.0.1) shared by this module's
+    workflows, given to them as a `cluster: address` spec: warm workers, no start per run."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield {"cluster": "address", "address": cluster.scheduler_address}
+
+
+@pytest.fixture(scope="module")
 def models(region, tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("models")
     return trained_model(region, folder / "level2.safetensors", 0), trained_model(region, folder / "next.safetensors",
@@ -80,8 +90,7 @@ def models(region, tmp_path_factory) -> tuple[Path, Path]:
 
 def definition(downloads: Path, output: Path, model: Path, years=(2013, 2014), cluster=None, **extra) -> dict:
     return {"workflow": {
-        "years": list(years), "output": str(output), "model": str(model),
-        "cluster": cluster or {"cluster": "local", "n_workers": 2},
+        "years": list(years), "output": str(output), "model": str(model), "cluster": cluster,
         "ingest": {"inputs": [str(downloads / "MOD09A1" / "{year}" / "*.hdf")],
                    "region": str(downloads / "region.geojson"), "crs": "EPSG:25830", "resolution": 20000,
                    "dem": str(downloads / "dem.tif"),
@@ -115,10 +124,10 @@ ALL_RAN = {"ingest": "ran", "run": "ran", "export": "ran"}
 ALL_SKIPPED = {"ingest": "up to date", "run": "up to date", "export": "up to date"}
 
 
-def test_reruns_compute_only_what_changed(downloads, models, tmp_path):
+def test_reruns_compute_only_what_changed(downloads, models, scheduler, tmp_path):
     model, next_model = models
     output = tmp_path / "production"
-    path = write_definition(tmp_path / "andalusia.yaml", definition(downloads, output, model))
+    path = write_definition(tmp_path / "andalusia.yaml", definition(downloads, output, model, cluster=scheduler))
 
     status, first, log = workflow(path)
     assert status == 0, log
@@ -148,7 +157,7 @@ def test_reruns_compute_only_what_changed(downloads, models, tmp_path):
     assert second["seconds"] < first["seconds"] / 2
 
     # a year added: only it is computed
-    path = write_definition(path, definition(downloads, output, model, years=(2013, 2014, 2015)))
+    path = write_definition(path, definition(downloads, output, model, years=(2013, 2014, 2015), cluster=scheduler))
     status, third, _ = workflow(path)
     assert status == 0 and stages(third) == {"2013": ALL_SKIPPED, "2014": ALL_SKIPPED, "2015": ALL_RAN}
 
@@ -158,32 +167,35 @@ def test_reruns_compute_only_what_changed(downloads, models, tmp_path):
     os.utime(touched, ns=(time.time_ns(), time.time_ns()))
     changed = sorted((downloads / "MOD09A1" / "2014").glob("*.hdf"))[3]
     original = changed.read_bytes()
-    try:
-        write_year(changed.parent, tiles=((17, 5),), starts=[starts(2014)[3]], values=year_values(2000))
-        assert changed.read_bytes() != original
-        status, fourth, log = workflow(path)
-    finally:
-        changed.write_bytes(original)
+    write_year(changed.parent, tiles=((17, 5),), starts=[starts(2014)[3]], values=year_values(2000))
+    assert changed.read_bytes() != original
+    status, fourth, log = workflow(path)
     assert status == 0 and stages(fourth) == {"2013": ALL_SKIPPED, "2014": ALL_RAN, "2015": ALL_SKIPPED}
     assert f"2014: ingest runs: 1 source file(s) changed, added or removed (first: {changed.name})" in log
     assert zarr_files(version / "2013" / "abundance.zarr") == outputs[2013]
     assert zarr_files(version / "2014" / "abundance.zarr") != outputs[2014]
 
-    # a new model: every year recomputed into a new version, the old one kept, latest moved
-    path = write_definition(path, definition(downloads, output, next_model, years=(2013, 2014, 2015)))
+    # a new model: every year recomputed into a new version, the old one kept; latest moves once
+    # every year of the definition is in the new version
+    path = write_definition(path, definition(downloads, output, next_model, years=(2013, 2014, 2015),
+                                                cluster=scheduler))
     status, fifth, log = workflow(path, years=[2013, 2015])
     assert status == 0
     assert stages(fifth) == {year: {"ingest": "up to date", "run": "ran", "export": "ran"} for year in ("2013", "2015")}
     assert "2013: run runs: no output yet" in log
-    assert os.readlink(output / "latest") == fifth["model"]["id"] != first["model"]["id"]
+    assert fifth["latest"] is None and os.readlink(output / "latest") == first["model"]["id"]
+    status, sixth, _ = workflow(path)
+    assert stages(sixth) == {"2013": ALL_SKIPPED, "2014": {"ingest": "up to date", "run": "ran", "export": "ran"},
+                             "2015": ALL_SKIPPED}
+    assert os.readlink(output / "latest") == sixth["model"]["id"] != first["model"]["id"]
     assert zarr_files(version / "2013" / "abundance.zarr") == outputs[2013]  # the previous version, intact
     assert xr.open_zarr(output / "latest" / "2013" / "abundance.zarr", consolidated=False).attrs["model_hash"] == \
-        fifth["model"]["hash"]
+        sixth["model"]["hash"]
 
 
-def test_dry_run_says_what_would_run_and_why_and_writes_nothing(downloads, models, tmp_path):
+def test_dry_run_says_what_would_run_and_why_and_writes_nothing(downloads, models, scheduler, tmp_path):
     output = tmp_path / "production"
-    path = write_definition(tmp_path / "w.yaml", definition(downloads, output, models[0]))
+    path = write_definition(tmp_path / "w.yaml", definition(downloads, output, models[0], cluster=scheduler))
     status, record, log = workflow(path, dry_run=True)
     assert status == 0 and not output.exists()
     assert stages(record) == {year: {"ingest": "would run", "run": "would run", "export": "would run"}
@@ -192,9 +204,9 @@ def test_dry_run_says_what_would_run_and_why_and_writes_nothing(downloads, model
     assert "2014: export would run: its output is recomputed" in log
 
 
-def test_a_failed_year_is_reported_and_the_others_finish(downloads, models, tmp_path):
+def test_a_failed_year_is_reported_and_the_others_finish(downloads, models, scheduler, tmp_path):
     output = tmp_path / "production"
-    values = definition(downloads, output, models[0], years=(2013, 2016), cog=False)
+    values = definition(downloads, output, models[0], years=(2013, 2016), cluster=scheduler, cog=False)
     path = write_definition(tmp_path / "w.yaml", values)
     status, record, lines = workflow(path, log_file=tmp_path / "log.txt")
     assert status == 3, lines
@@ -274,46 +286,34 @@ def wait_for_jobs(slurm, name: str, count: int, seconds: float) -> list[dict[str
     raise AssertionError(f"{count} job(s) {name} did not finish within {seconds} s: {slurm.jobs()}")
 
 
-def test_workflow_as_a_batch_job_with_slurm_workers(slurm, downloads, models, tmp_path):
-    """deploy/slurm/workflow.sbatch: the driver is a job, its workers are jobs too."""
+def test_workflow_as_a_self_resubmitting_batch_job_with_slurm_workers(slurm, downloads, models, tmp_path):
+    """deploy/slurm/rerun.sbatch at a short interval: the driver is a batch job whose workers
+    are SLURM jobs too; it submits itself again, and the second run starts by itself and
+    finds nothing to do."""
     output = tmp_path / "production"
     spec = {"cluster": "slurm", "queue": "batch", "cores": 1, "memory": "2GB", "walltime": "00:10:00",
             "jobs": 1, "shared_directory": str(tmp_path / "tls"), "worker_start_timeout": 120}
     path = write_definition(tmp_path / "w.yaml", definition(downloads, output, models[0], years=(2013,),
-                                                             cluster=spec))
+                                                             cluster=spec, cog=False))
     before = len(slurm.jobs())
-    job = sbatch(slurm, "--wait", "--output", str(tmp_path / "driver.out"), str(ROOT / "deploy/slurm/workflow.sbatch"),
-                 env={"MSMTU_WORKFLOW": str(path), "MSMTU_BATCH": str(BIN / "msmtu-batch"),
-                      "MSMTU_LOG": str(tmp_path / "workflow.log")})
-    jobs = slurm.jobs()[before:]
-    driver = next(j for j in jobs if j["JobId"] == job)
-    assert driver["JobState"] == "COMPLETED" and driver["ExitCode"] == "0:0", (tmp_path / "driver.out").read_text()
-    workers = [j for j in jobs if j["Name"] == "msmtu-worker"]
-    assert len(workers) == 1 and workers[0]["StartTime"] >= driver["StartTime"]
-    record = json.loads(next((output / "records").iterdir()).read_text())
-    assert record["slurm_job_id"] == job and stages(record) == {"2013": ALL_RAN}
-    assert "workflow finished" in (tmp_path / "workflow.log").read_text()
-
-
-def test_self_resubmitting_job_runs_again_and_finds_nothing_to_do(slurm, downloads, models, tmp_path):
-    """deploy/slurm/rerun.sbatch at a short interval: the second run starts by itself."""
-    output = tmp_path / "production"
-    path = write_definition(tmp_path / "w.yaml", definition(downloads, output, models[0], years=(2013,),
-                                                             cog=False))
     # --chdir: the resubmitted job's default output file lands there too
-    sbatch(slurm, "--chdir", str(tmp_path), "--output", str(tmp_path / "rerun-%j.out"),
-           str(ROOT / "deploy/slurm/rerun.sbatch"),
-           env={"MSMTU_WORKFLOW": str(path), "MSMTU_BATCH": str(BIN / "msmtu-batch"), "MSMTU_BEGIN": "now+2",
-                "MSMTU_RESUBMIT_TIMES": "1"})
-    jobs = wait_for_jobs(slurm, "msmtu-rerun", 2, 300)
-    assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"], [p.read_text() for p in
-                                                                       tmp_path.glob("*.out")]
-    assert jobs[1]["StartTime"] >= jobs[0]["EndTime"]
-    records = sorted((output / "records").iterdir())
-    assert len(records) == 2
-    first, second = (json.loads(r.read_text()) for r in records)
-    assert stages(first) == {"2013": {"ingest": "ran", "run": "ran"}}
-    assert stages(second) == {"2013": {"ingest": "up to date", "run": "up to date"}}
-    assert not second["cluster"]["started"]
+    first = sbatch(slurm, "--chdir", str(tmp_path), "--output", str(tmp_path / "rerun-%j.out"),
+                   str(ROOT / "deploy/slurm/rerun.sbatch"),
+                   env={"MSMTU_WORKFLOW": str(path), "MSMTU_BATCH": str(BIN / "msmtu-batch"), "MSMTU_BEGIN": "now+2",
+                        "MSMTU_RESUBMIT_TIMES": "1", "MSMTU_LOG": str(tmp_path / "workflow.log")})
+    drivers = wait_for_jobs(slurm, "msmtu-rerun", 2, 400)
+    outputs = [p.read_text() for p in tmp_path.glob("*.out")]
+    assert [(j["JobState"], j["ExitCode"]) for j in drivers] == [("COMPLETED", "0:0")] * 2, outputs
+    assert drivers[0]["JobId"] == first and drivers[1]["StartTime"] >= drivers[0]["EndTime"]
+    workers = [j for j in slurm.jobs()[before:] if j["Name"] == "msmtu-worker"]
+    # the first run's one worker job ran inside the driver's time; the second run needed none
+    assert len(workers) == 1, slurm.jobs()
+    assert drivers[0]["StartTime"] <= workers[0]["StartTime"] <= workers[0]["EndTime"] <= drivers[0]["EndTime"]
+    first_record, second_record = (json.loads(r.read_text()) for r in sorted((output / "records").iterdir()))
+    assert first_record["slurm_job_id"] == first and stages(first_record) == {"2013": {"ingest": "ran", "run": "ran"}}
+    assert first_record["cluster"]["started"] and not second_record["cluster"]["started"]
+    assert stages(second_record) == {"2013": {"ingest": "up to date", "run": "up to date"}}
+    assert second_record["slurm_job_id"] == drivers[1]["JobId"]
+    assert (tmp_path / "workflow.log").read_text().count("workflow finished") == 2
     assert "msmtu-rerun" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True,
                                                env=os.environ | slurm.env).stdout  # the chain ended
