@@ -59,6 +59,9 @@ EXPORT_RECORD = "export.json"
 DEPENDENCIES = ("numpy", "torch", "numba", "dask", "distributed", "dask-jobqueue", "xarray", "zarr", "rioxarray",
                 "rasterio", "rio-cogeo", "pyhdf", "pydantic")
 GLOB_CHARACTERS = set("*?[")
+UP_TO_DATE = {"ingest": "same source files (by sha256), settings and software version",
+              "run": "same input cube content, model, settings and software version",
+              "export": "COGs of the output as it is, by this software version"}
 
 
 class WorkflowDefinition(BaseModel):
@@ -278,7 +281,7 @@ class Workflow:
     def _stage(self, year: int, name: str, why: str | None, output: str, work) -> Stage:
         if why is None:
             self.reporter.say(f"{year}: {name} up to date ({output})")
-            return Stage(name, "up to date", "same inputs, model, settings and software", output)
+            return Stage(name, "up to date", UP_TO_DATE[name], output)
         if self.dry_run:
             self.reporter.say(f"{year}: {name} would run: {why}")
             return Stage(name, "would run", why, output)

@@ -18,6 +18,7 @@ from msmtu_batch.pipeline import RunConfig, run
 from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import read_cube_reference
 from tests.conftest import zarr_files
+from tests.test_faults import cli, one_line_error
 
 BIN = Path(sys.executable).parent
 
@@ -147,11 +148,7 @@ def test_bad_batch_specs_are_refused_in_one_line(tmp_path, spec, message):
 def test_cluster_script_refuses_a_bad_spec_in_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"cluster": "slurm", "partition": "gpu"}))
-    done = subprocess.run([BIN / "msmtu-batch", "cluster-script", str(path)], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr == (f"msmtu-batch: error: {path}: invalid cluster spec: partition: Extra inputs are not "
-                           "permitted\n")
-    done = subprocess.run([BIN / "msmtu-batch", "cluster-script", str(tmp_path / "local.yaml")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "cluster spec not found" in done.stderr
+    assert one_line_error(cli("cluster-script", path)) == (f"{path}: invalid cluster spec: partition: Extra inputs "
+                                                          "are not permitted")
+    assert one_line_error(cli("cluster-script", tmp_path / "local.yaml")) == f"{tmp_path / 'local.yaml'}: cluster " \
+        "spec not found"

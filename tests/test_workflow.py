@@ -20,10 +20,8 @@ import yaml
 from distributed import LocalCluster
 from rasterio.transform import from_origin
 from rich.console import Console
-from typer.testing import CliRunner
 
 from msmtu_batch.artifact import save_artifact
-from msmtu_batch.cli import app
 from msmtu_batch.cube import CLIMATIC_NAMES
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.reporting import Reporter
@@ -31,6 +29,7 @@ from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import read_cube_reference
 from msmtu_batch.workflow import load_workflow, run_workflow
 from tests.conftest import zarr_files
+from tests.test_faults import cli, one_line_error
 from tests.test_ingest import geojson, tile_values, write_raster, write_year
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,16 +241,13 @@ def test_bad_definitions_are_refused_in_one_line(downloads, models, tmp_path, ch
 def test_a_bad_definition_exits_2_before_any_work(downloads, models, tmp_path):
     values = definition(downloads, tmp_path / "out", models[0])
     path = write_definition(tmp_path / "w.yaml", values)
-    done = subprocess.run([BIN / "msmtu-batch", "workflow", str(path), "--years", "2013,2019"], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr == (f"msmtu-batch: error: {path}: --years 2019 not among the definition's years (2013, "
-                           "2014)\n")
+    assert one_line_error(cli("workflow", path, "--years", "2013,2019")) == (
+        f"{path}: --years 2019 not among the definition's years (2013, 2014)")
     assert not (tmp_path / "out").exists()
     # a year whose inputs are missing: exit 3, the summary names it
     values["workflow"]["years"] = [2016]
-    result = CliRunner().invoke(app, ["workflow", str(write_definition(path, values))])
-    assert result.exit_code == 3, result.output
+    result = cli("workflow", write_definition(path, values))
+    assert result.returncode == 3, result.stderr
     assert "workflow finished in " in result.stdout and "0 year(s) done, 1 failed (2016)" in result.stdout
 
 
