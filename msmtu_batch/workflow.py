@@ -150,7 +150,7 @@ def year_ingest_config(definition: WorkflowDefinition, year: int, expand: bool =
 @dataclass
 class Stage:
     stage: Literal["ingest", "run", "export"]
-    status: Literal["ran", "skipped", "failed", "would run", "up to date", "not reached"]
+    status: Literal["ran", "up to date", "would run", "failed"]
     reason: str
     output: str
     seconds: float = 0.0
