@@ -65,14 +65,8 @@ def pieces(region: Path, model: Path, output: Path) -> dict[str, float]:
 
     from msmtu_batch.artifact import load_artifact
     from msmtu_batch.kernels import prepare_chunk
-    from msmtu_batch.pipeline import (
-        RunConfig,
-        RunSpec,
-        _flush_chunk,
-        damaged_chunks,
-        input_content_digest,
-        unlike_training,
-    )
+    from msmtu_batch.pipeline import _flush_chunk, damaged_chunks, input_content_digest
+    from msmtu_batch.products import RunConfig, unlike_training
     from msmtu_batch.tiling import chunk_windows
 
     cube = region / "cube.zarr"
@@ -85,13 +79,13 @@ def pieces(region: Path, model: Path, output: Path) -> dict[str, float]:
     reflectance, qa = group["reflectance"][:, :, ys, xs], group["state_qa"][:, ys, xs]
     ancillary = np.stack([group[n][ys, xs] for n in artifact.ancillary_names])
     inputs, observed = prepare_chunk(reflectance, qa, ancillary, artifact.band_stats, artifact.ancillary_stats)
-    spec = RunSpec(str(cube), str(model), "", str(output), artifact.ancillary_names, True, RunConfig())
     written = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
     chunk_bytes = [p.read_bytes() for p in output.rglob("c/*/*") if p.is_file()][:64]
     per_chunk_crc = best_of(lambda: [crc32c(b) for b in chunk_bytes]) / max(1, len(chunk_bytes))
     return {
         "input digest (sha256 of the store)": best_of(lambda: input_content_digest(cube), 2),
-        "guard (all chunks)": best_of(lambda: unlike_training(spec, window, artifact, inputs, observed)) * len(windows),
+        "guard (all chunks)": best_of(lambda: unlike_training(RunConfig(), artifact, inputs, observed, str(cube),
+                                                                      window.label)) * len(windows),
         "fsync before markers (all chunks)": best_of(lambda: _flush_chunk(output, window)) * len(windows),
         "crc32c of the written chunks (estimate)": per_chunk_crc * written / max(1, np.mean([len(b) for b in
                                                                                           chunk_bytes])),

@@ -33,7 +33,7 @@ def main() -> None:
     red, nir = (refl.sel(band=cube["band"][BAND_COMMON_NAMES.index(b)]) for b in ("red", "nir1"))
     ndvi_july = ((nir - red) / (nir + red)).sel(time=f"{cube['time'].dt.year[0].item()}-07")
     for name in ("irrigated_crop", "winter_cereal"):
-        mostly = level2.sel({"class": name}) > 0.5
+        mostly = level2.sel(lulc_class=name) > 0.5
         print(f"July NDVI where {name} > 50 %: {float(ndvi_july.where(mostly).mean()):.2f} "
               f"({int(mostly.sum())} pixels)")
     print(f"valid input cube {result.cube} with CRS {cube.rio.crs}")

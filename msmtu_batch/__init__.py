@@ -1,8 +1,59 @@
-"""msmtu-batch: LULC abundance mapping from MODIS monthly time series with BRITS."""
+"""msmtu-batch: LULC abundance mapping from MODIS monthly time series with BRITS.
 
+The Python API (the command line is a thin layer over it)::
+
+    import msmtu_batch as mb
+
+    cube = mb.open_cube("cube.zarr")              # input cube, lazy, contract checked
+    model = mb.load_model("model.safetensors")    # a model artifact (no pickle)
+    maps = mb.unmix(cube.isel(y=slice(0, 64), x=slice(0, 64)), model)  # lazy products
+    maps["abundance"].sel(lulc_class="olive_grove").plot()
+    mb.run("cube.zarr", "model.safetensors", "out.zarr")  # distributed, resumable (uses your Client)
+    archive = mb.open_output("products/")         # one store, or many years along `time`
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 try:
     __version__ = version("msmtu-batch")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
+
+# Public name -> module. Imported on first use, so that `import msmtu_batch` stays light (the
+# CLI's --help, a Dask worker unpickling one function) and torch loads only when needed.
+_API = {
+    "open_cube": "msmtu_batch.products",
+    "unmix": "msmtu_batch.products",
+    "RunConfig": "msmtu_batch.products",
+    "load_model": "msmtu_batch.artifact",
+    "run": "msmtu_batch.pipeline",
+    "open_output": "msmtu_batch.archive",
+    "open_archive": "msmtu_batch.archive",
+    "write_catalog": "msmtu_batch.catalog",
+    "export_cogs": "msmtu_batch.export",
+}
+_RENAMED = {"load_model": "load_artifact"}
+__all__ = ["RunConfig", "__version__", "export_cogs", "load_model", "open_archive", "open_cube", "open_output", "run",
+           "unmix", "write_catalog"]
+
+if TYPE_CHECKING:
+    from msmtu_batch.archive import open_archive, open_output
+    from msmtu_batch.artifact import load_artifact as load_model
+    from msmtu_batch.catalog import write_catalog
+    from msmtu_batch.export import export_cogs
+    from msmtu_batch.pipeline import run
+    from msmtu_batch.products import RunConfig, open_cube, unmix
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'msmtu_batch' has no attribute {name!r}")
+    value = getattr(import_module(_API[name]), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

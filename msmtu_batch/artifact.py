@@ -25,6 +25,7 @@ from msmtu_batch import __version__
 from msmtu_batch.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.model import BRITS, BritsConfig
+from msmtu_batch.palette import class_colors, default_class_colors
 from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
 from msmtu_batch.training_data import PixelSet
 from msmtu_batch.units import apply_conversions, conversions_to_model
@@ -54,10 +55,13 @@ class ModelArtifact:
     software_version: str = __version__
     training: dict = field(default_factory=dict)
     ancillary_units: tuple[str, ...] = ()  # units of the ancillary statistics; default: the cube contract's
+    class_colors: tuple[str, ...] = ()  # '#rrggbb' per class for maps; default: msmtu_batch.palette's
 
     def __post_init__(self) -> None:
         if not self.ancillary_units:
             self.ancillary_units = tuple(ANCILLARY_UNITS[n] for n in self.ancillary_names)
+        if not self.class_colors:
+            self.class_colors = default_class_colors(self.classes)
 
     @property
     def config(self) -> BritsConfig:
@@ -108,7 +112,7 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
         "level": artifact.level, "classes": list(artifact.classes),
         "band_names": list(artifact.band_names), "band_statistics_units": BAND_STATISTICS_UNITS,
         "ancillary_names": list(artifact.ancillary_names), "ancillary_units": list(artifact.ancillary_units),
-        "training": artifact.training,
+        "training": artifact.training, "class_colors": list(artifact.class_colors),
     }
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
@@ -171,6 +175,14 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise ArtifactError(f"{path}: ancillary_units must give the units of each of the {len(ancillary)} ancillary "
                             f"statistics, found {units!r}")
     units = tuple(units)
+    colors = meta.get("class_colors")  # absent in artifacts of msmtu-batch before 0.3: the default palette
+    if colors is not None and (not isinstance(colors, list) or len(colors) != len(classes)):
+        raise ArtifactError(f"{path}: class_colors must give one '#rrggbb' colour per class ({len(classes)}), "
+                            f"found {colors!r}")
+    try:
+        colors = class_colors(classes, dict(zip(classes, colors or ())), str(path))
+    except MsmtuError as exc:
+        raise ArtifactError(str(exc)) from None
     ancillary_stats = None
     if ancillary:
         if stats.get("ancillary_mean", np.empty(0)).shape != (len(ancillary),):
@@ -182,7 +194,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
                                                  stats["band_std"] * np.float32(band_factor)),
                          ancillary_stats=ancillary_stats, band_names=tuple(meta["band_names"]),
                          software_version=meta["software_version"], training=meta.get("training", {}),
-                         ancillary_units=units)
+                         ancillary_units=units, class_colors=colors)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -17,7 +17,7 @@ from msmtu_batch.model import BRITS, RITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.preprocess import Standardizer, compute_deltas
 from msmtu_batch.training_data import MSMTU_VALUE_SCALE, PARTITIONS
 
-BRITS_FLOPS_PER_PIXEL = 2.4e6  # forward pass, both directions (DESIGN.md section 5)
+BRITS_FLOPS_PER_PIXEL = 2.4e6  # forward pass, both directions (docs/design.md section 5)
 TRAINING_FLOPS_FACTOR = 3.0  # forward + backward is about three forward passes
 
 

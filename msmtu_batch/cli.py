@@ -1,6 +1,6 @@
 """Command line: ``msmtu-batch simulate | validate | demo | train | evaluate | ablation | ingest | run |
 workflow | cluster-script | bench``
-(DESIGN.md section 4b)."""
+(docs/design.md section 4b)."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def validate_command(
         help="Ancillary variables required: none, geotopo (lon, lat, altitude, slope) or all.")]
         = AncillaryChoice.all,
 ) -> None:
-    """Check an input cube against the data contract (DESIGN.md section 4)."""
+    """Check an input cube against the data contract (docs/design.md section 4)."""
     with _user_errors():
         ds = open_input_cube(cube, ancillary=ancillary.names)
         print(f"{cube}: valid input cube ({ds.sizes['y']} x {ds.sizes['x']} pixels, "
@@ -169,6 +169,9 @@ CubeOption = Annotated[Path | None, typer.Option("--cube", help="Input cube (Zar
 ReferenceOption = Annotated[Path | None, typer.Option(
     "--reference", help="Reference abundance cube (Zarr) on the cube's grid.")]
 LevelOption = Annotated[str, typer.Option("--level", help="Label level, e.g. level1 or level2.")]
+ZarrFormatOption = Annotated[int | None, typer.Option(
+    "--zarr-format", help="Zarr format of the store written: 3 (default) or 2 (for zarr-python 2 and GDAL before "
+                          "3.8).")]
 
 
 def _read_pixels(msmtu: Path | None, cube: Path | None, reference: Path | None, level: str,
@@ -233,17 +236,24 @@ def train_command(
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with a 'train' section; flags override it.")]
         = None,
+    class_colors: Annotated[Path | None, typer.Option(
+        help="JSON object class name -> '#rrggbb': the colours of the model's maps (COG colour table, QGIS "
+             "style, STAC); classes not named keep the default palette.")] = None,
 ) -> None:
     """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput)."""
     from msmtu_batch.artifact import save_artifact
+    from msmtu_batch.palette import read_class_colors
     from msmtu_batch.train import train
 
     with _user_errors():
         cfg = _train_config(config, ancillary=ancillary.value, epochs=epochs, batch_size=batch_size,
                             learning_rate=learning_rate, hidden=hidden, patience=patience, seed=seed)
         pixels, source = _read_pixels(msmtu, cube, reference, level, ancillary.names)
+        colors = read_class_colors(class_colors, pixels.classes) if class_colors else None  # before the epochs
         with _epoch_progress(cfg.epochs) as on_epoch:
             result = train(pixels, level, cfg, on_epoch=on_epoch, source=source)
+        if colors:
+            result.artifact.class_colors = colors
         save_artifact(result.artifact, out)
         metrics = out.with_suffix(".metrics.json")
         metrics.write_text(json.dumps({
@@ -359,6 +369,7 @@ def ingest_command(
                                                     "the sources lack ancillary variables it needs.")] = None,
     chunk: Annotated[int | None, typer.Option(help="Spatial chunk of the cube and of the tasks (default 256).")]
         = None,
+    zarr_format: ZarrFormatOption = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML workflow with an 'ingest' section (keys as the flags); flags override it.")] = None,
     scheduler: Annotated[str | None, typer.Option(
@@ -375,7 +386,7 @@ def ingest_command(
             climate=_pairs_option(climate, "--climate", "NAME=RASTER, e.g. precipitation=pre.tif") or None,
             climate_units=_pairs_option(climate_units, "--climate-units", "NAME=UNITS, e.g. precipitation='mm "
                                         "month-1'") or None,
-            chunk=chunk))
+            chunk=chunk, zarr_format=zarr_format))
         summary = ingest(IngestConfig(**settings), out, model=model, scheduler=scheduler, overwrite=overwrite,
                          progress=_chunk_progress("ingesting chunks"))
         print(f"wrote {out}: {summary.height} x {summary.width} pixels, {summary.observations} dates composited "
@@ -398,6 +409,7 @@ def run_command(
              "ancillary variable's beyond 6 training standard deviations): stop with it named, or flag its "
              "pixels (quality_flag 2) and go on.")] = OutOfDistribution.stop,
     imputed: Annotated[bool, typer.Option(help="Also write imputed_reflectance(time, band, y, x).")] = False,
+    zarr_format: ZarrFormatOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an output made from another model, input or "
                                                  "settings.")] = False,
     cog: Annotated[Path | None, typer.Option(help="Also write Cloud-Optimized GeoTIFFs to this folder.")] = None,
@@ -412,7 +424,8 @@ def run_command(
 
     with _user_errors():
         summary = run(cube, model, out, config=RunConfig(chunk=chunk, min_months=min_months, imputed=imputed,
-                                                              out_of_distribution=out_of_distribution.value),
+                                                              out_of_distribution=out_of_distribution.value,
+                                                              zarr_format=zarr_format or 3),
                       scheduler=scheduler, overwrite=overwrite, cog_dir=cog, performance_report=performance_report,
                       progress=_chunk_progress("unmixing chunks"), on_client=announce)
         if summary.already_complete:
@@ -421,6 +434,21 @@ def run_command(
         print(f"wrote {out}: {summary.pixels:,} pixels, {summary.valid_pixels:,} estimated, "
               f"{summary.computed_chunks} of {summary.chunks} chunks computed in {summary.seconds:.1f} s "
               f"({summary.pixels_per_second:,.0f} pixels/s)" + (f"; COGs in {cog}" if cog else ""))
+
+
+@app.command("catalog")
+def catalog_command(
+    archive: Annotated[Path, typer.Argument(help="Archive folder: a workflow's output (its latest version), a "
+                                                 "version folder (YEAR/abundance.zarr) or a folder of stores.")],
+    collection_id: Annotated[str | None, typer.Option(help="STAC Collection id (default msmtu-<folder name>).")]
+        = None,
+) -> None:
+    """Write STAC metadata for an archive: one Item per year (COGs, Zarr, styles, run record) in a Collection."""
+    from msmtu_batch.catalog import write_catalog
+
+    with _user_errors():
+        path = write_catalog(archive, collection_id)
+        print(f"wrote {path}")
 
 
 def _years_option(years: str | None) -> list[int] | None:

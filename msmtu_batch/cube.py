@@ -1,4 +1,4 @@
-"""Input-cube contract (DESIGN.md section 4): names, encodings, opening and validation.
+"""Input-cube contract (docs/design.md section 4): names, encodings, opening and validation.
 
 Every other module reads input cubes through :func:`open_input_cube`, so the rules below
 are the single definition of what a valid cube is.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
+from numcodecs import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from msmtu_batch.errors import CubeValidationError
@@ -49,6 +51,10 @@ ANCILLARY_UNITS: dict[str, str] = {
 }
 
 N_MONTHS = 12
+# The class dimension of abundance cubes (reference and output). Not "class", a Python keyword
+# that ds.sel(class=...) cannot take; a reference cube with a "class" dimension is still read.
+CLASS_DIM = "lulc_class"
+LEGACY_CLASS_DIM = "class"
 REFLECTANCE_FILL = -28672
 REFLECTANCE_SCALE = 1e-4
 REFLECTANCE_VALID_RANGE = (-100, 16000)  # MOD09A1 valid range, in stored integer units
@@ -72,7 +78,7 @@ QA_INTERNAL_SNOW = 1 << 15
 
 
 def qa_rejected(state_qa: np.ndarray) -> np.ndarray:
-    """True where StateQA says cloudy, mixed cloud, cloud shadow or snow (DESIGN.md section 4)."""
+    """True where StateQA says cloudy, mixed cloud, cloud shadow or snow (docs/design.md section 4)."""
     qa = np.asarray(state_qa).astype(np.uint16, copy=False)
     cloud_state = qa & QA_CLOUD_STATE_MASK
     cloudy = (cloud_state == QA_CLOUDY) | (cloud_state == QA_MIXED_CLOUD)
@@ -122,7 +128,7 @@ def _explain_open_failure(store: Path, exc: Exception) -> str:
             return (f"variable '{metadata.parent.name}': unreadable metadata {metadata} "
                     f"({type(problem).__name__}: {problem})")
     try:
-        group = zarr.open_group(store, mode="r")
+        group = zarr.open_group(store, mode="r", use_consolidated=False)
     except Exception:
         return f"not a readable Zarr store ({type(exc).__name__}: {exc})".replace("\n", " ")
     shapes: dict[str, dict[str, int]] = {}  # dim -> {variable: size}
@@ -140,29 +146,42 @@ def _explain_open_failure(store: Path, exc: Exception) -> str:
     return f"cannot be opened as an xarray dataset ({type(exc).__name__}: {exc})".replace("\n", " ")
 
 
-def cube_encoding(ds: xr.Dataset, chunk: int | None = None,
-                  fill_values: Mapping[str, int | float] | None = None) -> dict[str, dict]:
-    """Zarr (v3) encoding that stores ``ds`` as the project writes every store: grid mapping on
+def cube_encoding(ds: xr.Dataset, chunk: int | None = None, fill_values: Mapping[str, int | float] | None = None,
+                  zarr_format: int = 3) -> dict[str, dict]:
+    """Zarr encoding that stores ``ds`` as the project writes every store: grid mapping on
     every spatial variable; spatial chunks holding all months and bands; the declared fill value
     (``fill_values``: the reflectance fill by default, NaN for floats) also as Zarr's own
-    ``fill_value``, so an absent chunk never decodes as valid data; zstd plus a crc32c checksum
-    per chunk, so a damaged chunk is detected; and every chunk written, even an empty one."""
+    ``fill_value``, so an absent chunk never decodes as valid data; a checksum per chunk, so a
+    damaged chunk is detected (v3: zstd then crc32c; v2: zstd with its frame checksum, which
+    zarr-python 2 and GDAL decode); and every chunk written, even an empty one."""
     fill_values = {"reflectance": REFLECTANCE_FILL} if fill_values is None else fill_values
+    compressors = (ZstdCodec(), Crc32cCodec()) if zarr_format == 3 else (Zstd(level=0, checksum=True),)
     encoding: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
         if "x" not in var.dims:
             continue
-        encoding[name] = {"compressors": (ZstdCodec(), Crc32cCodec()), "write_empty_chunks": True}
+        encoding[name] = {"compressors": compressors, "write_empty_chunks": True}
         if "spatial_ref" in ds.variables:
             encoding[name]["grid_mapping"] = "spatial_ref"
         if chunk is not None:
             encoding[name]["chunks"] = tuple(
                 min(chunk, var.sizes[d]) if d in ("y", "x") else var.sizes[d] for d in var.dims)
-        if name in fill_values:
-            encoding[name]["_FillValue"] = encoding[name]["fill_value"] = fill_values[name]
-        elif var.dtype.kind == "f":
-            encoding[name]["fill_value"] = np.nan
+        # (v2 has one fill value, Zarr's, which xarray also reads as _FillValue)
+        fill = fill_values.get(name, np.nan if var.dtype.kind == "f" else None)
+        if fill is not None:
+            encoding[name]["_FillValue"] = fill
+            if zarr_format == 3:
+                encoding[name]["fill_value"] = fill
     return encoding
+
+
+def consolidate(store: str | os.PathLike) -> None:
+    """Consolidate a finished store's metadata, so that a plain ``xr.open_zarr`` opens it at once
+    and without a warning (zarr-python warns, when writing it, that v3 consolidation is not in
+    the v3 specification yet; every reader we know follows zarr-python's convention)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(str(store))
 
 
 def project_store(ds: xr.Dataset) -> xr.Dataset:
@@ -172,6 +191,23 @@ def project_store(ds: xr.Dataset) -> xr.Dataset:
     for var in ds.variables.values():
         var.encoding = {}
     return ds.assign_attrs({ALL_CHUNKS_ATTR: True})
+
+
+def for_zarr_format(ds: xr.Dataset, zarr_format: int) -> xr.Dataset:
+    """``ds`` as GDAL's Zarr driver (3.6, Debian's) can read it in Zarr v2: string coordinates
+    as fixed-width unicode (it cannot read v2's variable-length strings) and the CRS also as
+    GDAL's ``_CRS`` attribute (it does not read the CF grid mapping). Unchanged for v3."""
+    if zarr_format != 2:
+        return ds
+    ds = ds.copy()
+    for name, coord in ds.coords.items():
+        if coord.dtype.kind in "OUT" and coord.ndim == 1:
+            ds[name] = coord.astype(str)
+    if ds.rio.crs is not None:
+        for var in ds.data_vars.values():
+            if "x" in var.dims:
+                var.attrs["_CRS"] = {"wkt": ds.rio.crs.to_wkt()}
+    return ds
 
 
 def write_window(store: str | os.PathLike, arrays: Mapping[str, np.ndarray], ys: slice, xs: slice = slice(None),
@@ -185,13 +221,16 @@ def write_window(store: str | os.PathLike, arrays: Mapping[str, np.ndarray], ys:
             root[name][..., ys, xs] = values
 
 
-def write_input_cube(ds: xr.Dataset, store: str | os.PathLike, chunk: int = 128) -> None:
+def write_input_cube(ds: xr.Dataset, store: str | os.PathLike, chunk: int = 128, zarr_format: int = 3) -> None:
     """Write ``ds`` (raw int16 reflectance with a ``scale_factor`` attribute) as a Zarr cube."""
     # spatial chunks of `chunk` pixels holding every month and band, as the contract asks
     ds = project_store(ds.chunk({dim: (chunk if dim in ("y", "x") else -1) for dim in ds.dims}))
     for var in ds.variables.values():
         var.attrs = {k: v for k, v in var.attrs.items() if k != "_FillValue"}
-    ds.to_zarr(store, mode="w", encoding=cube_encoding(ds, chunk), consolidated=False)
+    ds = for_zarr_format(ds, zarr_format)
+    ds.to_zarr(store, mode="w", encoding=cube_encoding(ds, chunk, zarr_format=zarr_format), consolidated=False,
+               zarr_format=zarr_format)
+    consolidate(store)
 
 
 def _expect(condition: bool, store: Path | str, variable: str, expected: str, found: object) -> None:
@@ -257,7 +296,7 @@ def _validate_chunks(ds: xr.Dataset, store: Path | str, ancillary: Sequence[str]
     """Every chunk of the dense variables is present (where absence would read as data) and
     decodes; ancillary values are finite where reflectance was observed."""
     dense = ["reflectance", *(["state_qa"] if "state_qa" in ds.data_vars else []), *ancillary]
-    group = zarr.open_group(store, mode="r") if Path(store).is_dir() else None
+    group = zarr.open_group(store, mode="r", use_consolidated=False) if Path(store).is_dir() else None
     for name in dense if group is not None else ():
         if problem := chunk_problem(store, group, name, decode=False):
             raise CubeValidationError(f"{store}: variable '{name}': {problem}")

@@ -10,8 +10,8 @@ import numpy as np
 import xarray as xr
 
 from msmtu_batch.artifact import save_artifact
-from msmtu_batch.cube import open_input_cube
-from msmtu_batch.export import quicklook
+from msmtu_batch.cube import CLASS_DIM, open_input_cube
+from msmtu_batch.export import dominant_quicklook, quicklook
 from msmtu_batch.metrics import abundance_metrics
 from msmtu_batch.pipeline import RunConfig, run
 from msmtu_batch.simulate import SimulationConfig, describe_region, simulate
@@ -42,16 +42,17 @@ def run_demo(out: Path, height: int = 200, width: int = 300, seed: int = 0, epoc
 
     reference = xr.open_zarr(out / "reference.zarr", group="level2", consolidated=False)["abundance"].load()
     partition = xr.open_zarr(out / "reference.zarr", consolidated=False)["partition"].values
-    estimated = xr.open_zarr(out / "abundance.zarr", consolidated=False)
+    estimated = xr.open_zarr(out / "abundance.zarr")
     predicted = estimated["abundance"].values
     test = (partition == PARTITIONS.index("test")) & (estimated["quality_flag"].values == 0)
     metrics = abundance_metrics(predicted[:, test].T, reference.values[:, test].T,
-                                [str(c) for c in reference["class"].values])
+                                [str(c) for c in reference[CLASS_DIM].values])
     say(f"accuracy on {int(test.sum()):,} test-block pixels against the simulated truth: RMSE "
         f"{metrics['rmse']:.4f}, MAE {metrics['mae']:.4f}, mean R2 {metrics['class_average']['r2']:.3f}, "
         f"dominant class {metrics['dominant_accuracy']:.1%}")
     figure = quicklook(out / "abundance.zarr", out / "abundance_map.png", reference)
-    say(f"map: {figure}")
+    classes = dominant_quicklook(out / "abundance.zarr", out / "dominant_class.png")
+    say(f"maps: {figure}, {classes}")
     say(f"demo finished in {time.perf_counter() - start:.0f} s")
     return {"metrics": metrics, "summary": summary, "seconds": time.perf_counter() - start,
             "test_pixels": int(np.sum(test))}

@@ -6,7 +6,7 @@ class MsmtuError(Exception):
 
 
 class CubeValidationError(MsmtuError, ValueError):
-    """An input cube breaks the data contract of DESIGN.md section 4."""
+    """An input cube breaks the data contract of docs/design.md section 4."""
 
 
 class TrainingDataError(MsmtuError, ValueError):

@@ -1,13 +1,21 @@
-"""Cloud-Optimized GeoTIFF export of an output cube: one multi-band file per product.
+"""GIS export of an output cube: one Cloud-Optimized GeoTIFF per product, ready for QGIS.
 
-Tiled, deflate-compressed, with internal overviews and nodata, band descriptions set to
-the class names, and checked with rio-cogeo's validator before it is moved into place.
+Each COG is tiled, deflate-compressed, with internal overviews and nodata, band
+descriptions set to the class names, the output's provenance as GDAL metadata tags, and is
+checked with rio-cogeo's validator before it is moved into place. ``dominant_class`` is a
+byte raster with the model's class colours as its colour table and the class names as GDAL
+category names (in its ``.aux.xml``, where GDAL keeps them for GeoTIFF). Beside every COG a
+QGIS style (``.qml`` of the same name, which QGIS applies when it opens the file): the class
+palette for ``dominant_class`` and ``quality_flag``, a 0-1 ramp for the others. File names
+carry the year: ``abundance_2013.tif``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +25,27 @@ import xarray as xr
 from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
 
+from msmtu_batch.cube import CLASS_DIM
 from msmtu_batch.errors import MsmtuError
+from msmtu_batch.outputs import write_text_durably
+from msmtu_batch.palette import rgb
+from msmtu_batch.products import DOMINANT_FILL
 
 # product -> (nodata, overview resampling)
 PRODUCTS: dict[str, tuple[float | int | None, str]] = {
     "abundance": (np.nan, "average"),
-    "dominant_class": (-1, "mode"),
+    "dominant_class": (DOMINANT_FILL, "mode"),
     "uncertainty": (np.nan, "average"),
     "valid_fraction": (np.nan, "average"),
     "quality_flag": (None, "mode"),
 }
 BLOCK = 256
+QUALITY_COLORS = ("#1a9850", "#bdbdbd", "#fc8d59")  # estimated, too few observations, unlike training
+# viridis at 0, 0.25, 0.5, 0.75, 1: the 0-1 ramp of abundance, uncertainty, valid fraction
+RAMP = ((0.0, "#440154"), (0.25, "#3b528b"), (0.5, "#21918c"), (0.75, "#5ec962"), (1.0, "#fde725"))
+# the output's global attributes that travel into every COG as GDAL metadata
+PROVENANCE_TAGS = ("title", "level", "time_coverage_start", "time_coverage_end", "date_created", "history",
+                   "references", "software_version", "model", "model_hash", "input_store", "input_content", "run_id")
 
 
 def _overview_levels(height: int, width: int) -> int:
@@ -38,42 +56,99 @@ def _overview_levels(height: int, width: int) -> int:
     return max(1, int(math.log2(max(1, min(height, width) / 32))))
 
 
+def product_stem(name: str, attrs: dict) -> str:
+    """``abundance_2013``: the product and the year its output covers (none if unknown)."""
+    start = str(attrs.get("time_coverage_start", ""))
+    return f"{name}_{start[:4]}" if start[:4].isdigit() else name
+
+
 def export_cogs(store: str | Path, cog_dir: str | Path) -> list[Path]:
-    """Write ``cog_dir/<product>.tif`` for every product of the output cube ``store``."""
-    ds = xr.open_zarr(store, decode_coords="all", consolidated=False, mask_and_scale=False)
+    """Write ``cog_dir/<product>_<year>.tif`` (and its ``.qml``) for every product of the
+    output cube ``store``; returns the files written."""
+    ds = xr.open_zarr(store, decode_coords="all", mask_and_scale=False)
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
+    classes = [str(c) for c in ds[CLASS_DIM].values]
+    colors = str(ds["dominant_class"].attrs.get("flag_colors", "")).split()
+    tags = {k: str(ds.attrs[k]) for k in PROVENANCE_TAGS if k in ds.attrs}
     written = []
     for name, (nodata, resampling) in PRODUCTS.items():
         if name not in ds:
             continue
+        stem = product_stem(name, ds.attrs)
         data = ds[name].load()
-        descriptions = [str(c) for c in ds["class"].values] if "class" in data.dims else [name]
-        data = data.expand_dims("band", 0) if data.ndim == 2 else data.rename({"class": "band"})
+        descriptions = classes if CLASS_DIM in data.dims else [name]
+        data = data.expand_dims("band", 0) if data.ndim == 2 else data.rename({CLASS_DIM: "band"})
         data = data.drop_vars([c for c in data.coords if c not in ("x", "y", "spatial_ref")])
         data.attrs = {}
         if nodata is not None:
             data = data.rio.write_nodata(nodata, encoded=False)
-        final = cog_dir / f"{name}.tif"
+        final = cog_dir / f"{stem}.tif"
         # temporary names of this process only: a COG appears at its final name complete or not at all
-        plain = cog_dir / f".{name}.{os.getpid()}.plain.tif"
-        partial = cog_dir / f".{name}.{os.getpid()}.partial.tif"
+        plain = cog_dir / f".{stem}.{os.getpid()}.plain.tif"
+        partial = cog_dir / f".{stem}.{os.getpid()}.partial.tif"
         data.rio.to_raster(plain, tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
         with rasterio.open(plain, "r+") as raster:
             for band, description in enumerate(descriptions, start=1):
                 raster.set_band_description(band, description)
+        colormap = None
+        if name == "dominant_class" and len(colors) == len(classes):
+            colormap = {i: (*rgb(c), 255) for i, c in enumerate(colors)} | {DOMINANT_FILL: (0, 0, 0, 0)}
+        elif name == "quality_flag":
+            colormap = {i: (*rgb(c), 255) for i, c in enumerate(QUALITY_COLORS)}
         # deflate on every core (the workers are idle by now)
         profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK, "num_threads": "ALL_CPUS"}
-        cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*data.shape[1:]),
-                      overview_resampling=resampling, quiet=True, in_memory=False,
-                      config={"GDAL_NUM_THREADS": "ALL_CPUS"})
+        with warnings.catch_warnings():  # rio-cogeo tells that a colour table makes the band paletted: intended
+            warnings.filterwarnings("ignore", message="Dataset color interpretation was set to")
+            cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*data.shape[1:]),
+                          overview_resampling=resampling, quiet=True, in_memory=False, colormap=colormap,
+                          additional_cog_metadata={**tags, "product": name},
+                          config={"GDAL_NUM_THREADS": "ALL_CPUS"})
         plain.unlink()
         valid, errors, _ = cog_validate(partial)
         if not valid:
             raise MsmtuError(f"{final}: not a valid COG ({'; '.join(errors)})")
+        style = _qml(name, classes, colors)
+        write_text_durably(cog_dir / f"{stem}.qml", style)
+        if name in ("dominant_class", "quality_flag"):
+            names = classes if name == "dominant_class" else \
+                str(ds["quality_flag"].attrs.get("flag_meanings", "")).split()
+            write_text_durably(cog_dir / f"{stem}.tif.aux.xml", _category_names(names))
         partial.replace(final)
-        written.append(final)
+        written += [final, cog_dir / f"{stem}.qml"]
     return written
+
+
+def _category_names(names: list[str]) -> str:
+    """A GDAL PAM sidecar giving band 1's category names (value i -> names[i])."""
+    root = ET.Element("PAMDataset")
+    band = ET.SubElement(root, "PAMRasterBand", band="1")
+    categories = ET.SubElement(band, "CategoryNames")
+    for name in names:
+        ET.SubElement(categories, "Category").text = name
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _qml(name: str, classes: list[str], colors: list[str]) -> str:
+    """A QGIS layer style: a palette for the categorical products, a 0-1 ramp for the others."""
+    root = ET.Element("qgis", version="3.28", styleCategories="Symbology")
+    pipe = ET.SubElement(root, "pipe")
+    if name in ("dominant_class", "quality_flag"):
+        entries = list(zip(classes, colors)) if name == "dominant_class" else \
+            list(zip(("estimated", "too few observations", "input unlike training data"), QUALITY_COLORS))
+        renderer = ET.SubElement(pipe, "rasterrenderer", type="paletted", band="1", opacity="1", alphaBand="-1")
+        palette = ET.SubElement(renderer, "colorPalette")
+        for value, (label, color) in enumerate(entries):
+            ET.SubElement(palette, "paletteEntry", value=str(value), color=color, label=label, alpha="255")
+    else:
+        renderer = ET.SubElement(pipe, "rasterrenderer", type="singlebandpseudocolor", band="1", opacity="1",
+                                 alphaBand="-1", classificationMin="0", classificationMax="1")
+        shader = ET.SubElement(ET.SubElement(renderer, "rastershader"), "colorrampshader", colorRampType="INTERPOLATED",
+                               classificationMode="1", clip="0", minimumValue="0", maximumValue="1")
+        for value, color in RAMP:
+            ET.SubElement(shader, "item", value=f"{value:g}", color=color, label=f"{value:g}", alpha="255")
+    ET.indent(root)
+    return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(root, encoding="unicode") + "\n"
 
 
 def quicklook(store: str | Path, path: str | Path, reference: xr.DataArray | None = None, classes: int = 4) -> Path:
@@ -83,16 +158,43 @@ def quicklook(store: str | Path, path: str | Path, reference: xr.DataArray | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    abundance = xr.open_zarr(store, consolidated=False)["abundance"].load()
+    abundance = xr.open_zarr(store)["abundance"].load()
     top = abundance.mean(("y", "x")).argsort().values[::-1][:classes]
     rows = [("msmtu-batch", abundance)] + ([("reference", reference)] if reference is not None else [])
     fig, axes = plt.subplots(len(rows), len(top), figsize=(3.4 * len(top), 2.8 * len(rows)), squeeze=False)
     for r, (label, data) in enumerate(rows):
         for c, k in enumerate(top):
-            image = axes[r, c].imshow(data.isel({"class": int(k)}).values, vmin=0, vmax=1, cmap="viridis")
-            axes[r, c].set_title(f"{abundance['class'].values[k]} ({label})", fontsize=9)
+            image = axes[r, c].imshow(data.isel({CLASS_DIM: int(k)}).values, vmin=0, vmax=1, cmap="viridis")
+            axes[r, c].set_title(f"{abundance[CLASS_DIM].values[k]} ({label})", fontsize=9)
             axes[r, c].set_axis_off()
     fig.colorbar(image, ax=axes, shrink=0.7, label="abundance")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def dominant_quicklook(store: str | Path, path: str | Path) -> Path:
+    """PNG of the dominant-class map in the model's class colours, with its legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    ds = xr.open_zarr(store)
+    classes = [str(c) for c in ds[CLASS_DIM].values]
+    colors = str(ds["dominant_class"].attrs["flag_colors"]).split()
+    dominant = ds["dominant_class"].values  # NaN where no estimate
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.imshow(np.ma.masked_invalid(dominant), cmap=ListedColormap(colors), vmin=-0.5, vmax=len(classes) - 0.5,
+              interpolation="nearest")
+    ax.set_title(f"dominant class, {ds.attrs.get('level', '')} {ds.attrs.get('time_coverage_start', '')[:4]}",
+                 fontsize=10)
+    ax.set_axis_off()
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in zip(classes, colors)], loc="center left",
+              bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)

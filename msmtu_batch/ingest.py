@@ -56,7 +56,9 @@ from msmtu_batch.cube import (
     REFLECTANCE_FILL,
     REFLECTANCE_SCALE,
     REFLECTANCE_VALID_RANGE,
+    consolidate,
     cube_encoding,
+    for_zarr_format,
     open_input_cube,
     project_store,
     write_window,
@@ -64,7 +66,7 @@ from msmtu_batch.cube import (
 from msmtu_batch.digests import file_sha256
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.modis import COMPOSITE_DAYS, ReflectanceSource, SourceGrid, open_reflectance
-from msmtu_batch.outputs import check_output_path, check_replaceable, output_lock
+from msmtu_batch.outputs import check_output_path, check_replaceable, output_lock, replace_store
 from msmtu_batch.tiling import ChunkWindow, chunk_windows, covering_window, peak_memory_mib
 
 COUNT_VARIABLE = "clear_count"
@@ -89,6 +91,8 @@ class IngestConfig(BaseModel):
     climate_units: dict[str, str] = Field(default_factory=dict, description="climatic variable -> units of its "
                                           "raster (e.g. 'mm month-1', 'K'); converted to the cube's")
     chunk: int = Field(256, ge=8, le=4096, description="spatial chunk of the cube and of the tasks")
+    zarr_format: Literal[2, 3] = Field(3, description="Zarr format of the cube: 3, or 2 for zarr-python 2 and "
+                                       "GDAL before 3.8")
 
     @model_validator(mode="after")
     def _crs_with_resolution(self) -> IngestConfig:
@@ -293,7 +297,7 @@ def _check_year(source: ReflectanceSource, year: int) -> None:
 
 
 def _create_store(store: Path, grid: TargetGrid, year: int, names: tuple[str, ...], chunk: int,
-                  attrs: dict, source_units: dict[str, str]) -> None:
+                  attrs: dict, source_units: dict[str, str], zarr_format: int = 3) -> None:
     height, width = grid.height, grid.width
     cols, rows = np.arange(width) + 0.5, np.arange(height) + 0.5
     ds = xr.Dataset(coords={
@@ -316,8 +320,9 @@ def _create_store(store: Path, grid: TargetGrid, year: int, names: tuple[str, ..
         if name in source_units:
             ds[name].attrs.update(source_units=source_units[name])
     ds = ds.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
-    ds = project_store(ds.assign_attrs(attrs))
-    ds.to_zarr(store, mode="w", compute=False, encoding=cube_encoding(ds, chunk), consolidated=False)
+    ds = for_zarr_format(project_store(ds.assign_attrs(attrs)), zarr_format)
+    ds.to_zarr(store, mode="w", compute=False, encoding=cube_encoding(ds, chunk, zarr_format=zarr_format),
+               consolidated=False, zarr_format=zarr_format)
 
 
 def _check_model_needs(model: Path, available: tuple[str, ...]) -> None:
@@ -442,7 +447,7 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
             "ancillary_variables": ", ".join(names), INGEST_STATUS_ATTR: "incomplete",
             **_record_attrs(_source_record(config, source, file_digest)),
         }
-        _create_store(staging, grid, year, names, config.chunk, attrs, sources.climate_units)
+        _create_store(staging, grid, year, names, config.chunk, attrs, sources.climate_units, config.zarr_format)
         spec = IngestSpec(source, grid, year, config.composite, config.resampling, sources, str(staging))
         windows = chunk_windows(grid.height, grid.width, config.chunk)
         peaks: dict[str, float] = {}
@@ -459,8 +464,7 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
                 peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
         zarr.open_group(staging, mode="r+").attrs[INGEST_STATUS_ATTR] = "complete"
         open_input_cube(staging, ancillary=names, read_values=False)  # the contract, before it is published
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        consolidate(staging)
+        replace_store(staging, out)
         return IngestSummary(out, grid.height, grid.width, len(source.observations), observed, len(windows),
                              time.perf_counter() - start_time, names, peaks)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -73,6 +74,19 @@ def output_lock(out: Path) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+def replace_store(new: Path, final: Path) -> None:
+    """Put the finished store ``new`` at ``final``, replacing the store there (ours, checked by
+    the caller) by two renames: a reader meets the old store or the new one, never a half-written
+    or half-deleted one (only, for an instant, none)."""
+    if not final.exists():
+        new.rename(final)
+        return
+    aside = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+    final.rename(aside)
+    new.rename(final)
+    shutil.rmtree(aside)
 
 
 def fsync_path(path: Path) -> None:

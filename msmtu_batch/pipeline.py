@@ -20,28 +20,23 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numba
 import numpy as np
 import torch
 import xarray as xr
 import zarr
-from distributed import Client, as_completed, get_worker
+from distributed import Client, as_completed, default_client, get_worker
 from distributed import performance_report as dask_performance_report
-from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch import __version__
 from msmtu_batch.artifact import ModelArtifact, artifact_hash, load_artifact
 from msmtu_batch.clusters import AnySpec, connect, has_gpu_workers, load_cluster_spec, threads_per_task
 from msmtu_batch.cube import (
-    BAND_COMMON_NAMES,
-    BAND_NAMES,
-    REFLECTANCE_FILL,
-    REFLECTANCE_SCALE,
-    check_ancillary_finite,
     chunk_problem,
+    consolidate,
     cube_encoding,
+    for_zarr_format,
     open_input_cube,
     project_store,
     read_window,
@@ -51,42 +46,28 @@ from msmtu_batch.cube import (
 )
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.export import export_cogs
-from msmtu_batch.inference import predict
-from msmtu_batch.kernels import prepare_chunk
 from msmtu_batch.outputs import (
     check_output_path,
     check_replaceable,
     fsync_path,
     output_lock,
+    replace_store,
     write_text_durably,
 )
 from msmtu_batch.preprocess import ModelInputs, compute_deltas
+from msmtu_batch.products import (
+    FLAG_TOO_FEW_OBSERVATIONS,
+    OUTPUT_FILLS,
+    RunConfig,
+    estimate_block,
+    output_template,
+    prepare_block,
+    provenance_attrs,
+)
 from msmtu_batch.tiling import ChunkWindow, chunk_windows, peak_memory_mib
-from msmtu_batch.units import apply_conversions
 
 MANIFEST_ATTR = "msmtu_run_manifest"  # root attribute: JSON of what made the store
 DONE_GROUP = "msmtu_done"  # one empty Zarr group per finished chunk, its stats as attributes
-FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS, FLAG_UNLIKE_TRAINING = 0, 1, 2
-DOMINANT_FILL = -1
-
-
-class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    chunk: int = Field(256, ge=8, description="spatial chunk side (pixels)")
-    min_months: int = Field(3, ge=1, le=12, description="fewer observed months -> NaN and a flag")
-    batch_size: int = Field(8192, ge=1, description="pixels per model batch")
-    imputed: bool = Field(False, description="also write imputed_reflectance(time, band, y, x)")
-    # The input-distribution guard: a chunk whose mean standardised value of a band (or of an
-    # ancillary variable) lies further than this many training standard deviations from the
-    # training mean is unlike the training data. Measured on simulated regions: chunk means
-    # of real data stay within 3.4 (bands) and 4.4 (ancillary, mountain chunks) at 8 x 8 pixels
-    # and within 1.6 at 128; red and NIR swapped give at least 4.3 in every chunk; wrong units
-    # give 9 and more. Ancillary fields are smooth and a chunk may be a whole massif: looser.
-    max_band_shift: float = Field(4.0, gt=0, description="limit on a band's chunk-mean shift (training std)")
-    max_ancillary_shift: float = Field(6.0, gt=0, description="limit on an ancillary chunk-mean shift")
-    out_of_distribution: Literal["stop", "flag"] = Field(
-        "stop", description="past a limit: stop naming the chunk, or flag its pixels (quality_flag 2)")
 
 
 @dataclass(frozen=True)
@@ -139,7 +120,8 @@ def worker_model(spec: RunSpec) -> ModelArtifact:
 
 def _input_group(path: str) -> zarr.Group:
     if path not in _WORKER_STATE["inputs"]:
-        _WORKER_STATE["inputs"][path] = zarr.open_group(path, mode="r")
+        # the metadata as stored, not a consolidated copy that an edit of the store may have left stale
+        _WORKER_STATE["inputs"][path] = zarr.open_group(path, mode="r", use_consolidated=False)
     return _WORKER_STATE["inputs"][path]
 
 
@@ -149,14 +131,19 @@ def model_loads() -> int:
 
 
 def _marker(store: str | Path, window: ChunkWindow) -> Path:
-    return Path(store) / DONE_GROUP / window.name / "zarr.json"
+    """The file whose presence says a chunk is done: its marker group's attributes (Zarr v3's
+    ``zarr.json``, or v2's ``.zattrs``, written after ``.zgroup``)."""
+    folder = Path(store) / DONE_GROUP / window.name
+    return folder / ("zarr.json" if (Path(store) / "zarr.json").exists() else ".zattrs")
 
 
 def chunk_stats(store: str | Path, window: ChunkWindow) -> dict | None:
     """The stats of a finished chunk, or None if it is not (completely) written."""
+    marker = _marker(store, window)
     try:
-        return json.loads(_marker(store, window).read_text())["attributes"]
-    except (OSError, ValueError, KeyError):
+        stored = json.loads(marker.read_text())
+        return stored["attributes"] if marker.name == "zarr.json" else dict(stored)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -179,7 +166,11 @@ def _mark_done(store: str | Path, window: ChunkWindow, stats: dict) -> None:
     """Write the chunk's marker group atomically and durably, after its data."""
     marker = _marker(store, window)
     marker.parent.mkdir(exist_ok=True)
-    write_text_durably(marker, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": stats}))
+    if marker.name == "zarr.json":
+        write_text_durably(marker, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": stats}))
+    else:
+        write_text_durably(marker.with_name(".zgroup"), json.dumps({"zarr_format": 2}))
+        write_text_durably(marker, json.dumps(stats))
 
 
 def _where() -> dict:
@@ -216,8 +207,7 @@ def _use_threads(spec: RunSpec) -> None:
 
 def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifact
                       ) -> tuple[ModelInputs, np.ndarray, bool]:
-    """Read a chunk's window from the input store, check it, and prepare it (Numba); also say
-    whether it is unlike the training data (see :func:`unlike_training`)."""
+    """Read a chunk's window from the input store and prepare it (:func:`prepare_block`)."""
     group = _input_group(spec.cube)
     ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
     reflectance = read_window(spec.cube, group, "reflectance", ys, xs)
@@ -225,81 +215,19 @@ def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifac
     height, width = reflectance.shape[2:]
     ancillary = (np.stack([read_window(spec.cube, group, name, ys, xs) for name in spec.ancillary])
                  if spec.ancillary else np.zeros((0, height, width), np.float32))
-    ancillary = apply_conversions(ancillary, spec.ancillary_conversions)
-    check_ancillary_finite(spec.cube, spec.ancillary, ancillary, (reflectance != REFLECTANCE_FILL).any(axis=(0, 1)),
-                           window.y0, window.x0, f" in chunk {window.label}")
-    inputs, observed = prepare_chunk(reflectance, state_qa, ancillary, artifact.band_stats, artifact.ancillary_stats)
-    return inputs, observed, unlike_training(spec, window, artifact, inputs, observed)
-
-
-def input_shifts(inputs: ModelInputs, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean standardised value of each band over a chunk's observed values, and of each
-    ancillary variable over its pixels with an observation: 0 for data like the training data."""
-    n, steps, features = inputs.values.shape
-    ones = np.ones(n, np.float32)  # column sums as one BLAS product each: 20x faster than .sum here
-    counts = (ones @ inputs.masks.reshape(n, -1)).reshape(steps, features).sum(axis=0)
-    bands = (ones @ inputs.values.reshape(n, -1)).reshape(steps, features).sum(axis=0) / np.maximum(counts, 1)
-    has_observation = observed > 0
-    ancillary = (inputs.ancillary[has_observation].mean(axis=0, dtype=np.float64) if has_observation.any()
-                 else np.zeros(inputs.ancillary.shape[1]))
-    return bands, ancillary
-
-
-def unlike_training(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifact, inputs: ModelInputs,
-                    observed: np.ndarray) -> bool:
-    """The input-distribution guard (limits in :class:`RunConfig`): stop with the chunk, the
-    variable and both statistics named, or (``out_of_distribution: flag``) say to flag it."""
-    band_shift, ancillary_shift = input_shifts(inputs, observed)
-    cfg = spec.config
-    rows = [(f"band {name} ({common})", z, cfg.max_band_shift, mean, std, "")
-            for name, common, z, mean, std in zip(BAND_NAMES, BAND_COMMON_NAMES, band_shift,
-                                                  artifact.band_stats.mean, artifact.band_stats.std)]
-    if artifact.ancillary_stats is not None:
-        rows += [(f"ancillary '{name}'", z, cfg.max_ancillary_shift, mean, std, f" {unit}")
-                 for name, unit, z, mean, std in zip(artifact.ancillary_names, artifact.ancillary_units,
-                                                     ancillary_shift, artifact.ancillary_stats.mean,
-                                                     artifact.ancillary_stats.std)]
-    what, z, limit, mean, std, unit = max(rows, key=lambda row: abs(row[1]) / row[2])
-    if abs(z) <= limit:
-        return False
-    if cfg.out_of_distribution == "flag":
-        return True
-    raise MsmtuError(
-        f"{spec.cube}: chunk {window.label}: {what} has mean {z * std + mean:.4g}{unit} where the model's training "
-        f"data has {mean:.4g} +/- {std:.4g}{unit} ({z:+.1f} standard deviations, limit {limit:g}); check its "
-        "units and band order, or pass --out-of-distribution flag to map it with quality_flag 2")
+    return prepare_block(reflectance, state_qa, ancillary, artifact, spec.config, source=spec.cube,
+                         label=window.label, y0=window.y0, x0=window.x0, conversions=spec.ancillary_conversions)
 
 
 def _estimate_and_write(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifact, inputs: ModelInputs,
                         observed: np.ndarray, unlike: bool = False) -> dict:
-    """Run the model on a prepared chunk, write its region of the output, then its marker."""
-    height, width = window.y1 - window.y0, window.x1 - window.x0
-    ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
-    months = inputs.masks.max(axis=2).sum(axis=1)
-    valid = (months >= spec.config.min_months) & np.isfinite(inputs.ancillary).all(axis=1)
-    device = next(artifact.model.parameters()).device
-    # every pixel goes through the model (each is independent) and the invalid ones (about
-    # 1 %) are blanked afterwards: cheaper than copying the valid ones out
-    prediction = predict(artifact.model, inputs, spec.config.batch_size, device=device, imputed=spec.config.imputed)
-    n, k = height * width, len(artifact.classes)
-    abundance = np.where(valid[:, None], prediction["abundance"], np.float32(np.nan))
-    uncertainty = np.where(valid, prediction["uncertainty"], np.float32(np.nan))
-    dominant = np.where(valid, prediction["abundance"].argmax(axis=1), DOMINANT_FILL).astype(np.int16)
-    steps, bands = inputs.masks.shape[1:]
-    products = {
-        "abundance": abundance.T.reshape(k, height, width),
-        "dominant_class": dominant.reshape(height, width),
-        "uncertainty": uncertainty.reshape(height, width),
-        "valid_fraction": (observed / (steps * bands)).astype(np.float32).reshape(height, width),
-        "quality_flag": np.where(valid, FLAG_UNLIKE_TRAINING if unlike else FLAG_ESTIMATED,
-                                 FLAG_TOO_FEW_OBSERVATIONS).astype(np.uint8).reshape(height, width)}
-    if spec.config.imputed:
-        reflectance_units = artifact.band_stats.invert(prediction["imputed"]) / REFLECTANCE_SCALE
-        imputed = np.where(valid[:, None, None], np.clip(np.rint(np.nan_to_num(reflectance_units)), -32767, 32767),
-                           REFLECTANCE_FILL).astype(np.int16)
-        products["imputed_reflectance"] = imputed.transpose(1, 2, 0).reshape(steps, bands, height, width)
-    write_window(spec.store, products, ys, xs)
-    stats = {"pixels": n, "valid_pixels": int(valid.sum())}
+    """Run the model on a prepared chunk (:func:`estimate_block`), write its region of the
+    output, then its marker."""
+    shape = (window.y1 - window.y0, window.x1 - window.x0)
+    products = estimate_block(inputs, observed, artifact, spec.config, shape, unlike)
+    write_window(spec.store, products, slice(window.y0, window.y1), slice(window.x0, window.x1))
+    valid = products["quality_flag"] != FLAG_TOO_FEW_OBSERVATIONS
+    stats = {"pixels": shape[0] * shape[1], "valid_pixels": int(valid.sum())}
     _flush_chunk(spec.store, window)
     _mark_done(spec.store, window, stats)
     return stats
@@ -399,8 +327,8 @@ def damaged_chunks(store: Path, windows: list[ChunkWindow]) -> list[ChunkWindow]
 
 
 def read_manifest(store: Path) -> dict | None:
-    try:
-        return json.loads(zarr.open_group(store, mode="r").attrs[MANIFEST_ATTR])
+    try:  # not from consolidated metadata: the manifest changes after a consolidation when a run resumes
+        return json.loads(zarr.open_group(store, mode="r", use_consolidated=False).attrs[MANIFEST_ATTR])
     except Exception:
         return None
 
@@ -423,52 +351,23 @@ def output_status(cube: Path, model_hash: str, out: Path, config: RunConfig) -> 
 
 
 def _write_manifest(store: Path, manifest: dict) -> None:
-    zarr.open_group(store, mode="r+").attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    group.attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
 
 
 def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity: dict, run_id: str,
-                  config: RunConfig, model_path: Path) -> None:
-    """An empty output store carrying the grid, CRS, encodings and CF attributes."""
-    height, width, k = ds.sizes["y"], ds.sizes["x"], len(artifact.classes)
-    c = config.chunk
-    lazy = lambda shape, dtype, fill: xr.DataArray(  # noqa: E731
-        np.broadcast_to(np.array(fill, dtype), shape)).chunk(-1).data
-    out = xr.Dataset(coords={"y": ds["y"], "x": ds["x"], "class": np.array(artifact.classes, dtype=object)})
-    out["abundance"] = (("class", "y", "x"), lazy((k, height, width), np.float32, np.nan))
-    out["abundance"].attrs.update(long_name=f"{artifact.level} LULC abundance", units="1", valid_range=[0.0, 1.0],
-                                  comment="fraction of each class in the pixel; sums to 1 where quality_flag is 0")
-    out["dominant_class"] = (("y", "x"), lazy((height, width), np.int16, DOMINANT_FILL))
-    out["dominant_class"].attrs.update(long_name="class of largest abundance",
-                                       flag_values=list(range(k)), flag_meanings=" ".join(artifact.classes))
-    out["uncertainty"] = (("y", "x"), lazy((height, width), np.float32, np.nan))
-    out["uncertainty"].attrs.update(long_name="disagreement of the forward and backward passes", units="1",
-                                    comment="total-variation distance between their abundance vectors")
-    out["valid_fraction"] = (("y", "x"), lazy((height, width), np.float32, np.nan))
-    out["valid_fraction"].attrs.update(long_name="share of observed values (12 months x 7 bands)", units="1")
-    out["quality_flag"] = (("y", "x"), lazy((height, width), np.uint8, FLAG_TOO_FEW_OBSERVATIONS))
-    out["quality_flag"].attrs.update(
-        long_name="estimation flag", flag_values=[FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS, FLAG_UNLIKE_TRAINING],
-        flag_meanings="estimated too_few_observations input_unlike_training_data",
-        comment=f"1: fewer than {config.min_months} observed months, abundances are NaN; 2: estimated from a chunk "
-                "whose inputs are unlike the model's training data (run with --out-of-distribution flag)")
-    if config.imputed:
-        out = out.assign_coords(time=ds["time"], band=np.array(BAND_NAMES, dtype=object))
-        out["imputed_reflectance"] = (("time", "band", "y", "x"), lazy(
-            (ds.sizes["time"], len(BAND_NAMES), height, width), np.int16, REFLECTANCE_FILL))
-        out["imputed_reflectance"].attrs.update(long_name="gap-filled surface reflectance (BRITS)", units="1",
-                                                scale_factor=REFLECTANCE_SCALE)
-    out = out.rio.write_crs(ds.rio.crs).rio.write_transform(ds.rio.transform())
-    out.attrs.update(Conventions="CF-1.8", title="LULC abundances (msmtu-batch)", source=f"msmtu-batch {__version__}",
-                     software_version=__version__, run_id=run_id, model=str(model_path),
-                     model_hash=identity["model_hash"], input_store=identity["input"], level=artifact.level,
-                     model_ancillary=", ".join(artifact.ancillary_names) or "none",
-                     min_observed_months=config.min_months)
-    out = project_store(out)  # the input's encodings (another Zarr format's codecs) stay behind
-    encoding = cube_encoding(out, c, {"dominant_class": DOMINANT_FILL, "imputed_reflectance": REFLECTANCE_FILL})
-    encoding["abundance"]["chunks"] = (k, c, c)
-    for var in out.data_vars.values():
-        var.attrs.pop("_FillValue", None)
-    out.to_zarr(store, mode="w", compute=False, encoding=encoding, consolidated=False)
+                  config: RunConfig, model_path: Path, command: str) -> None:
+    """An empty output store carrying the grid, CRS, encodings and CF attributes
+    (:func:`output_template`) and the run's provenance."""
+    out = output_template(ds, artifact, config)
+    out.attrs.update(run_id=run_id, **provenance_attrs(
+        model_hash=identity["model_hash"], model=str(model_path), input_store=identity["input"],
+        input_content=identity["input_content"], command=command))
+    # the input's encodings (another Zarr format's codecs) stay behind
+    out = for_zarr_format(project_store(out), config.zarr_format)
+    encoding = cube_encoding(out, config.chunk, OUTPUT_FILLS, config.zarr_format)
+    encoding["abundance"]["chunks"] = (len(artifact.classes), config.chunk, config.chunk)
+    out.to_zarr(store, mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=config.zarr_format)
     zarr.open_group(store, mode="r+").create_group(DONE_GROUP)
     _write_manifest(store, {**identity, "run_id": run_id, "complete": False})
 
@@ -545,11 +444,16 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         scheduler: str | AnySpec | Client | None = None, overwrite: bool = False, cog_dir: str | Path | None = None,
         performance_report: str | Path | None = None,
         progress: Callable[[Iterator, int], Iterator] | None = None,
-        on_client: Callable[[object], None] | None = None) -> RunSummary:
-    """Unmix ``cube`` with ``model`` into the Zarr store ``out`` (see the module docstring)."""
+        on_client: Callable[[object], None] | None = None, client: Client | None = None) -> RunSummary:
+    """Unmix ``cube`` with ``model`` into the Zarr store ``out`` (see the module docstring).
+
+    The work runs on ``client``, else on the cluster ``scheduler`` names (an address, a spec
+    file or object), else on the current Dask client if there is one (a notebook's), else on
+    a LocalCluster started for this run."""
     cube, model, out = Path(cube), Path(model), Path(out).resolve()
     config = config or RunConfig()
     start = time.perf_counter()
+    scheduler = client or scheduler or _current_client()
     protected = [("input cube", cube), ("model", model)]
     check_output_path(out, protected)
     if cog_dir is not None:
@@ -576,7 +480,8 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
             return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
                               time.perf_counter() - start, already_complete=True)
         if not staging.exists():
-            _create_store(staging, ds, artifact, identity, run_id, config, model)
+            _create_store(staging, ds, artifact, identity, run_id, config, model,
+                          f"msmtu-batch run --cube {cube.resolve()} --model {model.resolve()}")
 
         # chunks marked done by an earlier, interrupted process: their data must still be there
         # (a power cut can keep a marker and lose data that was not yet on disk)
@@ -596,16 +501,18 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
             raise MsmtuError(f"{staging}: chunks {', '.join(missing[:5])} were not written; rerun to resume")
         valid = sum(s["valid_pixels"] for s in stats.values())
         _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, "valid_pixels": valid})
-        if out.exists():
-            shutil.rmtree(out)  # ours (checked above) and superseded
-        staging.rename(out)
+        consolidate(staging)
+        replace_store(staging, out)  # the old output (ours, checked above) is superseded
         if cog_dir is not None:
             export_cogs(out, cog_dir)
         return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
                           workers=workers, worker_peak_mib=peaks, prepared_by=prepared_by)
 
 
-def open_output(path: str | Path) -> xr.Dataset:
-    """Open an output cube with its CRS (the plain ``xr.open_zarr`` works too)."""
-    return xr.open_zarr(path, decode_coords="all", consolidated=False)
+def _current_client() -> Client | None:
+    """The Dask client this process is using (a notebook's), if any."""
+    try:
+        return default_client()
+    except ValueError:
+        return None
 

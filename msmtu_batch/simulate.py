@@ -49,6 +49,7 @@ from msmtu_batch.cube import (
     ANCILLARY_NAMES,
     ANCILLARY_UNITS,
     BAND_NAMES,
+    CLASS_DIM,
     N_MONTHS,
     QA_ADJACENT_CLOUD,
     QA_AEROSOL_LOW,
@@ -63,6 +64,7 @@ from msmtu_batch.cube import (
     REFLECTANCE_FILL,
     REFLECTANCE_SCALE,
     REFLECTANCE_VALID_RANGE,
+    consolidate,
     cube_encoding,
     observed_mask,
     project_store,
@@ -594,15 +596,15 @@ def simulate(config: SimulationConfig, out: str | Path, *, overwrite: bool = Fal
         ref_root.to_zarr(reference, mode="w", encoding=cube_encoding(ref_root, c.chunk), consolidated=False)
         for level, classes in LEVELS.items():
             level_ds = _template(landscape, with_reflectance=False).assign_coords(
-                **{"class": np.array(classes, dtype=object)})
-            level_ds["abundance"] = (("class", "y", "x"), da.zeros(
+                **{CLASS_DIM: np.array(classes, dtype=object)})
+            level_ds["abundance"] = ((CLASS_DIM, "y", "x"), da.zeros(
                 (len(classes), c.height, c.width), dtype=np.float32,
                 chunks=(len(classes), c.chunk, c.chunk)))
             level_ds["abundance"].attrs.update(units="1", long_name=f"true {level} abundance",
                                                valid_range=[0.0, 1.0])
             if level == "level2":
                 level_ds = level_ds.assign_coords(
-                    parent_class=("class", np.array([p for _, p in CLASS_HIERARCHY], dtype=object)))
+                    parent_class=(CLASS_DIM, np.array([p for _, p in CLASS_HIERARCHY], dtype=object)))
             level_ds.to_zarr(reference, group=level, mode="w", compute=False,
                              encoding=cube_encoding(level_ds, c.chunk), consolidated=False)
 
@@ -619,6 +621,8 @@ def simulate(config: SimulationConfig, out: str | Path, *, overwrite: bool = Fal
             local = sample[(sample >= row0 * c.width) & (sample < row1 * c.width)] - row0 * c.width
             sampled.append(_take_pixels(blk, level1, local))
         _write_sample(msmtu, landscape, sample, sampled, partition)
+        consolidate(cube)
+        consolidate(reference)
     return SimulationResult(out / "cube.zarr", out / "reference.zarr", out / "msmtu", config)
 
 
@@ -634,7 +638,7 @@ def describe_region(out: str | Path) -> str:
     per_month = observed.mean(("y", "x"))
     mostly_missing = (observed.sum("time") <= 3).mean()
     level2 = xr.open_zarr(out / "reference.zarr", group="level2", consolidated=False)["abundance"]
-    mixed = (level2.max("class") < 0.9).mean()
+    mixed = (level2.max(CLASS_DIM) < 0.9).mean()
     shares = level2.mean(("y", "x"))
     stats = {n: (ds[n].min(), ds[n].max()) for n in ("altitude", "slope", "precipitation",
                                                      "temperature_ave", "longitude", "latitude")}

@@ -1,6 +1,6 @@
 """Training data: the Andalusia-MSMTU file layout and the spatial block split.
 
-Layout (DESIGN.md section 4), as published on Zenodo (record 7752348)::
+Layout (docs/design.md section 4), as published on Zenodo (record 7752348)::
 
     ts_files/{square_id:07d}.json       ts_data.forward|backward.values|masks, 12 x 7
     labels/<level>/partitions/{train,validation,test}.csv
@@ -30,6 +30,8 @@ import xarray as xr
 from msmtu_batch.cube import (
     ANCILLARY_NAMES,
     ANCILLARY_UNITS,
+    CLASS_DIM,
+    LEGACY_CLASS_DIM,
     N_MONTHS,
     REFLECTANCE_SCALE,
     observed_mask,
@@ -337,9 +339,10 @@ def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
                         fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> PixelSet:
     """Every pixel of an input cube with its reference abundances on the same grid.
 
-    The reference is a Zarr store with ``abundance(class, y, x)``, either at its root or
-    in a group named after the level (as ``simulate`` writes). The split is the store's
-    ``partition(y, x)`` when it has one, else a spatial block split of ``split_block``.
+    The reference is a Zarr store with ``abundance(lulc_class, y, x)`` (``class``, as older
+    stores name the dimension, is read too), either at its root or in a group named after the
+    level (as ``simulate`` writes). The split is the store's ``partition(y, x)`` when it has
+    one, else a spatial block split of ``split_block``.
     Pixels whose reference is not finite are left out.
     """
     ds = open_input_cube(cube, ancillary=ancillary)
@@ -350,9 +353,11 @@ def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
     group = level if (ref_path / level).is_dir() else None
     ref = xr.open_zarr(ref_path, group=group, consolidated=False) if group else root
     if "abundance" not in ref:
-        raise TrainingDataError(f"{ref_path}: no 'abundance(class, y, x)' variable for level "
+        raise TrainingDataError(f"{ref_path}: no 'abundance(lulc_class, y, x)' variable for level "
                                 f"'{level}' (looked in group '{group or '/'}')")
     abundance = ref["abundance"]
+    if LEGACY_CLASS_DIM in abundance.dims:
+        abundance = abundance.rename({LEGACY_CLASS_DIM: CLASS_DIM})
     for dim in ("y", "x"):
         if ds.sizes[dim] != abundance.sizes.get(dim) or not np.allclose(ds[dim], abundance[dim]):
             raise TrainingDataError(f"{ref_path}: grid differs from {cube} along {dim} "
@@ -366,7 +371,7 @@ def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
     masks = observed_mask(refl, qa)  # (T, B, y, x)
     values = np.where(masks, refl * np.float32(REFLECTANCE_SCALE), 0.0).astype(np.float32)
     to_pixels = lambda a: a.reshape(N_MONTHS, N_BANDS, -1).transpose(2, 0, 1)  # noqa: E731
-    truth = abundance.transpose("class", "y", "x").values.reshape(abundance.sizes["class"], -1).T
+    truth = abundance.transpose(CLASS_DIM, "y", "x").values.reshape(abundance.sizes[CLASS_DIM], -1).T
     keep = np.isfinite(truth).all(axis=1)
     ids = np.nonzero(keep)[0].astype(np.int64)
     return PixelSet(
@@ -374,6 +379,6 @@ def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
         ancillary=np.stack([ds[n].values.ravel() for n in ancillary], axis=1)[keep].astype(np.float32)
         if ancillary else np.zeros((len(ids), 0), np.float32),
         abundance=truth[keep].astype(np.float32), ids=ids, partition=partition.ravel()[keep],
-        ancillary_names=tuple(ancillary), classes=tuple(str(c) for c in abundance["class"].values),
+        ancillary_names=tuple(ancillary), classes=tuple(str(c) for c in abundance[CLASS_DIM].values),
         ancillary_units=tuple(str(ds[n].attrs.get("units", "")) for n in ancillary),
         grid_shape=(height, width))

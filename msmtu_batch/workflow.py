@@ -12,7 +12,8 @@ Layout under ``output``::
 
     cubes/<year>.zarr                      input cube of the year (independent of the model)
     <model-id>/<year>/abundance.zarr       output cube (model-id = model file stem + hash)
-    <model-id>/<year>/cog/*.tif            COGs, with export.json saying what they were made from
+    <model-id>/<year>/cog/*.tif            COGs (+ QGIS styles), with export.json saying what they were made from
+    <model-id>/collection.json             STAC Collection of the version; an Item per year in <year>/
     latest -> <model-id>                   moved atomically once every year of the definition is done
     records/<time>-<host>-<pid>.json       the record of each workflow run
     .msmtu-digests.json                    source-file digests by stat
@@ -36,7 +37,6 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,19 +45,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from msmtu_batch import __version__
 from msmtu_batch.artifact import artifact_hash
+from msmtu_batch.catalog import write_catalog
 from msmtu_batch.clusters import AnySpec, LocalSpec, cluster_spec_from, connect, load_cluster_spec
 from msmtu_batch.digests import DigestCache
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.export import export_cogs
 from msmtu_batch.ingest import IngestConfig, cube_status, ingest, planned_sources
 from msmtu_batch.outputs import write_text_durably
-from msmtu_batch.pipeline import RunConfig, output_status, run
+from msmtu_batch.pipeline import RunConfig, output_status, read_manifest, run
+from msmtu_batch.products import software_versions
 from msmtu_batch.reporting import Reporter
 
 EXIT_OK, EXIT_BAD_DEFINITION, EXIT_YEARS_FAILED = 0, 2, 3
 EXPORT_RECORD = "export.json"
-DEPENDENCIES = ("numpy", "torch", "numba", "dask", "distributed", "dask-jobqueue", "xarray", "zarr", "rioxarray",
-                "rasterio", "rio-cogeo", "pyhdf", "pydantic")
 GLOB_CHARACTERS = set("*?[")
 UP_TO_DATE = {"ingest": "same source files (by sha256), settings and software version",
               "run": "same input cube content, model, settings and software version",
@@ -208,8 +208,6 @@ class _Cluster:
 
 def export_status(out: Path, cog: Path) -> str | None:
     """None when ``cog`` holds the COGs of ``out`` as it is now, else why not."""
-    from msmtu_batch.pipeline import read_manifest
-
     try:
         record = json.loads((cog / EXPORT_RECORD).read_text())
     except (OSError, ValueError):
@@ -310,8 +308,6 @@ class Workflow:
                 "worker_peak_mib": max(summary.worker_peak_mib.values(), default=None)}
 
     def _export(self, year: int, paths: YearPaths) -> dict:
-        from msmtu_batch.pipeline import read_manifest
-
         files = export_cogs(paths.out, paths.cog)
         record = {"run_id": (read_manifest(paths.out) or {}).get("run_id"), "software_version": __version__,
                   "files": [f.name for f in files]}
@@ -332,9 +328,11 @@ class Workflow:
             started_cluster = self.cluster.started
             self.cluster.close()
         failed = sorted(year for year, r in results.items() if r["status"] == "failed")
-        latest = None
+        latest = catalog = None
         if not failed and not self.dry_run and self._version_complete():
             latest = self._point_latest()
+        if not self.dry_run and any(r["status"] != "failed" for r in results.values()):
+            catalog = str(write_catalog(self.root / self.model_id, f"msmtu-{self.model_id}"))  # STAC of the version
         self.digests.save()
         record = {
             "workflow": str(self.path.resolve()), "dry_run": self.dry_run,
@@ -345,7 +343,7 @@ class Workflow:
             "software": software_versions(), "model": {"path": str(self.definition.model.resolve()),
                                                         "hash": self.model_hash, "id": self.model_id},
             "cluster": {"spec": self.cluster.spec.model_dump(mode="json"), "started": started_cluster},
-            "source_files_hashed": self.digests.hashed, "latest": latest,
+            "source_files_hashed": self.digests.hashed, "latest": latest, "catalog": catalog,
             "years": {str(year): results[year] for year in self.years},
             "failed_years": failed, "exit_status": EXIT_YEARS_FAILED if failed else EXIT_OK,
         }
@@ -359,8 +357,6 @@ class Workflow:
     def _version_complete(self) -> bool:
         """Whether this model's version holds a complete output of every year of the
         definition (not only of the years this run was asked for)."""
-        from msmtu_batch.pipeline import read_manifest
-
         return all((read_manifest(self.paths(year).out) or {}).get("complete") for year in self.definition.years)
 
     def _point_latest(self) -> str:
@@ -375,19 +371,6 @@ class Workflow:
         temporary.symlink_to(self.model_id)
         os.replace(temporary, link)
         return self.model_id
-
-
-def software_versions() -> dict[str, str]:
-    """msmtu-batch, Python, GDAL and the libraries a result depends on."""
-    import rasterio
-
-    versions = {"msmtu-batch": __version__, "python": sys.version.split()[0], "gdal": rasterio.__gdal_version__}
-    for name in DEPENDENCIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def run_workflow(path: Path, reporter: Reporter, years: list[int] | None = None, dry_run: bool = False

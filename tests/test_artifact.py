@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from msmtu_batch.artifact import ArtifactError, ModelArtifact, load_artifact, save_artifact
 from msmtu_batch.cube import BAND_NAMES, GEOTOPO_NAMES
+from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inference import predict
 from msmtu_batch.model import BRITS, BritsConfig
 from msmtu_batch.preprocess import Standardizer
@@ -110,3 +111,30 @@ def test_artifact_refuses_data_it_does_not_match(artifact):
     assert str(err.value) == "model needs ancillary variable(s) altitude, slope that cube.zarr lacks"
     with pytest.raises(ArtifactError, match=r"do not match cube\.zarr bands"):
         artifact.check_matches(BAND_NAMES[:6], GEOTOPO_NAMES, "cube.zarr")
+
+
+def test_class_colours_default_override_round_trip_and_refusals(artifact, tmp_path):
+    from msmtu_batch.palette import class_colors, default_class_colors, read_class_colors
+
+    assert default_class_colors(("olive_grove", "water", "mystery")) == ("#e6a600", "#00ccf2", "#2ca02c")
+    assert artifact.class_colors == ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"), "tab20 for unknown names"
+    artifact.class_colors = class_colors(artifact.classes, {"b": "#ABCDEF"})
+    assert load_artifact(save_artifact(artifact, tmp_path / "m.safetensors")).class_colors[1] == "#abcdef"
+
+    path = save_artifact(artifact, tmp_path / "old.safetensors")
+    _rewrite(path, meta_update={"class_colors": None})  # an artifact from before class colours
+    assert load_artifact(path).class_colors == ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+    _rewrite(path, meta_update={"class_colors": ["#000000"]})
+    with pytest.raises(ArtifactError) as err:
+        load_artifact(path)
+    assert str(err.value) == f"{path}: class_colors must give one '#rrggbb' colour per class (4), found ['#000000']"
+    _rewrite(path, meta_update={"class_colors": ["#000000", "red", "#000000", "#000000"]})
+    with pytest.raises(ArtifactError) as err:
+        load_artifact(path)
+    assert str(err.value) == f"{path}: colours must be '#rrggbb', found b: 'red'"
+
+    palette = tmp_path / "colors.json"
+    palette.write_text(json.dumps({"e": "#000000"}))
+    with pytest.raises(MsmtuError) as err:
+        read_class_colors(palette, artifact.classes)
+    assert str(err.value) == f"{palette}: unknown class(es) e (classes: a, b, c, d)"

@@ -97,9 +97,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert lines[10].startswith(f"trained {out / 'model.safetensors'} in ")
     assert lines[11].startswith("unmixed 1,920 pixels (") and "on a LocalCluster" in lines[11]
     assert lines[12].startswith("accuracy on ") and "against the simulated truth: RMSE 0." in lines[12]
-    assert lines[13] == f"map: {out / 'abundance_map.png'}"
+    assert lines[13] == f"maps: {out / 'abundance_map.png'}, {out / 'dominant_class.png'}"
     assert (out / "abundance_map.png").stat().st_size > 10_000
-    assert (out / "cogs" / "abundance.tif").is_file() and (out / "abundance.zarr").is_dir()
+    assert (out / "cogs" / "abundance_2013.tif").is_file() and (out / "abundance.zarr").is_dir()
 
 
 def test_example_runs(tmp_path):

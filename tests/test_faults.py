@@ -24,13 +24,14 @@ import pytest
 import xarray as xr
 import zarr
 
+from msmtu_batch.archive import open_output
 from msmtu_batch.artifact import load_artifact, save_artifact
 from msmtu_batch.cube import ALL_CHUNKS_ATTR, REFLECTANCE_FILL
 from msmtu_batch.errors import MsmtuError, TrainingDataError
 from msmtu_batch.evaluate import evaluate
 from msmtu_batch.inference import predict
 from msmtu_batch.metrics import rmse
-from msmtu_batch.pipeline import RunConfig, open_output, run
+from msmtu_batch.pipeline import RunConfig, run
 from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import read_msmtu
 from tests.conftest import SMALL, zarr_files
@@ -354,7 +355,10 @@ def test_second_run_on_the_same_output_stops_and_a_dead_runs_lock_is_taken_over(
     assert zarr_files(out) == zarr_files(clean_output)
     assert not (tmp_path / ".out.zarr.lock").exists(), "the lock is released at the end"
     assert sorted(p.name for p in (tmp_path / "cogs").iterdir()) == [
-        "abundance.tif", "dominant_class.tif", "quality_flag.tif", "uncertainty.tif", "valid_fraction.tif"]
+        "abundance_2013.qml", "abundance_2013.tif", "dominant_class_2013.qml", "dominant_class_2013.tif",
+        "dominant_class_2013.tif.aux.xml", "quality_flag_2013.qml", "quality_flag_2013.tif",
+        "quality_flag_2013.tif.aux.xml", "uncertainty_2013.qml", "uncertainty_2013.tif", "valid_fraction_2013.qml",
+        "valid_fraction_2013.tif"]
 
 
 # --- 9. every failure a user can cause: one line, exit 2, before the heavy work -------------------
@@ -443,11 +447,11 @@ def test_one_pixel_region_exports_valid_cogs(region, model, scheduler, tmp_path)
     result = cli("run", "--cube", tmp_path / "pixel.zarr", "--model", model, "--out", tmp_path / "o.zarr",
                  "--cog", tmp_path / "cogs", "--scheduler", scheduler)
     assert result.returncode == 0, result.stderr
-    with rasterio.open(tmp_path / "cogs" / "abundance.tif") as raster:
+    with rasterio.open(tmp_path / "cogs" / "abundance_2013.tif") as raster:
         assert raster.shape == (1, 1)
         expected = open_output(tmp_path / "o.zarr")["abundance"].values[:, 0, 0]
         np.testing.assert_allclose(raster.read()[:, 0, 0], expected)
-    assert cog_validate(tmp_path / "cogs" / "abundance.tif")[0]
+    assert cog_validate(tmp_path / "cogs" / "abundance_2013.tif")[0]
 
 
 # --- 10. artifact contents are checked for meaning --------------------------------------------------

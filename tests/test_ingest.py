@@ -10,6 +10,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -281,8 +282,13 @@ def test_same_cube_from_geotiff_exports_as_from_granules(granules, tmp_path, sch
             write_raster(exports / f"MOD09A1.061_{layer}_doy{YEAR}{doy:03d}_aid0001.tif", values,
                          SINUSOIDAL_CRS.to_wkt(), from_origin(left, top, pixel, pixel))
     from_hdf = ingest(IngestConfig(inputs=[granules], chunk=16), tmp_path / "hdf.zarr", scheduler=scheduler)
-    from_tif = ingest(IngestConfig(inputs=[exports], chunk=16), tmp_path / "tif.zarr", scheduler=scheduler)
-    a, b = (xr.open_zarr(s.out, consolidated=False, mask_and_scale=False).load() for s in (from_hdf, from_tif))
+    # (and as Zarr v2, for readers without v3: the same values, consolidated, no warning)
+    from_tif = ingest(IngestConfig(inputs=[exports], chunk=16, zarr_format=2), tmp_path / "tif.zarr",
+                      scheduler=scheduler)
+    assert (from_tif.out / ".zmetadata").is_file() and (from_tif.out / "reflectance" / ".zarray").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, b = (xr.open_zarr(s.out, mask_and_scale=False).load() for s in (from_hdf, from_tif))
     np.testing.assert_array_equal(a["reflectance"].values, b["reflectance"].values)
     np.testing.assert_array_equal(a[COUNT_VARIABLE].values, b[COUNT_VARIABLE].values)
 

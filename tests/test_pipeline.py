@@ -16,11 +16,12 @@ import pytest
 import xarray as xr
 import zarr
 
+from msmtu_batch.archive import open_output
 from msmtu_batch.artifact import save_artifact
 from msmtu_batch.cube import REFLECTANCE_FILL, observed_mask, write_input_cube
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inference import predict
-from msmtu_batch.pipeline import DONE_GROUP, RunConfig, open_output, run
+from msmtu_batch.pipeline import DONE_GROUP, RunConfig, run
 from msmtu_batch.train import TrainConfig, train
 from msmtu_batch.training_data import read_cube_reference
 from tests.conftest import zarr_files
@@ -51,8 +52,8 @@ def test_output_contract(region, cube, clean_run):
     assert ds.rio.crs == cube.rio.crs
     np.testing.assert_array_equal(ds["x"].values, cube["x"].values)
     np.testing.assert_array_equal(ds["y"].values, cube["y"].values)
-    plain = xr.open_zarr(out, consolidated=False)
-    assert plain["abundance"].dims == ("class", "y", "x") and plain["abundance"].dtype == np.float32
+    plain = xr.open_zarr(out)
+    assert plain["abundance"].dims == ("lulc_class", "y", "x") and plain["abundance"].dtype == np.float32
     a, flag = ds["abundance"].values, ds["quality_flag"].values
     estimated = flag == 0
     np.testing.assert_allclose(a[:, estimated].sum(axis=0), 1.0, atol=1e-5)
@@ -67,8 +68,7 @@ def test_output_contract(region, cube, clean_run):
     assert summary.valid_pixels == int(estimated.sum()) and summary.chunks == 108
     assert ds.attrs["model_hash"].startswith("sha256:") and ds.attrs["run_id"].startswith("run-")
     assert ds.attrs["input_store"] == str(region.cube.resolve())
-    assert list(ds["class"].values) == list(xr.open_zarr(region.reference, group="level2",
-                                                          consolidated=False)["class"].values)
+    assert list(ds["lulc_class"].values) == list(xr.open_zarr(region.reference, group="level2")["lulc_class"].values)
     assert ds["imputed_reflectance"].dims == ("time", "band", "y", "x")
     assert not any(p.name.endswith(".partial") for p in out.parent.iterdir())
 
@@ -236,9 +236,9 @@ def test_cogs_are_valid_and_match_the_zarr_output(region, model, clean_run, tmp_
     summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK, imputed=True), cog_dir=tmp_path / "cogs")
     assert summary.already_complete, "an existing complete output is only exported"
     ds = open_output(out).load()
-    classes = [str(c) for c in ds["class"].values]
+    classes = [str(c) for c in ds["lulc_class"].values]
     for name in ("abundance", "dominant_class", "uncertainty", "valid_fraction", "quality_flag"):
-        path = tmp_path / "cogs" / f"{name}.tif"
+        path = tmp_path / "cogs" / f"{name}_2013.tif"
         valid, errors, _ = cog_validate(path)
         assert valid, errors
         with rasterio.open(path) as raster:
@@ -248,8 +248,8 @@ def test_cogs_are_valid_and_match_the_zarr_output(region, model, clean_run, tmp_
             values = raster.read()
         expected = ds[name].values if name == "abundance" else ds[name].values[None]
         if name == "dominant_class":
-            assert raster.nodata == -1
-            expected = np.where(np.isnan(expected), -1, expected)
+            assert raster.nodata == 255 and values.dtype == np.uint8
+            expected = np.where(np.isnan(expected), 255, expected)
         np.testing.assert_array_equal(values, expected.astype(values.dtype))
     assert not list((tmp_path / "cogs").glob(".*"))
 
@@ -263,7 +263,7 @@ def test_run_command_with_cog_and_performance_report(region, model, tmp_path):
     assert result.stdout.startswith(f"wrote {tmp_path / 'o.zarr'}: 6,912 pixels, ")
     assert "6 of 6 chunks computed" in result.stdout and f"COGs in {tmp_path / 'cogs'}" in result.stdout
     assert "Dask dashboard: http://127.0.0.1:" in result.stderr, "dashboard on loopback only"
-    assert (tmp_path / "cogs" / "abundance.tif").is_file()
+    assert (tmp_path / "cogs" / "abundance_2013.tif").is_file()
     assert "<html" in (tmp_path / "report.html").read_text()[:2000].lower()
 
 

@@ -54,8 +54,8 @@ def test_level1_is_the_sum_of_its_level2_children(reference):
     level2 = reference["level2"]["abundance"]
     for parent in LEVEL1_CLASSES:
         children = [child for child, p in CLASS_HIERARCHY if p == parent]
-        expected = level2.sel({"class": children}).sum("class").values
-        np.testing.assert_allclose(reference["level1"]["abundance"].sel({"class": parent}).values,
+        expected = level2.sel(lulc_class=children).sum("lulc_class").values
+        np.testing.assert_allclose(reference["level1"]["abundance"].sel(lulc_class=parent).values,
                                    expected, atol=1e-6)
     assert reference["level2"]["parent_class"].values.tolist() == [p for _, p in CLASS_HIERARCHY]
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pystac
 import pytest
 import rasterio
 import xarray as xr
@@ -136,8 +137,11 @@ def test_reruns_compute_only_what_changed(downloads, models, scheduler, tmp_path
     for year in (2013, 2014):
         result = xr.open_zarr(version / str(year) / "abundance.zarr", consolidated=False)
         assert np.isfinite(result["abundance"].values).all(axis=0).sum() > 20
-        with rasterio.open(version / str(year) / "cog" / "abundance.tif") as cog:
-            assert cog.count == result.sizes["class"]
+        with rasterio.open(version / str(year) / "cog" / f"abundance_{year}.tif") as cog:
+            assert cog.count == result.sizes["lulc_class"]
+    catalog = pystac.read_file(first["catalog"])  # the version's STAC, read through the `latest` link too
+    assert Path(first["catalog"]) == version / "collection.json" and (output / "latest" / "collection.json").is_file()
+    assert sorted(item.id for item in catalog.get_items()) == [f"msmtu-{version.name}-{y}" for y in (2013, 2014)]
     assert Path(first["record"]).parent == output / "records"
     assert json.loads(Path(first["record"]).read_text()) == json.loads(json.dumps(first, default=str))
     # each file read once (a shared raster may be read by both years at once)

@@ -1,0 +1,272 @@
+"""Outputs every tool opens: the Python API, Zarr v2 for zarr-python 2 and Debian's GDAL,
+CF attributes, the multi-year archive, STAC, and GIS-ready COGs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pystac
+import pytest
+import rasterio
+import xarray as xr
+
+import msmtu_batch as mb
+from msmtu_batch.artifact import save_artifact
+from msmtu_batch.palette import rgb
+from msmtu_batch.simulate import SimulationConfig, simulate
+from msmtu_batch.train import TrainConfig, train
+from msmtu_batch.training_data import read_cube_reference
+from tests.conftest import zarr_files
+
+ROOT = Path(__file__).resolve().parents[1]
+YEARS = (2013, 2014)
+SIZE = 24
+CHUNK = 12
+# colours a user chose at training time for two classes; the others keep the default palette
+USER_COLORS = {"olive_grove": "#808000", "water": "#0000ff"}
+
+
+def gdal(*args: str) -> str:
+    """Debian's GDAL command-line tools (required in CI: MSMTU_REQUIRE_GDAL=1)."""
+    if shutil.which(args[0]) is None:
+        if os.environ.get("MSMTU_REQUIRE_GDAL") == "1":
+            pytest.fail(f"{args[0]} required (MSMTU_REQUIRE_GDAL=1) but not installed (apt-get install gdal-bin)")
+        pytest.skip(f"{args[0]} not installed (apt-get install gdal-bin)")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def regions(tmp_path_factory) -> dict[int, Path]:
+    """Two simulated years of one small region (different weather, same grid)."""
+    root = tmp_path_factory.mktemp("years")
+    return {year: simulate(SimulationConfig(height=SIZE, width=SIZE, seed=year, year=year, chunk=CHUNK,
+                                            msmtu_pixels=0, split_block=6), root / str(year)).cube
+            for year in YEARS}
+
+
+@pytest.fixture(scope="module")
+def model(regions, tmp_path_factory) -> Path:
+    region = regions[YEARS[0]]
+    pixels = read_cube_reference(region, region.parent / "reference.zarr", "level2")
+    artifact = train(pixels, "level2", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8)).artifact
+    artifact.class_colors = mb.palette.class_colors(artifact.classes, USER_COLORS)
+    return save_artifact(artifact, tmp_path_factory.mktemp("model") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def archive(regions, model, client, tmp_path_factory) -> Path:
+    """Both years run (on the current client, which `run` picks up) and exported: a version folder."""
+    root = tmp_path_factory.mktemp("archive")
+    for year, cube in regions.items():
+        mb.run(cube, model, root / str(year) / "abundance.zarr", config=mb.RunConfig(chunk=CHUNK),
+               cog_dir=root / str(year) / "cog")
+    return root
+
+
+def test_api_example_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import python_api
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    result = python_api.main(tmp_path, size=40, epochs=1)
+    assert result["pixel"]["abundance"].shape == (10, 1, 1)
+    assert result["corner"]["abundance"].dims == ("lulc_class", "y", "x")
+    assert pystac.read_file(result["catalog"]).id == "msmtu-products"
+    assert result["figure"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_uses_the_current_client(archive, client):
+    """No LocalCluster of its own: the tasks ran on the notebook's client."""
+    assert any(key.startswith("msmtu-chunk-") for key in client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+
+
+def test_unmix_equals_run_for_a_cube_a_subset_a_pixel_and_memory(regions, model, archive):
+    year = YEARS[0]
+    expected = mb.open_output(archive / str(year) / "abundance.zarr").load()
+    cube = mb.open_cube(regions[year])
+    lazy = mb.unmix(cube, model, mb.RunConfig(chunk=CHUNK))
+    assert lazy["abundance"].chunks is not None, "lazy, dask-backed"
+    got = lazy.compute()
+    xr.testing.assert_identical(got.drop_attrs(deep=False), expected.drop_attrs(deep=False))
+    for name in expected.data_vars:  # the same per-variable attributes
+        assert got[name].attrs == expected[name].attrs, name
+    assert set(got.attrs) <= set(expected.attrs)
+    pixel = mb.unmix(cube.isel(y=[5], x=[7]), model).compute()
+    there = expected.isel(y=[5], x=[7])
+    xr.testing.assert_identical(pixel.drop_attrs(deep=False).drop_vars("spatial_ref"),
+                                there.drop_attrs(deep=False).drop_vars("spatial_ref"))
+    assert pixel.rio.transform() == there.rio.transform(recalc=True), "georeferenced where the pixel is"
+    in_memory = mb.unmix(cube.load(), model, mb.RunConfig(chunk=8)).compute()  # numpy-backed, chunked by unmix
+    np.testing.assert_array_equal(in_memory["abundance"].values, expected["abundance"].values)
+    decoded = xr.open_zarr(regions[year])  # plain xarray: float reflectance, NaN at gaps
+    np.testing.assert_array_equal(mb.unmix(decoded, model)["abundance"].values, expected["abundance"].values)
+
+
+def test_every_store_opens_with_plain_xarray_without_a_warning(regions, archive):
+    stores = [regions[YEARS[0]], regions[YEARS[0]].parent / "reference.zarr", archive / "2013" / "abundance.zarr"]
+    for store in stores:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = xr.open_zarr(store)
+        assert not caught, f"{store}: {[str(w.message) for w in caught]}"
+        assert ds.data_vars
+
+
+def test_cf_attributes_and_provenance(archive, model):
+    import cf_xarray  # noqa: F401  (registers the .cf accessor)
+
+    ds = mb.open_output(archive / "2013" / "abundance.zarr")
+    assert ds.cf["area_fraction"].name == "abundance"
+    assert ds.cf["area_type"].name == "lulc_class"
+    assert ds.cf.standard_names["status_flag"] == ["quality_flag"]
+    assert ds.attrs["time_coverage_start"] == "2013-01-01" and ds.attrs["time_coverage_end"] == "2013-12-31"
+    assert ds.attrs["date_created"].endswith("Z") and ds.attrs["history"].startswith(ds.attrs["date_created"])
+    assert "msmtu-batch run --cube" in ds.attrs["history"]
+    assert "IEEE JSTARS" in ds.attrs["references"] and "7752348" in ds.attrs["references"]
+    assert ds.attrs["model_hash"] == mb.artifact.artifact_hash(model)
+    assert ds.attrs["input_content"].startswith("sha256:")
+    assert f"msmtu-batch {mb.__version__}" in ds.attrs["software_versions"] and "torch " in ds.attrs[
+        "software_versions"]
+    assert ds["dominant_class"].attrs["flag_meanings"].split() == list(ds["lulc_class"].values)
+    assert ds["dominant_class"].encoding["_FillValue"] == 255 and ds["dominant_class"].encoding["dtype"] == np.uint8
+    raw = xr.open_zarr(archive / "2013" / "abundance.zarr", mask_and_scale=False)
+    assert raw["dominant_class"].dtype == np.uint8 and raw["dominant_class"].attrs["_FillValue"] == 255
+
+
+def test_creation_date_follows_source_date_epoch(monkeypatch, regions, model):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert mb.unmix(mb.open_cube(regions[YEARS[0]]), model).attrs["date_created"] == "2023-11-14T22:13:20Z"
+
+
+def test_archive_opens_as_one_dataset_and_a_rerun_replaces_one_year_only(regions, model, archive, client):
+    years = mb.open_output(archive)
+    assert years["abundance"].dims == ("time", "lulc_class", "y", "x")
+    assert [str(t)[:10] for t in years["time"].values] == ["2013-01-01", "2014-01-01"]
+    for i, year in enumerate(YEARS):
+        single = mb.open_output(archive / str(year) / "abundance.zarr")
+        np.testing.assert_array_equal(years["abundance"].isel(time=i).values, single["abundance"].values)
+    assert str(years["time_bounds"].values[1, 1])[:10] == "2015-01-01"
+
+    untouched = zarr_files(archive / "2013" / "abundance.zarr")
+    before = zarr_files(archive / "2014" / "abundance.zarr")
+    mb.run(regions[2014], model, archive / "2014" / "abundance.zarr", config=mb.RunConfig(chunk=CHUNK, min_months=4),
+           overwrite=True)
+    assert zarr_files(archive / "2013" / "abundance.zarr") == untouched
+    assert zarr_files(archive / "2014" / "abundance.zarr") != before
+    assert sorted(p.name for p in (archive / "2014").iterdir()) == ["abundance.zarr", "cog"], "nothing left aside"
+    assert mb.open_output(archive).attrs["time_coverage_end"] == "2014-12-31"
+
+
+def test_stac_catalogue_round_trip(archive, model):
+    path = mb.write_catalog(archive, "msmtu-test")
+    collection = pystac.read_file(path)
+    assert isinstance(collection, pystac.Collection) and collection.id == "msmtu-test"
+    items = sorted(collection.get_items(), key=lambda i: i.id)
+    assert [i.id for i in items] == ["msmtu-test-2013", "msmtu-test-2014"]
+    interval = collection.extent.temporal.intervals[0]
+    assert interval[0].isoformat()[:10] == "2013-01-01" and interval[1].isoformat()[:10] == "2014-12-31"
+    artifact = mb.load_model(model)
+    for item, year in zip(items, YEARS):
+        assert item.properties["start_datetime"].startswith(f"{year}-01-01")
+        assert item.properties["proj:code"] == "EPSG:25830" and item.properties["proj:shape"] == [SIZE, SIZE]
+        assert item.assets["zarr"].media_type == "application/vnd+zarr" and item.assets["zarr"].roles == ["data"]
+        cog = item.assets["dominant_class"]
+        assert cog.media_type == pystac.MediaType.COG and cog.roles == ["data"]
+        assert Path(cog.get_absolute_href()).is_file()
+        assert cog.extra_fields["raster:bands"][0]["nodata"] == 255
+        classes = cog.extra_fields["classification:classes"]
+        assert [c["name"] for c in classes] == list(artifact.classes)
+        assert [f"#{c['color_hint'].lower()}" for c in classes] == list(artifact.class_colors)
+        record = json.loads(Path(item.assets["run_record"].get_absolute_href()).read_text())
+        assert record["manifest"]["complete"] and record["model_hash"] == item.properties["msmtu:model_hash"]
+        assert item.assets["abundance_style"].roles == ["style"]
+        assert any("classification" in uri for uri in item.stac_extensions)
+
+
+def test_cogs_carry_colour_table_categories_style_and_provenance(archive, model):
+    artifact = mb.load_model(model)
+    assert artifact.class_colors[artifact.classes.index("olive_grove")] == "#808000"
+    cog = archive / "2013" / "cog" / "dominant_class_2013.tif"
+    info = gdal("gdalinfo", str(cog))
+    assert "Type=Byte, ColorInterp=Palette" in info and "NoData Value=255" in info
+    categories = info.split("Categories:")[1].split("Color Table")[0]
+    assert [line.split(": ")[1] for line in categories.strip().splitlines()] == list(artifact.classes)
+    with rasterio.open(cog) as raster:
+        assert raster.dtypes[0] == "uint8" and raster.nodata == 255
+        colormap = raster.colormap(1)
+        assert [colormap[i][:3] for i in range(len(artifact.classes))] == [rgb(c) for c in artifact.class_colors]
+        assert raster.tags()["model_hash"] == artifact_hash(model)
+        assert raster.tags()["time_coverage_start"] == "2013-01-01"
+    style = ET.parse(cog.with_suffix(".qml")).getroot()
+    entries = style.findall(".//paletteEntry")
+    assert [(e.get("label"), e.get("color")) for e in entries] == list(zip(artifact.classes, artifact.class_colors))
+    ramp = ET.parse(archive / "2013" / "cog" / "abundance_2013.qml").getroot().findall(".//colorrampshader/item")
+    assert (ramp[0].get("value"), ramp[-1].get("value")) == ("0", "1")
+
+
+@pytest.fixture(scope="module")
+def zarr2_environment(tmp_path_factory) -> Path:
+    """zarr-python 2 (and the numcodecs it works with) in a folder of its own, put before the
+    project's packages on the path of a subprocess."""
+    target = tmp_path_factory.mktemp("zarr2")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                    "zarr==2.18.7", "numcodecs==0.15.1", "asciitree", "fasteners", "deprecated", "wrapt"],
+                   check=True, capture_output=True, timeout=300)
+    return target
+
+
+def test_zarr_v2_output_read_by_zarr_python_2_and_debian_gdal(regions, model, archive, zarr2_environment,
+                                                              tmp_path, client):
+    out = tmp_path / "v2.zarr"
+    mb.run(regions[2013], model, out, config=mb.RunConfig(chunk=CHUNK, zarr_format=2))
+    assert (out / ".zmetadata").is_file() and not (out / "zarr.json").exists()
+    expected = mb.open_output(archive / "2013" / "abundance.zarr")
+    np.testing.assert_array_equal(mb.open_output(out)["abundance"].values, expected["abundance"].values)
+
+    script = ("import json, sys, zarr, numpy as np; assert zarr.__version__.startswith('2.'), zarr.__version__; "
+              "g = zarr.open_consolidated(sys.argv[1], mode='r'); "
+              "print(json.dumps({'abundance': np.nan_to_num(g['abundance'][:], nan=-1).tolist(), "
+              "'classes': [str(c) for c in g['lulc_class'][:]], 'fill': int(g['dominant_class'].fill_value), "
+              "'start': g.attrs['time_coverage_start']}))")
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(zarr2_environment)})
+    assert result.returncode == 0, result.stderr
+    read = json.loads(result.stdout)
+    np.testing.assert_array_equal(np.array(read["abundance"], np.float32),
+                                  np.nan_to_num(expected["abundance"].values, nan=-1))
+    assert read["classes"] == list(expected["lulc_class"].values) and read["fill"] == 255
+    assert read["start"] == "2013-01-01"
+
+    info = gdal("gdalinfo", f'ZARR:"{out}":/dominant_class')
+    assert "Driver: Zarr/Zarr" in info and "Size is 24, 24" in info and "NoData Value=255" in info
+    assert 'ID["EPSG",25830]' in info and "ERROR" not in info
+    tif = tmp_path / "dominant.tif"
+    gdal("gdal_translate", "-q", f'ZARR:"{out}":/dominant_class', str(tif))
+    with rasterio.open(tif) as raster:
+        assert raster.transform == expected.rio.transform()
+        np.testing.assert_array_equal(raster.read(1), np.nan_to_num(expected["dominant_class"].values, nan=255))
+
+
+def artifact_hash(path: Path) -> str:
+    return mb.artifact.artifact_hash(path)
