@@ -34,8 +34,8 @@ def write_inputs(folder: Path) -> None:
     from rasterio.transform import from_origin
     from shapely.geometry import box
 
-    from msmtu_batch.cube import CLIMATIC_NAMES
-    from msmtu_batch.modis import SINUSOIDAL_CRS, TILE_SIZE, tile_upper_left, write_granule
+    from msmtu_batch.inputs.cube import CLIMATIC_NAMES
+    from msmtu_batch.inputs.modis import SINUSOIDAL_CRS, TILE_SIZE, tile_upper_left, write_granule
 
     granules = folder / "granules"
     granules.mkdir(parents=True, exist_ok=True)
@@ -86,8 +86,8 @@ def write_inputs(folder: Path) -> None:
 
 def read_floor(folder: Path) -> float:
     """Seconds one process needs only to read the region's windows of every granule layer."""
-    from msmtu_batch.ingest import IngestConfig, _read_region, plan_grid
-    from msmtu_batch.modis import open_reflectance
+    from msmtu_batch.inputs.ingest import IngestConfig, _read_region, plan_grid
+    from msmtu_batch.inputs.modis import open_reflectance
 
     source = open_reflectance([folder / "granules"])
     grid = plan_grid(source.grid, IngestConfig(region=folder / "region.gpkg"), _read_region(folder / "region.gpkg"))
@@ -99,9 +99,9 @@ def read_floor(folder: Path) -> float:
 
 
 def ingest_child(folder: Path, out: Path, chunk: int, crs: str | None, resolution: float | None) -> None:
-    from msmtu_batch.cube import CLIMATIC_NAMES
-    from msmtu_batch.ingest import IngestConfig, ingest
-    from msmtu_batch.tiling import peak_memory_mib
+    from msmtu_batch.batch.tiling import peak_memory_mib
+    from msmtu_batch.inputs.cube import CLIMATIC_NAMES
+    from msmtu_batch.inputs.ingest import IngestConfig, ingest
 
     config = IngestConfig(inputs=[folder / "granules"], region=folder / "region.gpkg", dem=folder / "dem_3arcsec.tif",
                           climate={n: folder / f"{n}.tif" for n in CLIMATIC_NAMES}, chunk=chunk, crs=crs,

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RUN = """
 import json, sys, time
-from msmtu_batch.pipeline import RunConfig, run
+from msmtu_batch.batch.pipeline import RunConfig, run
 summary = run(sys.argv[1], sys.argv[2], sys.argv[3], config=RunConfig(chunk=256), overwrite=True, cog_dir=sys.argv[4])
 print(json.dumps({"seconds": summary.seconds, "pixels_per_second": summary.pixels_per_second}))
 """
@@ -63,11 +63,11 @@ def pieces(region: Path, model: Path, output: Path) -> dict[str, float]:
     import zarr
     from crc32c import crc32c
 
-    from msmtu_batch.artifact import load_artifact
-    from msmtu_batch.kernels import prepare_chunk
-    from msmtu_batch.pipeline import _flush_chunk, damaged_chunks, input_content_digest
-    from msmtu_batch.products import RunConfig, unlike_training
-    from msmtu_batch.tiling import chunk_windows
+    from msmtu_batch.batch.pipeline import _flush_chunk, damaged_chunks, input_content_digest
+    from msmtu_batch.batch.tiling import chunk_windows
+    from msmtu_batch.model.artifact import load_artifact
+    from msmtu_batch.model.kernels import prepare_chunk
+    from msmtu_batch.products.blocks import RunConfig, unlike_training
 
     cube = region / "cube.zarr"
     group = zarr.open_group(cube, mode="r")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def child(size: int, out: Path) -> None:
-    from msmtu_batch.simulate import SimulationConfig, simulate
+    from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 
     start = time.perf_counter()
     simulate(SimulationConfig(height=size, width=size, seed=0), out, overwrite=True)

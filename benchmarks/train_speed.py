@@ -27,12 +27,12 @@ from msmtu_batch.bench import (
     naive_training_throughput,
     research_brits,
 )
-from msmtu_batch.cube import ANCILLARY_SETS
-from msmtu_batch.model import BritsConfig
-from msmtu_batch.preprocess import Standardizer
-from msmtu_batch.simulate import SimulationConfig, simulate
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import read_msmtu
+from msmtu_batch.inputs.cube import ANCILLARY_SETS
+from msmtu_batch.inputs.training_data import read_msmtu
+from msmtu_batch.model.brits import BritsConfig
+from msmtu_batch.model.preprocess import Standardizer
+from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from msmtu_batch.cube import open_input_cube
-from msmtu_batch.ingest import IngestConfig, ingest
-from msmtu_batch.modis import write_granule
+from msmtu_batch.inputs.cube import open_input_cube
+from msmtu_batch.inputs.ingest import IngestConfig, ingest
+from msmtu_batch.inputs.modis import write_granule
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
                           resolution=20000, chunk=16)
     summary = ingest(config, args.out / "cube.zarr", overwrite=True)
     cube = open_input_cube(summary.out, ancillary=summary.ancillary)  # validated against the contract
-    counts = xr.open_zarr(summary.out, consolidated=False)["clear_count"]
+    counts = xr.open_zarr(summary.out)["clear_count"]
     inside = counts.sum("time") > 0
     print(f"{summary.out}: {summary.height} x {summary.width} pixels, {int(inside.sum())} inside the region")
     print("mean clear observations per month:", np.round(counts.where(inside).mean(("y", "x")).values, 2))

@@ -16,11 +16,11 @@ from pathlib import Path
 from distributed import Client, LocalCluster
 
 import msmtu_batch as mb
-from msmtu_batch.artifact import save_artifact
-from msmtu_batch.export import dominant_quicklook
-from msmtu_batch.simulate import SimulationConfig, simulate
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import read_cube_reference
+from msmtu_batch.inputs.training_data import read_cube_reference
+from msmtu_batch.model.artifact import save_artifact
+from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.products.export import dominant_quicklook
+from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 
 
 def main(out: Path, size: int, epochs: int) -> dict:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import xarray as xr
 
-from msmtu_batch.cube import BAND_COMMON_NAMES, observed_mask, open_input_cube
-from msmtu_batch.simulate import SimulationConfig, simulate
+from msmtu_batch.inputs.cube import BAND_COMMON_NAMES, observed_mask, open_input_cube
+from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     result = simulate(SimulationConfig(height=args.height, width=args.width, seed=args.seed,
                                        msmtu_pixels=200), args.out, overwrite=True)
     cube = open_input_cube(result.cube)  # lazy, validated against the contract
-    level2 = xr.open_zarr(result.reference, group="level2", consolidated=False)["abundance"]
+    level2 = xr.open_zarr(result.reference, group="level2")["abundance"]
 
     # Mean July NDVI where the pixel is mostly irrigated crop versus mostly winter cereal.
     usable = observed_mask(cube["reflectance"].values, cube["state_qa"].values)

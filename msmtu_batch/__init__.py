@@ -24,27 +24,27 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 # Public name -> module. Imported on first use, so that `import msmtu_batch` stays light (the
 # CLI's --help, a Dask worker unpickling one function) and torch loads only when needed.
 _API = {
-    "open_cube": "msmtu_batch.products",
-    "unmix": "msmtu_batch.products",
-    "RunConfig": "msmtu_batch.products",
-    "load_model": "msmtu_batch.artifact",
-    "run": "msmtu_batch.pipeline",
-    "open_output": "msmtu_batch.archive",
-    "open_archive": "msmtu_batch.archive",
-    "write_catalog": "msmtu_batch.catalog",
-    "export_cogs": "msmtu_batch.export",
+    "open_cube": "msmtu_batch.products.blocks",
+    "unmix": "msmtu_batch.products.blocks",
+    "RunConfig": "msmtu_batch.products.blocks",
+    "load_model": "msmtu_batch.model.artifact",
+    "run": "msmtu_batch.batch.pipeline",
+    "open_output": "msmtu_batch.products.archive",
+    "open_archive": "msmtu_batch.products.archive",
+    "write_catalog": "msmtu_batch.products.catalog",
+    "export_cogs": "msmtu_batch.products.export",
 }
 _RENAMED = {"load_model": "load_artifact"}
 __all__ = ["RunConfig", "__version__", "export_cogs", "load_model", "open_archive", "open_cube", "open_output", "run",
            "unmix", "write_catalog"]
 
 if TYPE_CHECKING:
-    from msmtu_batch.archive import open_archive, open_output
-    from msmtu_batch.artifact import load_artifact as load_model
-    from msmtu_batch.catalog import write_catalog
-    from msmtu_batch.export import export_cogs
-    from msmtu_batch.pipeline import run
-    from msmtu_batch.products import RunConfig, open_cube, unmix
+    from msmtu_batch.batch.pipeline import run
+    from msmtu_batch.model.artifact import load_artifact as load_model
+    from msmtu_batch.products.archive import open_archive, open_output
+    from msmtu_batch.products.blocks import RunConfig, open_cube, unmix
+    from msmtu_batch.products.catalog import write_catalog
+    from msmtu_batch.products.export import export_cogs
 
 
 def __getattr__(name: str):

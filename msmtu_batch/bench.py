@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from msmtu_batch.model import BRITS, RITS, BritsConfig, LossWeights, brits_loss
-from msmtu_batch.preprocess import Standardizer, compute_deltas
-from msmtu_batch.training_data import MSMTU_VALUE_SCALE, PARTITIONS
+from msmtu_batch.inputs.training_data import MSMTU_VALUE_SCALE, PARTITIONS
+from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.model.preprocess import Standardizer, compute_deltas
 
 BRITS_FLOPS_PER_PIXEL = 2.4e6  # forward pass, both directions (docs/design.md section 5)
 TRAINING_FLOPS_FACTOR = 3.0  # forward + backward is about three forward passes
@@ -157,8 +157,8 @@ def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, b
     """Pixels/s of the model alone on prepared inputs in memory (the pipeline's settings:
     no imputed series), repeating ``inputs`` up to ``pixels``. The straightforward model gets
     batches of ``batch_size`` (1024 is its fastest on the development VM; 8192 is 40 % slower)."""
-    from msmtu_batch.inference import predict
-    from msmtu_batch.preprocess import ModelInputs
+    from msmtu_batch.model.inference import predict
+    from msmtu_batch.model.preprocess import ModelInputs
 
     repeats = max(1, -(-pixels // max(1, len(inputs))))
     many = ModelInputs(*(np.concatenate([a] * repeats) for a in
@@ -173,10 +173,10 @@ def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, b
 def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifact_path: Path | None = None):
     """Simulate a region; return its folder and the model artifact (an untrained model of the
     default size with statistics fitted to the region: speed does not depend on the weights)."""
-    from msmtu_batch.artifact import ModelArtifact, save_artifact
-    from msmtu_batch.cube import ANCILLARY_NAMES
-    from msmtu_batch.simulate import LEVEL2_CLASSES, SimulationConfig, simulate
-    from msmtu_batch.training_data import read_msmtu
+    from msmtu_batch.inputs.cube import ANCILLARY_NAMES
+    from msmtu_batch.inputs.training_data import read_msmtu
+    from msmtu_batch.model.artifact import ModelArtifact, save_artifact
+    from msmtu_batch.synthetic.simulate import LEVEL2_CLASSES, SimulationConfig, simulate
 
     simulate(SimulationConfig(height=size[0], width=size[1], msmtu_pixels=research_pixels), out, overwrite=True)
     if artifact_path is not None:
@@ -196,9 +196,9 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     research-code way on the same region, against the FLOP ceiling measured in the run; then,
     for each of ``memory_sizes``, the pipeline on a square region of that side, recording
     its throughput and each worker's peak memory. Results also go to ``out/bench.json``."""
-    from msmtu_batch.artifact import load_artifact
-    from msmtu_batch.pipeline import RunConfig, run
-    from msmtu_batch.training_data import read_msmtu
+    from msmtu_batch.batch.pipeline import RunConfig, run
+    from msmtu_batch.inputs.training_data import read_msmtu
+    from msmtu_batch.model.artifact import load_artifact
 
     out.mkdir(parents=True, exist_ok=True)
     region, model_path = _bench_region(out / "region", (height, width), research_pixels)

@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 
 from msmtu_batch import __version__
-from msmtu_batch.cube import ANCILLARY_NAMES, ANCILLARY_SETS, open_input_cube
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.simulate import SimulationConfig, simulate
-from msmtu_batch.training_data import PARTITIONS, PixelSet
+from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_SETS, open_input_cube
+from msmtu_batch.inputs.training_data import PARTITIONS, PixelSet
+from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 
 app = typer.Typer(help="LULC abundance mapping from MODIS monthly time series with BRITS.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -176,7 +176,7 @@ ZarrFormatOption = Annotated[int | None, typer.Option(
 
 def _read_pixels(msmtu: Path | None, cube: Path | None, reference: Path | None, level: str,
                  ancillary: tuple[str, ...]) -> tuple[PixelSet, str]:
-    from msmtu_batch.training_data import read_cube_reference, read_msmtu
+    from msmtu_batch.inputs.training_data import read_cube_reference, read_msmtu
 
     if msmtu is not None and cube is None and reference is None:
         return read_msmtu(msmtu, level), str(msmtu)
@@ -186,7 +186,7 @@ def _read_pixels(msmtu: Path | None, cube: Path | None, reference: Path | None, 
 
 
 def _train_config(config: Path | None, **overrides: object):
-    from msmtu_batch.train import TrainConfig
+    from msmtu_batch.model.train import TrainConfig
 
     return TrainConfig(**_with_overrides(_config_section(config, "train"), overrides))
 
@@ -241,9 +241,9 @@ def train_command(
              "style, STAC); classes not named keep the default palette.")] = None,
 ) -> None:
     """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput)."""
-    from msmtu_batch.artifact import save_artifact
-    from msmtu_batch.palette import read_class_colors
-    from msmtu_batch.train import train
+    from msmtu_batch.model.artifact import save_artifact
+    from msmtu_batch.model.train import train
+    from msmtu_batch.products.palette import read_class_colors
 
     with _user_errors():
         cfg = _train_config(config, ancillary=ancillary.value, epochs=epochs, batch_size=batch_size,
@@ -280,8 +280,8 @@ def evaluate_command(
     seed: Annotated[int, typer.Option(help="Seed of the baselines and hidden values.")] = 0,
 ) -> None:
     """Score a model on a partition against classical baselines; write a Markdown report."""
-    from msmtu_batch.artifact import load_artifact
-    from msmtu_batch.evaluate import comparison_table, evaluate
+    from msmtu_batch.evaluation.evaluate import comparison_table, evaluate
+    from msmtu_batch.model.artifact import load_artifact
 
     with _user_errors():
         if split not in PARTITIONS:
@@ -312,7 +312,7 @@ def ablation_command(
     config: Annotated[Path | None, typer.Option(help="YAML file with a 'train' section.")] = None,
 ) -> None:
     """Train and evaluate BRITS with no, geo-topographic, and all ancillary data, plus baselines."""
-    from msmtu_batch.evaluate import comparison_table, run_ablation
+    from msmtu_batch.evaluation.evaluate import comparison_table, run_ablation
 
     with _user_errors():
         cfg = _train_config(config, epochs=epochs, seed=seed)
@@ -326,7 +326,7 @@ def ablation_command(
 
 def _chunk_progress(description: str):
     """A progress bar over finished chunks on a terminal; progress lines in batch logs."""
-    from msmtu_batch.reporting import Reporter
+    from msmtu_batch.batch.reporting import Reporter
 
     return Reporter(console).progress(description)
 
@@ -377,7 +377,7 @@ def ingest_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cube at --out.")] = False,
 ) -> None:
     """Build an input cube: monthly QA-filtered composites on a grid and region, plus ancillary data."""
-    from msmtu_batch.ingest import IngestConfig, ingest
+    from msmtu_batch.inputs.ingest import IngestConfig, ingest
 
     with _user_errors():
         settings = _with_overrides(_config_section(config, "ingest"), dict(
@@ -416,7 +416,7 @@ def run_command(
     performance_report: Annotated[Path | None, typer.Option(help="Write Dask's HTML performance report.")] = None,
 ) -> None:
     """Unmix an input cube with a model into an output cube; resumable and idempotent."""
-    from msmtu_batch.pipeline import RunConfig, run
+    from msmtu_batch.batch.pipeline import RunConfig, run
 
     def announce(client) -> None:
         if client.dashboard_link:
@@ -444,7 +444,7 @@ def catalog_command(
         = None,
 ) -> None:
     """Write STAC metadata for an archive: one Item per year (COGs, Zarr, styles, run record) in a Collection."""
-    from msmtu_batch.catalog import write_catalog
+    from msmtu_batch.products.catalog import write_catalog
 
     with _user_errors():
         path = write_catalog(archive, collection_id)
@@ -472,8 +472,8 @@ def workflow_command(
     output is out of date with its inputs by content. Exit status: 0 all years done, 3 some
     years failed (the others finished), 2 a bad definition. A run record (JSON) is written
     under OUTPUT/records/."""
-    from msmtu_batch.reporting import Reporter
-    from msmtu_batch.workflow import run_workflow
+    from msmtu_batch.batch.reporting import Reporter
+    from msmtu_batch.batch.workflow import run_workflow
 
     with _user_errors(), Reporter(console, log_file) as reporter:
         status, record = run_workflow(definition, reporter, _years_option(years), dry_run)
@@ -494,7 +494,7 @@ def cluster_script_command(
 ) -> None:
     """Print the job script a SLURM or PBS cluster spec submits for its workers (dask-jobqueue's
     job_script()), to check before a run. The scheduler address in it changes with every run."""
-    from msmtu_batch.clusters import PbsSpec, SlurmSpec, job_script, load_cluster_spec
+    from msmtu_batch.batch.clusters import PbsSpec, SlurmSpec, job_script, load_cluster_spec
 
     with _user_errors():
         cluster = load_cluster_spec(spec if spec.endswith((".yaml", ".yml")) else spec + ".yaml")

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from msmtu_batch.artifact import save_artifact
-from msmtu_batch.cube import CLASS_DIM, open_input_cube
-from msmtu_batch.export import dominant_quicklook, quicklook
-from msmtu_batch.metrics import abundance_metrics
-from msmtu_batch.pipeline import RunConfig, run
-from msmtu_batch.simulate import SimulationConfig, describe_region, simulate
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import PARTITIONS, read_cube_reference
+from msmtu_batch.batch.pipeline import RunConfig, run
+from msmtu_batch.evaluation.metrics import abundance_metrics
+from msmtu_batch.inputs.cube import CLASS_DIM, open_input_cube
+from msmtu_batch.inputs.training_data import PARTITIONS, read_cube_reference
+from msmtu_batch.model.artifact import save_artifact
+from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.products.export import dominant_quicklook, quicklook
+from msmtu_batch.synthetic.simulate import SimulationConfig, describe_region, simulate
 
 
 def run_demo(out: Path, height: int = 200, width: int = 300, seed: int = 0, epochs: int = 10,
@@ -40,8 +40,8 @@ def run_demo(out: Path, height: int = 200, width: int = 300, seed: int = 0, epoc
     say(f"unmixed {summary.pixels:,} pixels ({summary.valid_pixels:,} estimated) on a LocalCluster in "
         f"{summary.seconds:.1f} s -> {out / 'abundance.zarr'} and {out / 'cogs'}/*.tif")
 
-    reference = xr.open_zarr(out / "reference.zarr", group="level2", consolidated=False)["abundance"].load()
-    partition = xr.open_zarr(out / "reference.zarr", consolidated=False)["partition"].values
+    reference = xr.open_zarr(out / "reference.zarr", group="level2")["abundance"].load()
+    partition = xr.open_zarr(out / "reference.zarr")["partition"].values
     estimated = xr.open_zarr(out / "abundance.zarr")
     predicted = estimated["abundance"].values
     test = (partition == PARTITIONS.index("test")) & (estimated["quality_flag"].values == 0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-from msmtu_batch.cube import open_input_cube
-from msmtu_batch.simulate import SimulationConfig, SimulationResult, simulate
+from msmtu_batch.inputs.cube import open_input_cube
+from msmtu_batch.synthetic.simulate import SimulationConfig, SimulationResult, simulate
 
 # Outputs record their creation time; two runs of the same inputs compared byte for byte must
 # be made "at the same time" (the reproducible-builds convention msmtu-batch follows).

@@ -13,10 +13,10 @@ from msmtu_batch.bench import (
     naive_training_throughput,
     research_brits,
 )
-from msmtu_batch.cube import ANCILLARY_SETS
-from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss
-from msmtu_batch.preprocess import Standardizer, prepare_inputs
-from msmtu_batch.training_data import read_msmtu
+from msmtu_batch.inputs.cube import ANCILLARY_SETS
+from msmtu_batch.inputs.training_data import read_msmtu
+from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.model.preprocess import Standardizer, prepare_inputs
 from tests.test_model import synthetic_problem, tensors
 
 

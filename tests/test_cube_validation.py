@@ -10,14 +10,14 @@ import pytest
 import xarray as xr
 import zarr
 
-from msmtu_batch.cube import (
+from msmtu_batch.errors import CubeValidationError
+from msmtu_batch.inputs.cube import (
     BAND_NAMES,
     GEOTOPO_NAMES,
     REFLECTANCE_FILL,
     open_input_cube,
     write_input_cube,
 )
-from msmtu_batch.errors import CubeValidationError
 
 
 def test_valid_cube_passes_and_stays_lazy(region, tiny, tmp_path):

@@ -94,3 +94,26 @@ def test_scripts_and_units_call_commands_and_options_that_exist():
     for command in ("msmtu-batch cluster-script deploy/slurm/cpu.yaml", "deploy/slurm/workflow.sbatch",
                     "scrontab deploy/slurm/msmtu.scrontab", "deploy/slurm/rerun.sbatch"):
         assert command in readme
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"yaml": "pyyaml", "sklearn": "scikit-learn", "rio_cogeo": "rio-cogeo", "cf_xarray": "cf-xarray",
+                 "dask_jobqueue": "dask-jobqueue"}
+
+
+def test_every_library_the_package_imports_is_declared_in_both_environments():
+    import ast
+
+    imported = set()
+    for path in (ROOT / "msmtu_batch").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {DISTRIBUTIONS.get(m, m) for m in imported - set(sys.stdlib_module_names) - {"msmtu_batch"}}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    conda = (ROOT / "environment.yml").read_text().replace("_", "-").replace("matplotlib-base", "matplotlib")
+    conda = conda.replace("pytorch", "torch")
+    assert sorted(d for d in third_party if not re.search(rf'"{d}(\[[a-z,]+\])?>', pyproject)) == []
+    assert sorted(d for d in third_party if f"- {d}>" not in conda) == []

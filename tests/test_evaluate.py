@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from msmtu_batch.artifact import load_artifact, save_artifact
-from msmtu_batch.evaluate import evaluate, fcls_unmix, hide_observations, temporal_endmembers
-from msmtu_batch.inference import predict
-from msmtu_batch.metrics import rmse
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import PixelSet, read_cube_reference
+from msmtu_batch.evaluation.evaluate import evaluate, fcls_unmix, hide_observations, temporal_endmembers
+from msmtu_batch.evaluation.metrics import rmse
+from msmtu_batch.inputs.training_data import PixelSet, read_cube_reference
+from msmtu_batch.model.artifact import load_artifact, save_artifact
+from msmtu_batch.model.inference import predict
+from msmtu_batch.model.train import TrainConfig, train
 
 
 def linear_mixtures(n: int, seed: int) -> tuple[PixelSet, np.ndarray]:

@@ -24,16 +24,16 @@ import pytest
 import xarray as xr
 import zarr
 
-from msmtu_batch.archive import open_output
-from msmtu_batch.artifact import load_artifact, save_artifact
-from msmtu_batch.cube import ALL_CHUNKS_ATTR, REFLECTANCE_FILL
+from msmtu_batch.batch.pipeline import RunConfig, run
 from msmtu_batch.errors import MsmtuError, TrainingDataError
-from msmtu_batch.evaluate import evaluate
-from msmtu_batch.inference import predict
-from msmtu_batch.metrics import rmse
-from msmtu_batch.pipeline import RunConfig, run
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import read_msmtu
+from msmtu_batch.evaluation.evaluate import evaluate
+from msmtu_batch.evaluation.metrics import rmse
+from msmtu_batch.inputs.cube import ALL_CHUNKS_ATTR, REFLECTANCE_FILL
+from msmtu_batch.inputs.training_data import read_msmtu
+from msmtu_batch.model.artifact import load_artifact, save_artifact
+from msmtu_batch.model.inference import predict
+from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.products.archive import open_output
 from tests.conftest import SMALL, zarr_files
 
 BIN = Path(sys.executable).parent
@@ -327,7 +327,7 @@ def test_overwrite_never_touches_the_input_or_foreign_folders(region, model, tmp
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from msmtu_batch.outputs import output_lock
+from msmtu_batch.batch.outputs import output_lock
 with output_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -441,7 +441,7 @@ def test_one_pixel_region_exports_valid_cogs(region, model, scheduler, tmp_path)
 
     pixel = xr.open_zarr(region.cube, mask_and_scale=False, decode_coords="all", consolidated=False).isel(
         y=slice(40, 41), x=slice(50, 51))
-    from msmtu_batch.cube import write_input_cube
+    from msmtu_batch.inputs.cube import write_input_cube
 
     write_input_cube(pixel, tmp_path / "pixel.zarr")
     result = cli("run", "--cube", tmp_path / "pixel.zarr", "--model", model, "--out", tmp_path / "o.zarr",
@@ -512,7 +512,7 @@ def test_local_cluster_refuses_clients_without_its_credentials():
     from distributed import Client
     from distributed.security import Security
 
-    from msmtu_batch.clusters import connect
+    from msmtu_batch.batch.clusters import connect
 
     with connect() as client:
         address = client.scheduler.address
@@ -528,7 +528,7 @@ def test_local_cluster_refuses_clients_without_its_credentials():
 
 def edited_cube(region, target: Path, edit) -> Path:
     """A copy of the region's cube with ``edit(arrays) -> arrays`` applied to its variables."""
-    from msmtu_batch.cube import write_window
+    from msmtu_batch.inputs.cube import write_window
 
     cube = copy_of(region.cube, target)
     names = ["reflectance", "precipitation"]

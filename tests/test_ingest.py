@@ -23,16 +23,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
-from msmtu_batch.ancillary import AncillarySources, chunk_ancillary
-from msmtu_batch.artifact import save_artifact
-from msmtu_batch.composite import CompositeRule, composite_months
-from msmtu_batch.cube import BAND_NAMES, CLIMATIC_NAMES, REFLECTANCE_FILL, open_input_cube
+from msmtu_batch.batch.pipeline import RunConfig, run
 from msmtu_batch.errors import CubeValidationError, MsmtuError
-from msmtu_batch.ingest import COUNT_VARIABLE, IngestConfig, ingest
-from msmtu_batch.modis import DOY_LAYER, QA_LAYER, SINUSOIDAL_CRS, SPHERE_RADIUS, tile_upper_left, write_granule
-from msmtu_batch.pipeline import RunConfig, run
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import read_cube_reference
+from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary
+from msmtu_batch.inputs.composite import CompositeRule, composite_months
+from msmtu_batch.inputs.cube import BAND_NAMES, CLIMATIC_NAMES, REFLECTANCE_FILL, open_input_cube
+from msmtu_batch.inputs.ingest import COUNT_VARIABLE, IngestConfig, ingest
+from msmtu_batch.inputs.modis import DOY_LAYER, QA_LAYER, SINUSOIDAL_CRS, SPHERE_RADIUS, tile_upper_left, write_granule
+from msmtu_batch.inputs.training_data import read_cube_reference
+from msmtu_batch.model.artifact import save_artifact
+from msmtu_batch.model.train import TrainConfig, train
 
 N = 24  # pixels per tile side of the test granules (2400 in the product): 46.3 km pixels
 YEAR = 2013
@@ -83,7 +83,7 @@ def write_raster(path: Path, values: np.ndarray, crs: str | None, transform, nod
 # --- compositing ---------------------------------------------------------------------------
 
 def reference_composite(refl, qa, doy, starts, year, rule):
-    """Per pixel, in plain Python: the rules of msmtu_batch.composite written out another way."""
+    """Per pixel, in plain Python: the rules of msmtu_batch.inputs.composite written out another way."""
     n_dates, n_bands, height, width = refl.shape
     out = np.full((12, n_bands, height, width), REFLECTANCE_FILL, np.int16)
     counts = np.zeros((12, height, width), np.uint8)

@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msmtu_batch.cube import REFLECTANCE_FILL, REFLECTANCE_SCALE, observed_mask
-from msmtu_batch.kernels import prepare_chunk
-from msmtu_batch.preprocess import Standardizer, prepare_inputs
+from msmtu_batch.inputs.cube import REFLECTANCE_FILL, REFLECTANCE_SCALE, observed_mask
+from msmtu_batch.model.kernels import prepare_chunk
+from msmtu_batch.model.preprocess import Standardizer, prepare_inputs
 
 
 def pixel_major(a: np.ndarray) -> np.ndarray:

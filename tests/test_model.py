@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from msmtu_batch.inference import predict
-from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss
-from msmtu_batch.preprocess import Standardizer, compute_deltas, prepare_inputs
+from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.model.inference import predict
+from msmtu_batch.model.preprocess import Standardizer, compute_deltas, prepare_inputs
 
 
 def synthetic_problem(n: int = 96, seed: int = 0, n_ancillary: int = 3):

@@ -19,11 +19,11 @@ import rasterio
 import xarray as xr
 
 import msmtu_batch as mb
-from msmtu_batch.artifact import save_artifact
-from msmtu_batch.palette import rgb
-from msmtu_batch.simulate import SimulationConfig, simulate
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import read_cube_reference
+from msmtu_batch.inputs.training_data import read_cube_reference
+from msmtu_batch.model.artifact import artifact_hash, save_artifact
+from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.products.palette import class_colors, rgb
+from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 from tests.conftest import zarr_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def model(regions, tmp_path_factory) -> Path:
     region = regions[YEARS[0]]
     pixels = read_cube_reference(region, region.parent / "reference.zarr", "level2")
     artifact = train(pixels, "level2", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8)).artifact
-    artifact.class_colors = mb.palette.class_colors(artifact.classes, USER_COLORS)
+    artifact.class_colors = class_colors(artifact.classes, USER_COLORS)
     return save_artifact(artifact, tmp_path_factory.mktemp("model") / "model.safetensors")
 
 
@@ -124,11 +124,13 @@ def test_unmix_equals_run_for_a_cube_a_subset_a_pixel_and_memory(regions, model,
 
 
 def test_every_store_opens_with_plain_xarray_without_a_warning(regions, archive):
-    stores = [regions[YEARS[0]], regions[YEARS[0]].parent / "reference.zarr", archive / "2013" / "abundance.zarr"]
-    for store in stores:
+    reference = regions[YEARS[0]].parent / "reference.zarr"
+    stores = [(regions[YEARS[0]], None), (reference, None), (reference, "level1"), (archive / "2013" / "abundance.zarr",
+                                                                                    None)]
+    for store, group in stores:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = xr.open_zarr(store)
+            ds = xr.open_zarr(store, group=group)
         assert not caught, f"{store}: {[str(w.message) for w in caught]}"
         assert ds.data_vars
 
@@ -144,7 +146,7 @@ def test_cf_attributes_and_provenance(archive, model):
     assert ds.attrs["date_created"].endswith("Z") and ds.attrs["history"].startswith(ds.attrs["date_created"])
     assert "msmtu-batch run --cube" in ds.attrs["history"]
     assert "IEEE JSTARS" in ds.attrs["references"] and "7752348" in ds.attrs["references"]
-    assert ds.attrs["model_hash"] == mb.artifact.artifact_hash(model)
+    assert ds.attrs["model_hash"] == artifact_hash(model)
     assert ds.attrs["input_content"].startswith("sha256:")
     assert f"msmtu-batch {mb.__version__}" in ds.attrs["software_versions"] and "torch " in ds.attrs[
         "software_versions"]
@@ -266,7 +268,3 @@ def test_zarr_v2_output_read_by_zarr_python_2_and_debian_gdal(regions, model, ar
     with rasterio.open(tif) as raster:
         assert raster.transform == expected.rio.transform()
         np.testing.assert_array_equal(raster.read(1), np.nan_to_num(expected["dominant_class"].values, nan=255))
-
-
-def artifact_hash(path: Path) -> str:
-    return mb.artifact.artifact_hash(path)

@@ -16,14 +16,14 @@ import pytest
 import xarray as xr
 import zarr
 
-from msmtu_batch.archive import open_output
-from msmtu_batch.artifact import save_artifact
-from msmtu_batch.cube import REFLECTANCE_FILL, observed_mask, write_input_cube
+from msmtu_batch.batch.pipeline import DONE_GROUP, RunConfig, run
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.inference import predict
-from msmtu_batch.pipeline import DONE_GROUP, RunConfig, run
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import read_cube_reference
+from msmtu_batch.inputs.cube import REFLECTANCE_FILL, observed_mask, write_input_cube
+from msmtu_batch.inputs.training_data import read_cube_reference
+from msmtu_batch.model.artifact import save_artifact
+from msmtu_batch.model.inference import predict
+from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.products.archive import open_output
 from tests.conftest import zarr_files
 from tests.test_cube_validation import CORRUPTIONS
 
@@ -74,7 +74,7 @@ def test_output_contract(region, cube, clean_run):
 
 
 def test_values_equal_the_numpy_path(region, model, clean_run):
-    from msmtu_batch.artifact import load_artifact
+    from msmtu_batch.model.artifact import load_artifact
 
     out, _ = clean_run
     artifact = load_artifact(model)

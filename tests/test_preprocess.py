@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from msmtu_batch.preprocess import Standardizer, compute_deltas, linear_interpolate_gaps
+from msmtu_batch.model.preprocess import Standardizer, compute_deltas, linear_interpolate_gaps
 
 
 def test_deltas_match_a_hand_computed_example():

@@ -7,9 +7,9 @@ import pytest
 import xarray as xr
 from pyproj import Transformer
 
-from msmtu_batch.cube import REFLECTANCE_FILL, open_input_cube
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.simulate import (
+from msmtu_batch.inputs.cube import REFLECTANCE_FILL, open_input_cube
+from msmtu_batch.synthetic.simulate import (
     CLASS_HIERARCHY,
     LEVEL1_CLASSES,
     LEVEL2_CLASSES,
@@ -21,7 +21,7 @@ from tests.conftest import SMALL, zarr_files
 
 
 def rejected_by_qa(qa: np.ndarray) -> np.ndarray:
-    """StateQA rejection written out bit by bit (independent of msmtu_batch.cube)."""
+    """StateQA rejection written out bit by bit (independent of msmtu_batch.inputs.cube)."""
     cloud_state = qa % 4
     shadow = (qa // 4) % 2
     mod35_snow = (qa // 4096) % 2

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msmtu_batch.artifact import save_artifact
-from msmtu_batch.clusters import LocalSpec, cluster_spec_from, job_script, load_cluster_spec
+from msmtu_batch.batch.clusters import LocalSpec, cluster_spec_from, job_script, load_cluster_spec
+from msmtu_batch.batch.pipeline import RunConfig, run
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.pipeline import RunConfig, run
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import read_cube_reference
+from msmtu_batch.inputs.training_data import read_cube_reference
+from msmtu_batch.model.artifact import save_artifact
+from msmtu_batch.model.train import TrainConfig, train
 from tests.conftest import zarr_files
 from tests.test_faults import cli, one_line_error
 

@@ -22,13 +22,13 @@ from distributed import LocalCluster
 from rasterio.transform import from_origin
 from rich.console import Console
 
-from msmtu_batch.artifact import save_artifact
-from msmtu_batch.cube import CLIMATIC_NAMES
+from msmtu_batch.batch.reporting import Reporter
+from msmtu_batch.batch.workflow import load_workflow, run_workflow
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.reporting import Reporter
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import read_cube_reference
-from msmtu_batch.workflow import load_workflow, run_workflow
+from msmtu_batch.inputs.cube import CLIMATIC_NAMES
+from msmtu_batch.inputs.training_data import read_cube_reference
+from msmtu_batch.model.artifact import save_artifact
+from msmtu_batch.model.train import TrainConfig, train
 from tests.conftest import zarr_files
 from tests.test_faults import cli, one_line_error
 from tests.test_ingest import geojson, tile_values, write_raster, write_year
@@ -256,8 +256,8 @@ def test_a_bad_definition_exits_2_before_any_work(downloads, models, tmp_path):
 
 
 def test_the_shipped_definitions_are_valid():
-    from msmtu_batch.clusters import cluster_spec_from
-    from msmtu_batch.workflow import WorkflowDefinition, year_ingest_config
+    from msmtu_batch.batch.clusters import cluster_spec_from
+    from msmtu_batch.batch.workflow import WorkflowDefinition, year_ingest_config
 
     values = yaml.safe_load((ROOT / "workflows" / "andalusia.yaml").read_text())["workflow"]
     production = WorkflowDefinition(**values)

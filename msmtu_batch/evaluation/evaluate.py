@@ -29,14 +29,14 @@ import numpy as np
 from scipy.optimize import nnls
 from sklearn.ensemble import RandomForestRegressor
 
-from msmtu_batch.artifact import ModelArtifact, artifact_hash, save_artifact
-from msmtu_batch.cube import ANCILLARY_SETS, BAND_NAMES
 from msmtu_batch.errors import TrainingDataError
-from msmtu_batch.inference import predict
-from msmtu_batch.metrics import abundance_metrics, masked_mae
-from msmtu_batch.preprocess import linear_interpolate_gaps
-from msmtu_batch.train import TrainConfig, train
-from msmtu_batch.training_data import PixelSet
+from msmtu_batch.evaluation.metrics import abundance_metrics, masked_mae
+from msmtu_batch.inputs.cube import ANCILLARY_SETS, BAND_NAMES
+from msmtu_batch.inputs.training_data import PixelSet
+from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, save_artifact
+from msmtu_batch.model.inference import predict
+from msmtu_batch.model.preprocess import linear_interpolate_gaps
+from msmtu_batch.model.train import TrainConfig, train
 
 HIDE_FRACTION = 0.10
 FCLS_SUM_WEIGHT = 10.0  # weight of the sum-to-one row appended to each pixel's system

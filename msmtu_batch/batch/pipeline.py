@@ -30,9 +30,18 @@ from distributed import Client, as_completed, default_client, get_worker
 from distributed import performance_report as dask_performance_report
 
 from msmtu_batch import __version__
-from msmtu_batch.artifact import ModelArtifact, artifact_hash, load_artifact
-from msmtu_batch.clusters import AnySpec, connect, has_gpu_workers, load_cluster_spec, threads_per_task
-from msmtu_batch.cube import (
+from msmtu_batch.batch.clusters import AnySpec, connect, has_gpu_workers, load_cluster_spec, threads_per_task
+from msmtu_batch.batch.outputs import (
+    check_output_path,
+    check_replaceable,
+    fsync_path,
+    output_lock,
+    replace_store,
+    write_text_durably,
+)
+from msmtu_batch.batch.tiling import ChunkWindow, chunk_windows, peak_memory_mib
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.inputs.cube import (
     chunk_problem,
     consolidate,
     cube_encoding,
@@ -44,18 +53,9 @@ from msmtu_batch.cube import (
     window_chunks,
     write_window,
 )
-from msmtu_batch.errors import MsmtuError
-from msmtu_batch.export import export_cogs
-from msmtu_batch.outputs import (
-    check_output_path,
-    check_replaceable,
-    fsync_path,
-    output_lock,
-    replace_store,
-    write_text_durably,
-)
-from msmtu_batch.preprocess import ModelInputs, compute_deltas
-from msmtu_batch.products import (
+from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, load_artifact
+from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
+from msmtu_batch.products.blocks import (
     FLAG_TOO_FEW_OBSERVATIONS,
     OUTPUT_FILLS,
     RunConfig,
@@ -64,7 +64,7 @@ from msmtu_batch.products import (
     prepare_block,
     provenance_attrs,
 )
-from msmtu_batch.tiling import ChunkWindow, chunk_windows, peak_memory_mib
+from msmtu_batch.products.export import export_cogs
 
 MANIFEST_ATTR = "msmtu_run_manifest"  # root attribute: JSON of what made the store
 DONE_GROUP = "msmtu_done"  # one empty Zarr group per finished chunk, its stats as attributes

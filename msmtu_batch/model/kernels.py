@@ -5,8 +5,8 @@ consumes, pixel-major: the gap mask (fill value, MOD09A1 valid range, cloudy / m
 cloud / cloud shadow / snow bits), standardised values with 0 at gaps, the forward and
 backward BRITS deltas, and standardised ancillary values. Compiled once per process and
 cached on disk (``cache=True``), parallel over pixels, and free of the GIL so Dask threads
-run it concurrently. The plain NumPy definitions are :func:`msmtu_batch.cube.observed_mask`
-and :func:`msmtu_batch.preprocess.prepare_inputs`; the tests hold the kernel to them.
+run it concurrently. The plain NumPy definitions are :func:`msmtu_batch.inputs.cube.observed_mask`
+and :func:`msmtu_batch.model.preprocess.prepare_inputs`; the tests hold the kernel to them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from msmtu_batch.cube import (
+from msmtu_batch.inputs.cube import (
     QA_CLOUD_SHADOW,
     QA_CLOUD_STATE_MASK,
     QA_CLOUDY,
@@ -25,7 +25,7 @@ from msmtu_batch.cube import (
     REFLECTANCE_SCALE,
     REFLECTANCE_VALID_RANGE,
 )
-from msmtu_batch.preprocess import ModelInputs, Standardizer
+from msmtu_batch.model.preprocess import ModelInputs, Standardizer
 
 _QA_REJECT_BITS = QA_CLOUD_SHADOW | QA_MOD35_SNOW | QA_INTERNAL_SNOW
 _LOW, _HIGH = REFLECTANCE_VALID_RANGE

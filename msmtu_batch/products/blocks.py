@@ -21,8 +21,8 @@ import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch import __version__
-from msmtu_batch.artifact import ModelArtifact, artifact_hash, load_artifact
-from msmtu_batch.cube import (
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.inputs.cube import (
     ANCILLARY_NAMES,
     BAND_COMMON_NAMES,
     BAND_NAMES,
@@ -33,11 +33,11 @@ from msmtu_batch.cube import (
     open_input_cube,
     validate_input_cube,
 )
-from msmtu_batch.errors import MsmtuError
-from msmtu_batch.inference import predict
-from msmtu_batch.kernels import prepare_chunk
-from msmtu_batch.preprocess import ModelInputs
-from msmtu_batch.units import apply_conversions
+from msmtu_batch.inputs.units import apply_conversions
+from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, load_artifact
+from msmtu_batch.model.inference import predict
+from msmtu_batch.model.kernels import prepare_chunk
+from msmtu_batch.model.preprocess import ModelInputs
 
 FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS, FLAG_UNLIKE_TRAINING = 0, 1, 2
 DOMINANT_FILL = 255  # dominant_class is a byte raster: classes 0..254, 255 = no estimate

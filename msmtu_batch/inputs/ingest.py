@@ -4,9 +4,9 @@ The driver scans the inputs (metadata only), plans the output grid -- the native
 sinusoidal grid or a target CRS and resolution, cut to the region's bounding box -- and
 rasterises the region boundary. One Dask task per spatial chunk of the cube then reads the
 window of every observation that covers the chunk, composites the months
-(:mod:`msmtu_batch.composite`) on the source grid, warps them onto the chunk with
+(:mod:`msmtu_batch.inputs.composite`) on the source grid, warps them onto the chunk with
 rasterio/GDAL when the grid is not the native one, blanks pixels outside the region, adds
-the ancillary variables (:mod:`msmtu_batch.ancillary`) and writes its chunk of the Zarr
+the ancillary variables (:mod:`msmtu_batch.inputs.ancillary`) and writes its chunk of the Zarr
 store. A task's memory follows the chunk size (about 46 dates x 9 layers x chunk^2 x 2
 bytes), never the region size.
 
@@ -44,10 +44,14 @@ from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import from_bounds
 
 from msmtu_batch import __version__
-from msmtu_batch.ancillary import AncillarySources, chunk_ancillary, source_of
-from msmtu_batch.clusters import AnySpec, connect, load_cluster_spec
-from msmtu_batch.composite import CompositeRule, composite_months
-from msmtu_batch.cube import (
+from msmtu_batch.batch.clusters import AnySpec, connect, load_cluster_spec
+from msmtu_batch.batch.digests import file_sha256
+from msmtu_batch.batch.outputs import check_output_path, check_replaceable, output_lock, replace_store
+from msmtu_batch.batch.tiling import ChunkWindow, chunk_windows, covering_window, peak_memory_mib
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary, source_of
+from msmtu_batch.inputs.composite import CompositeRule, composite_months
+from msmtu_batch.inputs.cube import (
     ALL_CHUNKS_ATTR,
     ANCILLARY_UNITS,
     BAND_NAMES,
@@ -63,11 +67,7 @@ from msmtu_batch.cube import (
     project_store,
     write_window,
 )
-from msmtu_batch.digests import file_sha256
-from msmtu_batch.errors import MsmtuError
-from msmtu_batch.modis import COMPOSITE_DAYS, ReflectanceSource, SourceGrid, open_reflectance
-from msmtu_batch.outputs import check_output_path, check_replaceable, output_lock, replace_store
-from msmtu_batch.tiling import ChunkWindow, chunk_windows, covering_window, peak_memory_mib
+from msmtu_batch.inputs.modis import COMPOSITE_DAYS, ReflectanceSource, SourceGrid, open_reflectance
 
 COUNT_VARIABLE = "clear_count"
 SOURCE_MARGIN = 2  # source pixels read around a chunk before warping it
@@ -326,7 +326,7 @@ def _create_store(store: Path, grid: TargetGrid, year: int, names: tuple[str, ..
 
 
 def _check_model_needs(model: Path, available: tuple[str, ...]) -> None:
-    from msmtu_batch.artifact import load_artifact
+    from msmtu_batch.model.artifact import load_artifact
 
     missing = [n for n in load_artifact(model).ancillary_names if n not in available]
     if missing:
@@ -402,7 +402,7 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
            progress: Callable[[Iterator, int], Iterator] | None = None,
            file_digest: Callable[[Path], str] = file_sha256) -> IngestSummary:
     """Build the input cube ``out`` (see the module docstring). ``file_digest`` gives a source
-    file's sha256 (a :class:`~msmtu_batch.digests.DigestCache` skips files read before)."""
+    file's sha256 (a :class:`~msmtu_batch.batch.digests.DigestCache` skips files read before)."""
     start_time = time.perf_counter()
     out = Path(out).resolve()
     check_output_path(out, [*(("input", path) for path in config.inputs), ("manifest", config.manifest),

@@ -37,8 +37,8 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from msmtu_batch.cube import BAND_NAMES, REFLECTANCE_FILL
 from msmtu_batch.errors import MsmtuError
+from msmtu_batch.inputs.cube import BAND_NAMES, REFLECTANCE_FILL
 
 PRODUCT = "MOD09A1"
 COLLECTION = 61

@@ -45,7 +45,8 @@ from pyproj import Transformer
 from scipy.special import ndtri
 
 from msmtu_batch import __version__
-from msmtu_batch.cube import (
+from msmtu_batch.errors import MsmtuError
+from msmtu_batch.inputs.cube import (
     ANCILLARY_NAMES,
     ANCILLARY_UNITS,
     BAND_NAMES,
@@ -70,8 +71,7 @@ from msmtu_batch.cube import (
     project_store,
     write_window,
 )
-from msmtu_batch.errors import MsmtuError
-from msmtu_batch.training_data import (
+from msmtu_batch.inputs.training_data import (
     PARTITIONS,
     spatial_block_split,
     write_msmtu_layout,
@@ -628,7 +628,7 @@ def simulate(config: SimulationConfig, out: str | Path, *, overwrite: bool = Fal
 
 def describe_region(out: str | Path) -> str:
     """A short, human-readable summary of a simulated region (what the demo prints)."""
-    from msmtu_batch.cube import open_input_cube
+    from msmtu_batch.inputs.cube import open_input_cube
 
     out = Path(out)
     ds = open_input_cube(out / "cube.zarr", validate=False)
@@ -637,7 +637,7 @@ def describe_region(out: str | Path) -> str:
                      dtype=bool), dims=ds["reflectance"].dims).isel(band=0)
     per_month = observed.mean(("y", "x"))
     mostly_missing = (observed.sum("time") <= 3).mean()
-    level2 = xr.open_zarr(out / "reference.zarr", group="level2", consolidated=False)["abundance"]
+    level2 = xr.open_zarr(out / "reference.zarr", group="level2")["abundance"]
     mixed = (level2.max(CLASS_DIM) < 0.9).mean()
     shares = level2.mean(("y", "x"))
     stats = {n: (ds[n].min(), ds[n].max()) for n in ("altitude", "slope", "precipitation",

@@ -27,10 +27,10 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
-from msmtu_batch.cube import ANCILLARY_UNITS, CLIMATIC_NAMES
+from msmtu_batch.batch.tiling import covering_window
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.tiling import covering_window
-from msmtu_batch.units import convert, linear_conversion
+from msmtu_batch.inputs.cube import ANCILLARY_UNITS, CLIMATIC_NAMES
+from msmtu_batch.inputs.units import convert, linear_conversion
 
 MARGIN = 3  # source pixels read beyond a chunk: the slope's neighbours and the resampling kernels
 SLOPE_NAMES = ("altitude", "slope")

@@ -5,7 +5,7 @@ The archive is one store per year (as the workflow lays it out: ``<version>/<yea
 and this opener concatenates them lazily along ``time``. One store per year, rather than one
 store that years are written into, because a year rerun must replace that year only and
 atomically: the pipeline builds the year's store at a hidden staging path and puts it in
-place by renames (:func:`msmtu_batch.outputs.replace_store`), so a reader meets the old year
+place by renames (:func:`msmtu_batch.batch.outputs.replace_store`), so a reader meets the old year
 or the new one, never half of one, and the other years' bytes are never touched. A single
 store would need region writes that a reader can observe half-done, or a transactional
 layer (Icechunk) as a new dependency for what two renames give.
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from msmtu_batch.cube import CLASS_DIM
 from msmtu_batch.errors import MsmtuError
+from msmtu_batch.inputs.cube import CLASS_DIM
 
 OUTPUT_NAME = "abundance.zarr"  # a year's output store in the workflow layout
 
@@ -34,7 +34,7 @@ def is_store(path: Path) -> bool:
 def archive_stores(root: str | os.PathLike) -> list[Path]:
     """The complete yearly output stores of an archive folder: the workflow's output root (its
     ``latest`` version), a version folder (``<year>/abundance.zarr``), or a folder of stores."""
-    from msmtu_batch.pipeline import read_manifest
+    from msmtu_batch.batch.pipeline import read_manifest
 
     root = Path(root)
     if (root / "latest").is_dir():

@@ -44,17 +44,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from msmtu_batch import __version__
-from msmtu_batch.artifact import artifact_hash
-from msmtu_batch.catalog import write_catalog
-from msmtu_batch.clusters import AnySpec, LocalSpec, cluster_spec_from, connect, load_cluster_spec
-from msmtu_batch.digests import DigestCache
+from msmtu_batch.batch.clusters import AnySpec, LocalSpec, cluster_spec_from, connect, load_cluster_spec
+from msmtu_batch.batch.digests import DigestCache
+from msmtu_batch.batch.outputs import write_text_durably
+from msmtu_batch.batch.pipeline import RunConfig, output_status, read_manifest, run
+from msmtu_batch.batch.reporting import Reporter
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.export import export_cogs
-from msmtu_batch.ingest import IngestConfig, cube_status, ingest, planned_sources
-from msmtu_batch.outputs import write_text_durably
-from msmtu_batch.pipeline import RunConfig, output_status, read_manifest, run
-from msmtu_batch.products import software_versions
-from msmtu_batch.reporting import Reporter
+from msmtu_batch.inputs.ingest import IngestConfig, cube_status, ingest, planned_sources
+from msmtu_batch.model.artifact import artifact_hash
+from msmtu_batch.products.blocks import software_versions
+from msmtu_batch.products.catalog import write_catalog
+from msmtu_batch.products.export import export_cogs
 
 EXIT_OK, EXIT_BAD_DEFINITION, EXIT_YEARS_FAILED = 0, 2, 3
 EXPORT_RECORD = "export.json"

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from msmtu_batch.cube import (
+from msmtu_batch.errors import TrainingDataError
+from msmtu_batch.inputs.cube import (
     ANCILLARY_NAMES,
     ANCILLARY_UNITS,
     CLASS_DIM,
@@ -37,8 +38,7 @@ from msmtu_batch.cube import (
     observed_mask,
     open_input_cube,
 )
-from msmtu_batch.errors import TrainingDataError
-from msmtu_batch.units import MSMTU_TABLE_UNITS
+from msmtu_batch.inputs.units import MSMTU_TABLE_UNITS
 
 PARTITIONS: tuple[str, ...] = ("train", "validation", "test")
 N_BANDS = 7

@@ -1,4 +1,4 @@
-"""Fast CPU inference for a trained BRITS: the same function as :class:`msmtu_batch.model.BRITS`
+"""Fast CPU inference for a trained BRITS: the same function as :class:`msmtu_batch.model.brits.BRITS`
 (held to it at float tolerance by the tests), arranged for a CPU.
 
 The straightforward model makes about twenty small tensor operations per direction and
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msmtu_batch.model import BRITS, RITS, as_tensor
-from msmtu_batch.preprocess import ModelInputs
+from msmtu_batch.model.brits import BRITS, RITS, as_tensor
+from msmtu_batch.model.preprocess import ModelInputs
 
 PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
 
@@ -251,7 +251,7 @@ class FusedBrits:
     def __call__(self, values: np.ndarray, masks: np.ndarray, deltas_forward: np.ndarray,
                  deltas_backward: np.ndarray, ancillary: np.ndarray | None = None, *, imputed: bool = True,
                  tile: int = PIXELS_PER_THREAD, threads: int | None = None) -> dict[str, np.ndarray]:
-        """Inputs as :class:`~msmtu_batch.preprocess.ModelInputs` (pixel-major, standardised,
+        """Inputs as :class:`~msmtu_batch.model.preprocess.ModelInputs` (pixel-major, standardised,
         0 at gaps). Returns abundance (n, K), forward/backward abundances, uncertainty (n,)
         and, if ``imputed``, the gap-filled series (n, T, F) in standardised units.
 

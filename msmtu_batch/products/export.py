@@ -25,11 +25,11 @@ import xarray as xr
 from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
 
-from msmtu_batch.cube import CLASS_DIM
+from msmtu_batch.batch.outputs import write_text_durably
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.outputs import write_text_durably
-from msmtu_batch.palette import rgb
-from msmtu_batch.products import DOMINANT_FILL
+from msmtu_batch.inputs.cube import CLASS_DIM
+from msmtu_batch.products.blocks import DOMINANT_FILL
+from msmtu_batch.products.palette import rgb
 
 # product -> (nodata, overview resampling)
 PRODUCTS: dict[str, tuple[float | int | None, str]] = {

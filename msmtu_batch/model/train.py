@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from msmtu_batch.artifact import ModelArtifact
-from msmtu_batch.cube import ANCILLARY_SETS
 from msmtu_batch.errors import MsmtuError, TrainingDataError
-from msmtu_batch.inference import predict
-from msmtu_batch.metrics import rmse
-from msmtu_batch.model import BRITS, BritsConfig, LossWeights, brits_loss
-from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
-from msmtu_batch.training_data import PixelSet
+from msmtu_batch.evaluation.metrics import rmse
+from msmtu_batch.inputs.cube import ANCILLARY_SETS
+from msmtu_batch.inputs.training_data import PixelSet
+from msmtu_batch.model.artifact import ModelArtifact
+from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.model.inference import predict
+from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
 
 AncillarySet = Literal["none", "geotopo", "all"]
 

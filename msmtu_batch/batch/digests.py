@@ -15,7 +15,7 @@ import os
 import threading
 from pathlib import Path
 
-from msmtu_batch.outputs import write_text_durably
+from msmtu_batch.batch.outputs import write_text_durably
 
 
 def file_sha256(path: str | os.PathLike) -> str:

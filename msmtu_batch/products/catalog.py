@@ -24,10 +24,10 @@ from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from rasterio.warp import transform_bounds
 
-from msmtu_batch.archive import archive_stores
-from msmtu_batch.cube import CLASS_DIM
-from msmtu_batch.export import PRODUCTS, product_stem
-from msmtu_batch.outputs import write_text_durably
+from msmtu_batch.batch.outputs import write_text_durably
+from msmtu_batch.inputs.cube import CLASS_DIM
+from msmtu_batch.products.archive import archive_stores
+from msmtu_batch.products.export import PRODUCTS, product_stem
 
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
 QML_MEDIA_TYPE = "application/xml"
@@ -49,7 +49,7 @@ def _footprint(ds: xr.Dataset) -> tuple[list[float], dict]:
 
 
 def _run_record(store: Path, ds: xr.Dataset) -> dict:
-    from msmtu_batch.pipeline import read_manifest
+    from msmtu_batch.batch.pipeline import read_manifest
 
     keys = ("date_created", "history", "software_versions", "model", "model_hash", "input_store", "input_content",
             "run_id", "time_coverage_start", "time_coverage_end")
@@ -107,7 +107,7 @@ def _item(store: Path, collection_id: str) -> pystac.Item:
 
 def write_catalog(root: str | os.PathLike, collection_id: str | None = None, description: str | None = None) -> Path:
     """Write the STAC Collection (and an Item per year) of the archive at ``root`` (see
-    :func:`msmtu_batch.archive.archive_stores`); returns the path of ``collection.json``."""
+    :func:`msmtu_batch.products.archive.archive_stores`); returns the path of ``collection.json``."""
     root = Path(root).resolve()
     stores = archive_stores(root)
     collection_id = collection_id or f"msmtu-{root.name}"

@@ -22,13 +22,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from msmtu_batch import __version__
-from msmtu_batch.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.model import BRITS, BritsConfig
-from msmtu_batch.palette import class_colors, default_class_colors
-from msmtu_batch.preprocess import ModelInputs, Standardizer, prepare_inputs
-from msmtu_batch.training_data import PixelSet
-from msmtu_batch.units import apply_conversions, conversions_to_model
+from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
+from msmtu_batch.inputs.training_data import PixelSet
+from msmtu_batch.inputs.units import apply_conversions, conversions_to_model
+from msmtu_batch.model.brits import BRITS, BritsConfig
+from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
+from msmtu_batch.products.palette import class_colors, default_class_colors
 
 ARTIFACT_FORMAT = "msmtu-batch-model/1"
 METADATA_KEY = "msmtu_batch"
@@ -55,7 +55,7 @@ class ModelArtifact:
     software_version: str = __version__
     training: dict = field(default_factory=dict)
     ancillary_units: tuple[str, ...] = ()  # units of the ancillary statistics; default: the cube contract's
-    class_colors: tuple[str, ...] = ()  # '#rrggbb' per class for maps; default: msmtu_batch.palette's
+    class_colors: tuple[str, ...] = ()  # '#rrggbb' per class for maps; default: msmtu_batch.products.palette's
 
     def __post_init__(self) -> None:
         if not self.ancillary_units:

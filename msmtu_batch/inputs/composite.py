@@ -3,7 +3,7 @@
 An observation of a pixel is *clear* when
 
 - its StateQA does not say cloudy or mixed cloud (bits 0-1 = 01 or 10), cloud shadow
-  (bit 2), MOD35 snow/ice (bit 12) or internal snow (bit 15) -- :func:`msmtu_batch.cube.qa_rejected`;
+  (bit 2), MOD35 snow/ice (bit 12) or internal snow (bit 15) -- :func:`msmtu_batch.inputs.cube.qa_rejected`;
 - all seven bands hold a value in the MOD09A1 valid range (-100..16000, not the fill);
 - its day of year is valid (1..366) and falls in the requested year.
 
@@ -36,7 +36,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from msmtu_batch.cube import N_MONTHS, REFLECTANCE_FILL, REFLECTANCE_VALID_RANGE, qa_rejected
+from msmtu_batch.inputs.cube import N_MONTHS, REFLECTANCE_FILL, REFLECTANCE_VALID_RANGE, qa_rejected
 
 
 class CompositeRule(StrEnum):

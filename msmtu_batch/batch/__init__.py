@@ -1,0 +1,1 @@
+"""Batch production: the distributed resumable pipeline, clusters, tiling, output safety, the yearly workflow."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, baselines, reports and the ablation."""

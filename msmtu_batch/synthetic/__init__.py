@@ -1,0 +1,1 @@
+"""Synthetic data: the simulated Andalusia-like region."""
