@@ -41,6 +41,21 @@ def reference(region: SimulationResult) -> dict[str, xr.Dataset]:
             for level in ("level1", "level2")}
 
 
+def gdal(*args: str, stderr: bool = True) -> str:
+    """Run one of Debian's GDAL command-line tools (required in CI: MSMTU_REQUIRE_GDAL=1); its
+    output (with what it printed on stderr, unless ``stderr`` is False)."""
+    import shutil
+    import subprocess
+
+    if shutil.which(args[0]) is None:
+        if os.environ.get("MSMTU_REQUIRE_GDAL") == "1":
+            pytest.fail(f"{args[0]} required (MSMTU_REQUIRE_GDAL=1) but not installed (apt-get install gdal-bin)")
+        pytest.skip(f"{args[0]} not installed (apt-get install gdal-bin)")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + (result.stderr if stderr else "")
+
+
 def zarr_files(store: Path) -> dict[str, bytes]:
     """Every file of a store (chunks and metadata) by relative path."""
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}

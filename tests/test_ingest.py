@@ -21,6 +21,7 @@ import xarray as xr
 from distributed import LocalCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from msmtu_batch.batch.pipeline import RunConfig, run
@@ -29,10 +30,20 @@ from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary
 from msmtu_batch.inputs.composite import CompositeRule, composite_months
 from msmtu_batch.inputs.cube import BAND_NAMES, CLIMATIC_NAMES, REFLECTANCE_FILL, open_input_cube
 from msmtu_batch.inputs.ingest import COUNT_VARIABLE, IngestConfig, ingest
-from msmtu_batch.inputs.modis import DOY_LAYER, QA_LAYER, SINUSOIDAL_CRS, SPHERE_RADIUS, tile_upper_left, write_granule
+from msmtu_batch.inputs.modis import (
+    DOY_LAYER,
+    QA_LAYER,
+    SINUSOIDAL_CRS,
+    SPHERE_RADIUS,
+    TILE_SIZE,
+    read_granule_info,
+    tile_upper_left,
+    write_granule,
+)
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import save_artifact
 from msmtu_batch.model.train import TrainConfig, train
+from tests.conftest import gdal
 
 N = 24  # pixels per tile side of the test granules (2400 in the product): 46.3 km pixels
 YEAR = 2013
@@ -502,3 +513,83 @@ def test_monthly_multiband_exports_listed_in_a_manifest(tmp_path, scheduler):
     assert ds[COUNT_VARIABLE].values[3, 1, 1] == 0 and ds[COUNT_VARIABLE].values.sum() == 12 * 48 - 1
     np.testing.assert_allclose(ds["longitude"].values[0, 0], -4.995, atol=1e-5)
     np.testing.assert_allclose(ds["latitude"].values[-1, 0], 37.945, atol=1e-5)
+
+
+# --- granules as NASA writes them: through the HDF-EOS2 library -----------------------------
+
+def write_hand_made_granule(path: Path, start: dt.date, tile: tuple[int, int], reflectance: np.ndarray,
+                            state_qa: np.ndarray, day_of_year: np.ndarray) -> Path:
+    """The same content as another tool writes it without the HDF-EOS library: plain HDF4
+    SDS (pyhdf), a StructMetadata.0 written by hand, day of year as int16 with fill -1."""
+    from pyhdf.SD import SD, SDC
+
+    rows, columns = state_qa.shape
+    left, top = tile_upper_left(*tile)
+    struct = ("GROUP=SwathStructure\nEND_GROUP=SwathStructure\nGROUP=GridStructure\n\tGROUP=GRID_1\n"
+              '\t\tGridName="MOD_Grid_500m_Surface_Reflectance"\n'
+              f"\t\tXDim={columns}\n\t\tYDim={rows}\n\t\tUpperLeftPointMtrs=({left:.6f},{top:.6f})\n"
+              f"\t\tLowerRightMtrs=({left + TILE_SIZE:.6f},{top - TILE_SIZE:.6f})\n\t\tProjection=GCTP_SNSOID\n"
+              f"\t\tProjParams=({SPHERE_RADIUS:.6f},0,0,0,0,0,0,0,0,0,0,0,0)\n\t\tSphereCode=-1\n"
+              "\tEND_GROUP=GRID_1\nEND_GROUP=GridStructure\nEND\n")
+    core = (f'GROUP = INVENTORYMETADATA\n  OBJECT = SHORTNAME\n    VALUE = "MOD09A1"\n  END_OBJECT = SHORTNAME\n'
+            f'  OBJECT = VERSIONID\n    VALUE = 61\n  END_OBJECT = VERSIONID\n  OBJECT = RANGEBEGINNINGDATE\n'
+            f'    VALUE = "{start}"\n  END_OBJECT = RANGEBEGINNINGDATE\nEND_GROUP = INVENTORYMETADATA\nEND\n')
+    sd = SD(str(path), SDC.WRITE | SDC.CREATE | SDC.TRUNC)
+    sd.attr("StructMetadata.0").set(SDC.CHAR, struct)
+    sd.attr("CoreMetadata.0").set(SDC.CHAR, core)
+    layers = [(b, reflectance[i], SDC.INT16, REFLECTANCE_FILL) for i, b in enumerate(BAND_NAMES)]
+    layers += [(QA_LAYER, state_qa, SDC.UINT16, 65535), (DOY_LAYER, day_of_year, SDC.INT16, -1)]
+    for name, values, hdf_type, fill in layers:
+        sds = sd.create(name, hdf_type, (rows, columns))
+        sds.setcompress(SDC.COMP_DEFLATE, 1)
+        sds.setfillvalue(fill)
+        sds[:] = np.asarray(values)
+        sds.endaccess()
+    sd.end()
+    return path
+
+
+def test_gdal_sees_library_written_granules_as_eos_grids_with_the_projects_georeferencing(tmp_path):
+    """The granules of tiles h17v05 and h18v05 that write_granule makes through the HDF-EOS2
+    library: Debian's GDAL (HDF4 driver) opens them as HDF-EOS grids, with the georeferencing
+    the project computes and real MOD09A1 granules carry."""
+    real_upper_left = {17: (-1111950.519667, 4447802.078667), 18: (0.0, 4447802.078667)}  # from real granules
+    for h in (17, 18):
+        path = write_granule(tmp_path / f"MOD09A1.A2013001.h{h}v05.061.hdf", STARTS[0], (h, 5), tile_values(h),
+                             np.full((N, N), CLEAR, np.uint16), np.full((N, N), 3, np.int16))
+        listing = gdal("gdalinfo", str(path))
+        subdataset = f'HDF4_EOS:EOS_GRID:"{path}":MOD_Grid_500m_Surface_Reflectance:sur_refl_b01'
+        assert f"SUBDATASET_1_NAME={subdataset}" in listing
+        info = json.loads(gdal("gdalinfo", "-json", subdataset, stderr=False))
+        granule = read_granule_info(path)
+        left, top = granule.upper_left
+        np.testing.assert_allclose(info["geoTransform"], [left, granule.pixel_size, 0, top, 0, -granule.pixel_size],
+                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose((left, top), real_upper_left[h], rtol=0, atol=1e-3)
+        assert granule.pixel_size * N / 2400 == pytest.approx(463.312716528, abs=1e-6)
+        assert CRS.from_wkt(info["coordinateSystem"]["wkt"]).to_dict() == SINUSOIDAL_CRS.to_dict()
+        assert info["size"] == [N, N] and info["bands"][0]["noDataValue"] == REFLECTANCE_FILL
+        metadata = info["metadata"][""]
+        assert metadata["scale_factor"] == "0.0001" and metadata["valid_range"] == "-100, 16000"
+        for line in ("SHORTNAME=MOD09A1", "VERSIONID=61", "RANGEBEGINNINGDATE=2013-01-01",
+                     "NORTHBOUNDINGCOORDINATE=40.000000"):  # the ECS metadata, as GDAL parses it
+            assert f"  {line}\n" in listing
+
+
+def test_ingest_reads_library_written_and_hand_written_granules_alike(tmp_path, scheduler):
+    starts = STARTS[:10]
+    library = write_year(tmp_path / "library", starts=starts)
+    by_hand = tmp_path / "by-hand"
+    by_hand.mkdir()
+    for start in starts:
+        doy = start.timetuple().tm_yday
+        for h in (17, 18):
+            write_hand_made_granule(by_hand / f"MOD09A1.A{YEAR}{doy:03d}.h{h:02d}v05.061.hdf", start, (h, 5),
+                                    tile_values(h), np.full((N, N), CLEAR, np.uint16),
+                                    np.full((N, N), min(doy + 2, 365), np.int16))
+    cubes = [ingest(IngestConfig(inputs=[folder], chunk=16), tmp_path / f"{folder.name}.zarr", scheduler=scheduler)
+             for folder in (library, by_hand)]
+    a, b = (xr.open_zarr(c.out, mask_and_scale=False, decode_coords="all").load() for c in cubes)
+    assert (a["reflectance"] != REFLECTANCE_FILL).any()
+    xr.testing.assert_equal(a[["reflectance", COUNT_VARIABLE]], b[["reflectance", COUNT_VARIABLE]])
+    assert a.rio.transform() == b.rio.transform() and a.rio.crs == b.rio.crs

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -24,7 +23,7 @@ from msmtu_batch.model.artifact import artifact_hash, save_artifact
 from msmtu_batch.model.train import TrainConfig, train
 from msmtu_batch.products.palette import class_colors, rgb
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
-from tests.conftest import zarr_files
+from tests.conftest import gdal, zarr_files
 
 ROOT = Path(__file__).resolve().parents[1]
 YEARS = (2013, 2014)
@@ -32,17 +31,6 @@ SIZE = 24
 CHUNK = 12
 # colours a user chose at training time for two classes; the others keep the default palette
 USER_COLORS = {"olive_grove": "#808000", "water": "#0000ff"}
-
-
-def gdal(*args: str) -> str:
-    """Debian's GDAL command-line tools (required in CI: MSMTU_REQUIRE_GDAL=1)."""
-    if shutil.which(args[0]) is None:
-        if os.environ.get("MSMTU_REQUIRE_GDAL") == "1":
-            pytest.fail(f"{args[0]} required (MSMTU_REQUIRE_GDAL=1) but not installed (apt-get install gdal-bin)")
-        pytest.skip(f"{args[0]} not installed (apt-get install gdal-bin)")
-    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,9 @@ PRODUCT = "MOD09A1"
 COLLECTION = 61
 QA_LAYER = "sur_refl_state_500m"
 DOY_LAYER = "sur_refl_day_of_year"
+QC_LAYER = "sur_refl_qc_500m"  # per-band quality bits (written by write_granule; not read yet)
+QC_FILL = 4294967295
+GRID_NAME = "MOD_Grid_500m_Surface_Reflectance"  # as in real MOD09A1/MYD09A1 C6 granules
 LAYERS: tuple[str, ...] = (*BAND_NAMES, QA_LAYER, DOY_LAYER)
 QA_FILL = 65535
 DOY_FILL = -1
@@ -52,7 +55,7 @@ COMPOSITE_DAYS = 8
 # The MODIS sinusoidal grid: a sphere of radius 6371007.181 m, 36 x 18 tiles of 1111950.5197665 m.
 SPHERE_RADIUS = 6371007.181
 SINUSOIDAL_CRS = CRS.from_proj4(f"+proj=sinu +lon_0=0 +x_0=0 +y_0=0 +R={SPHERE_RADIUS} +units=m +no_defs")
-TILE_SIZE = 1111950.5197665
+TILE_SIZE = 1111950.5196666666  # m: 2 x 10007554.677 / 18, as in real granules (h17v05 left -1111950.519667)
 GRID_ORIGIN = (-20015109.354, 10007554.677)  # upper-left corner of tile h00v00
 
 HDF4_LOCK = threading.Lock()
@@ -93,7 +96,7 @@ def _paste(target: ObservationWindow, layer: str, values: np.ndarray, rows: slic
     if layer == QA_LAYER:
         target.state_qa[rows, cols] = values
     elif layer == DOY_LAYER:
-        target.day_of_year[rows, cols] = values
+        target.day_of_year[rows, cols] = values.astype(np.int16)  # a uint16 layer's fill 65535 becomes -1
     else:
         target.reflectance[BAND_NAMES.index(layer), rows, cols] = values
 
@@ -170,14 +173,17 @@ def read_granule_info(path: str | Path) -> Granule:
     if not np.isclose((top - bottom) / rows, pixel, rtol=1e-6):
         raise MsmtuError(f"{path}: grid pixels are not square ({pixel} x {(top - bottom) / rows} m)")
     h, v = round((left - GRID_ORIGIN[0]) / TILE_SIZE), round((GRID_ORIGIN[1] - top) / TILE_SIZE)
-    expected_types = {QA_LAYER: SDC.UINT16}
+    # day of year: uint16 (fill 65535) as MODAPS writes it, int16 (fill -1) as some tools rewrite it;
+    # both read as int16 with -1 for fill
+    expected_types = {QA_LAYER: (SDC.UINT16,), DOY_LAYER: (SDC.UINT16, SDC.INT16)}
     for layer in LAYERS:
         if layer not in datasets:
             raise MsmtuError(f"{path}: layer {layer} missing; a {PRODUCT} granule has {', '.join(LAYERS)}")
         (_dims, shape, dtype, _index) = datasets[layer]
-        if tuple(shape) != (rows, columns) or dtype != expected_types.get(layer, SDC.INT16):
+        types = expected_types.get(layer, (SDC.INT16,))
+        if tuple(shape) != (rows, columns) or dtype not in types:
             raise MsmtuError(f"{path}: layer {layer} is {shape} of HDF4 type {dtype}, expected "
-                             f"[{rows}, {columns}] of type {expected_types.get(layer, SDC.INT16)}")
+                             f"[{rows}, {columns}] of type {' or '.join(map(str, types))}")
     return Granule(path, start, f"h{h:02d}v{v:02d}", (left, top), pixel, (rows, columns))
 
 
@@ -426,48 +432,81 @@ def _odl_object(name: str, value: str) -> str:
 
 
 def write_granule(path: str | Path, start: dt.date, tile: tuple[int, int], reflectance: np.ndarray,
-                  state_qa: np.ndarray, day_of_year: np.ndarray, *, product: str = PRODUCT,
-                  collection: int = COLLECTION, compress: bool = True) -> Path:
-    """Write an HDF4-EOS granule laid out as MOD09A1 C6.1 (layers, encodings, grid and core
-    metadata) covering tile ``(h, v)`` with ``reflectance`` (7, n, n) int16; any n (2400 in the
-    real product) sets the pixel size."""
+                  state_qa: np.ndarray, day_of_year: np.ndarray, *, band_quality: np.ndarray | None = None,
+                  product: str = PRODUCT, collection: int = COLLECTION, compress: bool = True) -> Path:
+    """Write a MOD09A1 C6.1 granule as MODAPS does, through the HDF-EOS2 library
+    (:mod:`msmtu_batch.inputs.hdfeos`): grid ``MOD_Grid_500m_Surface_Reflectance`` on tile
+    ``(h, v)``'s corners, sinusoidal sphere, the product's fields, types, fill values and
+    attributes, deflate compression, and the ECS metadata (``CoreMetadata.0``,
+    ``ArchiveMetadata.0``; the library writes ``StructMetadata.0``). ``reflectance`` is
+    (7, n, n) int16 (n = 2400 in the real product; any n sets the pixel size), ``state_qa``
+    and ``band_quality`` (``sur_refl_qc_500m``, default 0: ideal quality) per pixel,
+    ``day_of_year`` 1-366 (-1 or 65535 for fill)."""
     from pyhdf.SD import SD, SDC
+
+    from msmtu_batch.inputs.hdfeos import write_sinusoidal_grid
 
     rows, columns = state_qa.shape
     left, top = tile_upper_left(*tile)
-    struct = (
-        "GROUP=SwathStructure\nEND_GROUP=SwathStructure\nGROUP=GridStructure\n\tGROUP=GRID_1\n"
-        '\t\tGridName="MOD_Grid_500m_Surface_Reflectance"\n'
-        f"\t\tXDim={columns}\n\t\tYDim={rows}\n"
-        f"\t\tUpperLeftPointMtrs=({left:.6f},{top:.6f})\n"
-        f"\t\tLowerRightMtrs=({left + TILE_SIZE:.6f},{top - TILE_SIZE:.6f})\n"
-        "\t\tProjection=GCTP_SNSOID\n"
-        f"\t\tProjParams=({SPHERE_RADIUS:.6f},0,0,0,0,0,0,0,0,0,0,0,0)\n"
-        "\t\tSphereCode=-1\n\t\tGridOrigin=HDFE_GD_UL\n\tEND_GROUP=GRID_1\nEND_GROUP=GridStructure\nEND\n")
-    end = start + dt.timedelta(days=COMPOSITE_DAYS - 1)
-    core = "\n".join([
-        "GROUP = INVENTORYMETADATA", "  GROUPTYPE = MASTERGROUP", "  GROUP = COLLECTIONDESCRIPTIONCLASS",
-        _odl_object("SHORTNAME", f'"{product}"'), _odl_object("VERSIONID", str(collection)),
-        "  END_GROUP = COLLECTIONDESCRIPTIONCLASS", "  GROUP = RANGEDATETIME",
-        _odl_object("RANGEBEGINNINGDATE", f'"{start}"'), _odl_object("RANGEENDINGDATE", f'"{end}"'),
-        "  END_GROUP = RANGEDATETIME", "END_GROUP = INVENTORYMETADATA", "END", ""])
-    sd = SD(str(path), SDC.WRITE | SDC.CREATE | SDC.TRUNC)
-    sd.attr("StructMetadata.0").set(SDC.CHAR, struct)
-    sd.attr("CoreMetadata.0").set(SDC.CHAR, core)
-    layers = [(b, reflectance[i], SDC.INT16, REFLECTANCE_FILL, (-100, 16000), "reflectance")
-              for i, b in enumerate(BAND_NAMES)]
-    layers += [(QA_LAYER, state_qa, SDC.UINT16, QA_FILL, (0, 57343), "bit field"),
-               (DOY_LAYER, day_of_year, SDC.INT16, DOY_FILL, (1, 366), "julian day")]
-    for name, values, hdf_type, fill, valid, units in layers:
-        sds = sd.create(name, hdf_type, (rows, columns))
-        if compress:
-            sds.setcompress(SDC.COMP_DEFLATE, 1)
-        sds.setfillvalue(fill)
-        sds.attr("valid_range").set(hdf_type, list(valid))
-        sds.attr("units").set(SDC.CHAR, units)
-        if units == "reflectance":
-            sds.attr("scale_factor").set(SDC.FLOAT64, 0.0001)
-        sds[:] = np.asarray(values)
-        sds.endaccess()
-    sd.end()
+    quality = np.zeros((rows, columns), np.uint32) if band_quality is None else np.asarray(band_quality, np.uint32)
+    angle = np.full((rows, columns), 3000, np.int16)  # 30 degrees: the angles are carried, not used
+    fields = [(band, np.asarray(reflectance[i], np.int16), REFLECTANCE_FILL) for i, band in enumerate(BAND_NAMES)]
+    fields += [(QC_LAYER, quality, QC_FILL), ("sur_refl_szen", angle, 0), ("sur_refl_vzen", angle, 0),
+               ("sur_refl_raz", angle, 0), (QA_LAYER, np.asarray(state_qa, np.uint16), QA_FILL),
+               (DOY_LAYER, np.asarray(day_of_year).astype(np.uint16), 65535)]
+    with HDF4_LOCK:
+        write_sinusoidal_grid(path, GRID_NAME, (left, top), (left + TILE_SIZE, top - TILE_SIZE), SPHERE_RADIUS,
+                              fields, deflate=1 if compress else None)
+        end = start + dt.timedelta(days=COMPOSITE_DAYS - 1)
+        core = "\n".join([
+            "GROUP = INVENTORYMETADATA", "  GROUPTYPE = MASTERGROUP", "  GROUP = COLLECTIONDESCRIPTIONCLASS",
+            _odl_object("SHORTNAME", f'"{product}"'), _odl_object("VERSIONID", str(collection)),
+            "  END_GROUP = COLLECTIONDESCRIPTIONCLASS", "  GROUP = RANGEDATETIME",
+            _odl_object("RANGEBEGINNINGDATE", f'"{start}"'), _odl_object("RANGEENDINGDATE", f'"{end}"'),
+            "  END_GROUP = RANGEDATETIME", "END_GROUP = INVENTORYMETADATA", "END", ""])
+        archive = "\n".join([
+            "GROUP = ARCHIVEDMETADATA", "  GROUPTYPE = MASTERGROUP", "  GROUP = BOUNDINGRECTANGLE",
+            *(_odl_object(name, f"{value:.6f}") for name, value in zip(
+                ("NORTHBOUNDINGCOORDINATE", "SOUTHBOUNDINGCOORDINATE", "EASTBOUNDINGCOORDINATE",
+                 "WESTBOUNDINGCOORDINATE"), _tile_bounding_coordinates(left, top))),
+            "  END_GROUP = BOUNDINGRECTANGLE", "END_GROUP = ARCHIVEDMETADATA", "END", ""])
+        sd = SD(str(path), SDC.WRITE)
+        try:
+            sd.attr("CoreMetadata.0").set(SDC.CHAR, core)
+            sd.attr("ArchiveMetadata.0").set(SDC.CHAR, archive)
+            for name, values, _fill in fields:
+                sds = sd.select(name)
+                long_name, units, valid, scale = _FIELD_ATTRIBUTES.get(name, _reflectance_attributes(name))
+                hdf_type = {np.dtype(np.int16): SDC.INT16, np.dtype(np.uint16): SDC.UINT16,
+                            np.dtype(np.uint32): SDC.UINT32}[values.dtype]
+                sds.attr("long_name").set(SDC.CHAR, long_name)
+                sds.attr("units").set(SDC.CHAR, units)
+                sds.attr("valid_range").set(hdf_type, list(valid))
+                if scale is not None:
+                    sds.attr("scale_factor").set(SDC.FLOAT64, scale)
+                    sds.attr("add_offset").set(SDC.FLOAT64, 0.0)
+                sds.endaccess()
+        finally:
+            sd.end()
     return Path(path)
+
+
+def _tile_bounding_coordinates(left: float, top: float) -> tuple[float, float, float, float]:
+    """North, south, east, west of a sinusoidal tile, in degrees (the widest parallel)."""
+    north, south = np.degrees(top / SPHERE_RADIUS), np.degrees((top - TILE_SIZE) / SPHERE_RADIUS)
+    widest = np.cos(np.radians(min(abs(north), abs(south)))) * SPHERE_RADIUS
+    return north, south, np.degrees((left + TILE_SIZE) / widest), np.degrees(left / widest)
+
+
+def _reflectance_attributes(name: str) -> tuple[str, str, tuple[int, int], float]:
+    return f"Surface_reflectance_for_band_{name[-1]}", "reflectance", (-100, 16000), 0.0001
+
+
+_FIELD_ATTRIBUTES: dict[str, tuple[str, str, tuple[int, int], float | None]] = {
+    "sur_refl_qc_500m": ("500m Reflectance Band Quality", "bit field", (0, 4294966531), None),
+    "sur_refl_szen": ("MODIS Band Solar Zenith Angle", "degree", (0, 18000), 0.01),
+    "sur_refl_vzen": ("MODIS Band View Zenith Angle", "degree", (0, 18000), 0.01),
+    "sur_refl_raz": ("MODIS Band Relative Azimuth Angle", "degree", (-18000, 18000), 0.01),
+    "sur_refl_state_500m": ("500m State Flags", "bit field", (0, 57343), None),
+    "sur_refl_day_of_year": ("Julian Day", "Julian day", (1, 366), None),
+}
