@@ -369,6 +369,9 @@ def ingest_command(
                                                     "the sources lack ancillary variables it needs.")] = None,
     chunk: Annotated[int | None, typer.Option(help="Spatial chunk of the cube and of the tasks (default 256).")]
         = None,
+    band_quality: Annotated[bool | None, typer.Option(
+        "--band-quality/--no-band-quality", help="Also reject a band's value that sur_refl_qc_500m flags as not of "
+        "the highest quality (MOD09A1 granules; bit layout in the README).")] = None,
     zarr_format: ZarrFormatOption = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML workflow with an 'ingest' section (keys as the flags); flags override it.")] = None,
@@ -386,7 +389,7 @@ def ingest_command(
             climate=_pairs_option(climate, "--climate", "NAME=RASTER, e.g. precipitation=pre.tif") or None,
             climate_units=_pairs_option(climate_units, "--climate-units", "NAME=UNITS, e.g. precipitation='mm "
                                         "month-1'") or None,
-            chunk=chunk, zarr_format=zarr_format))
+            chunk=chunk, zarr_format=zarr_format, band_quality=band_quality))
         summary = ingest(IngestConfig(**settings), out, model=model, scheduler=scheduler, overwrite=overwrite,
                          progress=_chunk_progress("ingesting chunks"))
         print(f"wrote {out}: {summary.height} x {summary.width} pixels, {summary.observations} dates composited "

@@ -28,7 +28,13 @@ from msmtu_batch.batch.pipeline import RunConfig, run
 from msmtu_batch.errors import CubeValidationError, MsmtuError
 from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary
 from msmtu_batch.inputs.composite import CompositeRule, composite_months
-from msmtu_batch.inputs.cube import BAND_NAMES, CLIMATIC_NAMES, REFLECTANCE_FILL, open_input_cube
+from msmtu_batch.inputs.cube import (
+    BAND_NAMES,
+    CLIMATIC_NAMES,
+    REFLECTANCE_FILL,
+    band_quality_rejected,
+    open_input_cube,
+)
 from msmtu_batch.inputs.ingest import COUNT_VARIABLE, IngestConfig, ingest
 from msmtu_batch.inputs.modis import (
     DOY_LAYER,
@@ -66,14 +72,15 @@ def tile_values(h: int) -> np.ndarray:
     return np.stack([(h - 17) * 5000 + rows * 100 + cols + 7 * b for b in range(7)]).astype(np.int16)
 
 
-def write_year(folder: Path, tiles=((17, 5), (18, 5)), starts=STARTS, values=tile_values, qa=None) -> Path:
+def write_year(folder: Path, tiles=((17, 5), (18, 5)), starts=STARTS, values=tile_values, qa=None,
+               band_quality=lambda start: None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for start in starts:
         doy = start.timetuple().tm_yday
         for h, v in tiles:
             write_granule(folder / f"MOD09A1.A{start.year}{doy:03d}.h{h:02d}v{v:02d}.061.2021000000000.hdf",
                           start, (h, v), values(h), np.full((N, N), CLEAR if qa is None else qa, np.uint16),
-                          np.full((N, N), min(doy + 2, 365), np.int16))
+                          np.full((N, N), min(doy + 2, 365), np.int16), band_quality=band_quality(start))
     return folder
 
 
@@ -593,3 +600,55 @@ def test_ingest_reads_library_written_and_hand_written_granules_alike(tmp_path, 
     assert (a["reflectance"] != REFLECTANCE_FILL).any()
     xr.testing.assert_equal(a[["reflectance", COUNT_VARIABLE]], b[["reflectance", COUNT_VARIABLE]])
     assert a.rio.transform() == b.rio.transform() and a.rio.crs == b.rio.crs
+
+
+# --- per-band quality (sur_refl_qc_500m) --------------------------------------------------------
+
+def test_band_quality_bits_one_by_one():
+    """Every band's four bits, every code, with the other bits set at random: only code 0000
+    keeps a band; MODLAND QA 10 and 11 reject every band; 00, 01 and bits 30-31 leave it to the
+    bands. Checked against the bit layout read from the value's binary string."""
+    rng = np.random.default_rng(5)
+    for band in range(7):
+        for code in range(16):
+            for modland in range(4):
+                noise = int(rng.integers(0, 4)) << 30  # atmospheric / adjacency correction performed
+                value = np.uint32(noise | (code << (2 + 4 * band)) | modland)
+                rejected = band_quality_rejected(np.array([value]))[:, 0]
+                bits = format(int(value), "032b")[::-1]  # bits[i] is bit i
+                expected = [int(bits[2 + 4 * b:6 + 4 * b][::-1], 2) != 0 or int(bits[1] + bits[0], 2) >= 2
+                            for b in range(7)]
+                assert rejected.tolist() == expected, (band, code, modland)
+                assert rejected[band] == (code != 0 or modland >= 2)
+
+
+def test_band_quality_option_drops_flagged_observations(tmp_path, scheduler):
+    """Band 3 flagged 'noisy detector' (0111) on the first two composites: with band_quality the
+    cube is the one made without those composites; without it, they count."""
+    starts = STARTS[:8]
+    flagged = set(starts[:2])
+    noisy_band3 = np.full((N, N), 0b0111 << (2 + 4 * 2), np.uint32)
+    with_flags = write_year(tmp_path / "flagged", starts=starts,
+                            band_quality=lambda start: noisy_band3 if start in flagged else None)
+    without = write_year(tmp_path / "without", starts=starts[2:])
+    screened, plain, reference = (
+        xr.open_zarr(ingest(IngestConfig(inputs=[folder], chunk=16, year=YEAR, band_quality=quality),
+                            tmp_path / name, scheduler=scheduler).out, mask_and_scale=False).load()
+        for folder, quality, name in ((with_flags, True, "screened.zarr"), (with_flags, False, "plain.zarr"),
+                                      (without, False, "reference.zarr")))
+    xr.testing.assert_equal(screened[["reflectance", COUNT_VARIABLE]], reference[["reflectance", COUNT_VARIABLE]])
+    assert int(plain[COUNT_VARIABLE].sum()) > int(screened[COUNT_VARIABLE].sum()) > 0
+    assert "sur_refl_qc_500m" in screened.attrs["qa_rejected"]
+
+
+def test_band_quality_is_refused_for_geotiff_exports(tmp_path):
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    left, top = tile_upper_left(17, 5)
+    for layer, values in zip(BAND_NAMES, tile_values(17)):
+        write_raster(exports / f"MOD09A1.061_{layer}_doy{YEAR}001_aid0001.tif", values, SINUSOIDAL_CRS.to_wkt(),
+                     from_origin(left, top, TILE_SIZE / N, TILE_SIZE / N))
+    with pytest.raises(MsmtuError) as err:
+        ingest(IngestConfig(inputs=[exports], band_quality=True), tmp_path / "cube.zarr")
+    assert str(err.value) == ("band_quality needs the sur_refl_qc_500m layer of MOD09A1 granules; GeoTIFF exports "
+                              "do not carry it")

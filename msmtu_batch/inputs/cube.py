@@ -77,6 +77,30 @@ QA_ADJACENT_CLOUD = 1 << 13  # informative only: not rejected
 QA_INTERNAL_SNOW = 1 << 15
 
 
+# MOD09A1 sur_refl_qc_500m (uint32), MOD09 user guide table 10: bits 0-1 MODLAND QA (00 ideal
+# quality, all bands; 01 less than ideal, some or all bands; 10 not produced, cloud effects; 11 not
+# produced, other reasons); bits 2-5 band 1 data quality, 6-9 band 2, ... 26-29 band 7, four bits
+# each (0000 highest quality; 0111 noisy detector; 1000 dead detector, interpolated in L1B; 1001
+# solar zenith >= 86 deg; 1010 solar zenith 85-86 deg; 1011 missing input; 1100 internal constant
+# used for an atmospheric constant; 1101 correction out of bounds; 1110 L1B data faulty; 1111 not
+# processed, deep ocean or clouds); bit 30 atmospheric correction performed; bit 31 adjacency
+# correction performed.
+QC_MODLAND_MASK = 0b11
+QC_NOT_PRODUCED = (0b10, 0b11)
+QC_BAND_SHIFT, QC_BAND_BITS = 2, 4
+
+
+def band_quality_rejected(band_quality: np.ndarray) -> np.ndarray:
+    """``(7, ...)`` True where ``sur_refl_qc_500m`` (``...``, uint32) says a band's value is not
+    of the highest quality (its four bits are not 0000), or that the product was not produced
+    (MODLAND QA 10 or 11: every band)."""
+    qc = np.asarray(band_quality).astype(np.uint32, copy=False)
+    codes = np.stack([(qc >> np.uint32(QC_BAND_SHIFT + QC_BAND_BITS * band)) & np.uint32(0b1111)
+                      for band in range(len(BAND_NAMES))])
+    not_produced = np.isin(qc & np.uint32(QC_MODLAND_MASK), QC_NOT_PRODUCED)
+    return (codes != 0) | not_produced[None]
+
+
 def qa_rejected(state_qa: np.ndarray) -> np.ndarray:
     """True where StateQA says cloudy, mixed cloud, cloud shadow or snow (docs/design.md section 4)."""
     qa = np.asarray(state_qa).astype(np.uint16, copy=False)

@@ -60,6 +60,7 @@ from msmtu_batch.inputs.cube import (
     REFLECTANCE_FILL,
     REFLECTANCE_SCALE,
     REFLECTANCE_VALID_RANGE,
+    band_quality_rejected,
     consolidate,
     cube_encoding,
     for_zarr_format,
@@ -91,6 +92,8 @@ class IngestConfig(BaseModel):
     climate_units: dict[str, str] = Field(default_factory=dict, description="climatic variable -> units of its "
                                           "raster (e.g. 'mm month-1', 'K'); converted to the cube's")
     chunk: int = Field(256, ge=8, le=4096, description="spatial chunk of the cube and of the tasks")
+    band_quality: bool = Field(False, description="also reject a band's value that sur_refl_qc_500m flags as not "
+                               "of the highest quality (MOD09A1 granules)")
     zarr_format: Literal[2, 3] = Field(3, description="Zarr format of the cube: 3, or 2 for zarr-python 2 and "
                                        "GDAL before 3.8")
 
@@ -128,6 +131,7 @@ class IngestSpec:
     resampling: str
     ancillary: AncillarySources
     store: str
+    band_quality: bool = False
 
 
 @dataclass
@@ -145,18 +149,22 @@ class IngestSummary:
 
 # --- worker side --------------------------------------------------------------------------
 
-def read_observations(source: ReflectanceSource, row0: int, row1: int, col0: int, col1: int
-                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def read_observations(source: ReflectanceSource, row0: int, row1: int, col0: int, col1: int,
+                      band_quality: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Every observation's window of the source grid: reflectance (D, 7, h, w), StateQA
-    (D, h, w) or None, and day of year (D, h, w) (the file's date where there is no such layer)."""
+    (D, h, w) or None, and day of year (D, h, w) (the file's date where there is no such layer).
+    With ``band_quality``, a band's value that ``sur_refl_qc_500m`` flags as not of the highest
+    quality is read as fill (:func:`band_quality_rejected`)."""
     n, height, width = len(source.observations), row1 - row0, col1 - col0
     reflectance = np.empty((n, len(BAND_NAMES), height, width), np.int16)
     state_qa = np.zeros((n, height, width), np.uint16)  # no QA layer: every observation passes
     doy = np.empty((n, height, width), np.int16)
     any_qa = False
     for i, observation in enumerate(source.observations):
-        window = observation.read(row0, row1, col0, col1)
+        window = observation.read(row0, row1, col0, col1, band_quality)
         reflectance[i] = window.reflectance
+        if band_quality:
+            reflectance[i][band_quality_rejected(window.band_quality)] = REFLECTANCE_FILL
         if window.state_qa is not None:
             state_qa[i], any_qa = window.state_qa, True
         doy[i] = window.day_of_year if window.day_of_year is not None \
@@ -166,7 +174,7 @@ def read_observations(source: ReflectanceSource, row0: int, row1: int, col0: int
 
 def _composite_window(spec: IngestSpec, row0: int, row1: int, col0: int, col1: int
                       ) -> tuple[np.ndarray, np.ndarray]:
-    reflectance, state_qa, doy = read_observations(spec.source, row0, row1, col0, col1)
+    reflectance, state_qa, doy = read_observations(spec.source, row0, row1, col0, col1, spec.band_quality)
     return composite_months(reflectance, state_qa, doy, [o.start for o in spec.source.observations],
                             spec.year, spec.composite)
 
@@ -416,6 +424,9 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         source = open_reflectance(config.inputs, config.manifest)
+        if config.band_quality and source.kind == "GeoTIFF":
+            raise MsmtuError("band_quality needs the sur_refl_qc_500m layer of MOD09A1 granules; GeoTIFF exports "
+                             "do not carry it")
         year = config.year or _infer_year(source)
         _check_year(source, year)
         sources = config.ancillary_sources().check()
@@ -441,14 +452,17 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
             "source_kind": source.kind, "source_files": len(source.files),
             "observations": len(source.observations), "composite_rule": str(config.composite),
             "qa_rejected": "StateQA cloud state 01 (cloudy) or 10 (mixed), bit 2 cloud shadow, bit 12 MOD35 "
-                           "snow/ice, bit 15 internal snow; any band outside -100..16000",
+                           "snow/ice, bit 15 internal snow; any band outside -100..16000"
+                           + ("; any band whose sur_refl_qc_500m quality is not 0000 (highest), or MODLAND QA "
+                              "10/11 (not produced)" if config.band_quality else ""),
             "resampling": "none (native grid)" if grid.native_offset is not None else config.resampling,
             "region": str(config.region) if config.region else "none",
             "ancillary_variables": ", ".join(names), INGEST_STATUS_ATTR: "incomplete",
             **_record_attrs(_source_record(config, source, file_digest)),
         }
         _create_store(staging, grid, year, names, config.chunk, attrs, sources.climate_units, config.zarr_format)
-        spec = IngestSpec(source, grid, year, config.composite, config.resampling, sources, str(staging))
+        spec = IngestSpec(source, grid, year, config.composite, config.resampling, sources, str(staging),
+                          config.band_quality)
         windows = chunk_windows(grid.height, grid.width, config.chunk)
         peaks: dict[str, float] = {}
         observed = 0

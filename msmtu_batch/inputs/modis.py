@@ -44,7 +44,7 @@ PRODUCT = "MOD09A1"
 COLLECTION = 61
 QA_LAYER = "sur_refl_state_500m"
 DOY_LAYER = "sur_refl_day_of_year"
-QC_LAYER = "sur_refl_qc_500m"  # per-band quality bits (written by write_granule; not read yet)
+QC_LAYER = "sur_refl_qc_500m"  # per-band quality bits, read with IngestConfig.band_quality
 QC_FILL = 4294967295
 GRID_NAME = "MOD_Grid_500m_Surface_Reflectance"  # as in real MOD09A1/MYD09A1 C6 granules
 LAYERS: tuple[str, ...] = (*BAND_NAMES, QA_LAYER, DOY_LAYER)
@@ -84,6 +84,7 @@ class ObservationWindow:
     reflectance: np.ndarray
     state_qa: np.ndarray | None
     day_of_year: np.ndarray | None
+    band_quality: np.ndarray | None = None  # sur_refl_qc_500m (h, w), when asked for
 
 
 def _empty_window(height: int, width: int, has_qa: bool, has_doy: bool) -> ObservationWindow:
@@ -95,6 +96,8 @@ def _empty_window(height: int, width: int, has_qa: bool, has_doy: bool) -> Obser
 def _paste(target: ObservationWindow, layer: str, values: np.ndarray, rows: slice, cols: slice) -> None:
     if layer == QA_LAYER:
         target.state_qa[rows, cols] = values
+    elif layer == QC_LAYER:
+        target.band_quality[rows, cols] = values
     elif layer == DOY_LAYER:
         target.day_of_year[rows, cols] = values.astype(np.int16)  # a uint16 layer's fill 65535 becomes -1
     else:
@@ -198,11 +201,17 @@ class GranuleObservation:
     def label(self) -> str:
         return self.granules[0][0].path
 
-    def read(self, row0: int, row1: int, col0: int, col1: int) -> ObservationWindow:
+    def read(self, row0: int, row1: int, col0: int, col1: int, band_quality: bool = False) -> ObservationWindow:
+        """The window's values; with ``band_quality`` also ``sur_refl_qc_500m`` (fill outside
+        the granules)."""
         from pyhdf.error import HDF4Error
         from pyhdf.SD import SD, SDC
 
         out = _empty_window(row1 - row0, col1 - col0, True, True)
+        layers = LAYERS
+        if band_quality:
+            out.band_quality = np.full((row1 - row0, col1 - col0), QC_FILL, np.uint32)
+            layers = (*LAYERS, QC_LAYER)
         for granule, row_off, col_off in self.granules:
             r0, r1 = _overlap(row0 - row_off, row1 - row_off, granule.shape[0])
             c0, c1 = _overlap(col0 - col_off, col1 - col_off, granule.shape[1])
@@ -215,7 +224,9 @@ class GranuleObservation:
                 with HDF4_LOCK:
                     sd = SD(granule.path, SDC.READ)
                     try:
-                        for layer in LAYERS:
+                        if band_quality and QC_LAYER not in sd.datasets():
+                            raise MsmtuError(f"{granule.path}: no {QC_LAYER} layer, which band_quality needs")
+                        for layer in layers:
                             sds = sd.select(layer)
                             _paste(out, layer, sds[r0:r1, c0:c1], rows, cols)
                             sds.endaccess()
@@ -296,7 +307,10 @@ class GeoTiffObservation:
     def label(self) -> str:
         return self.layers[0][1]
 
-    def read(self, row0: int, row1: int, col0: int, col1: int) -> ObservationWindow:
+    def read(self, row0: int, row1: int, col0: int, col1: int, band_quality: bool = False) -> ObservationWindow:
+        if band_quality:
+            raise MsmtuError(f"{self.label}: GeoTIFF exports carry no {QC_LAYER}; band_quality needs MOD09A1 "
+                             "granules")
         present = {layer for layer, _, _ in self.layers}
         out = _empty_window(row1 - row0, col1 - col0, QA_LAYER in present, DOY_LAYER in present)
         window = Window(col0, row0, col1 - col0, row1 - row0)
