@@ -212,9 +212,7 @@ def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifac
     ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
     reflectance = read_window(spec.cube, group, "reflectance", ys, xs)
     state_qa = read_window(spec.cube, group, "state_qa", ys, xs) if spec.has_qa else None
-    height, width = reflectance.shape[2:]
-    ancillary = (np.stack([read_window(spec.cube, group, name, ys, xs) for name in spec.ancillary])
-                 if spec.ancillary else np.zeros((0, height, width), np.float32))
+    ancillary = [read_window(spec.cube, group, name, ys, xs) for name in spec.ancillary]
     return prepare_block(reflectance, state_qa, ancillary, artifact, spec.config, source=spec.cube,
                          label=window.label, y0=window.y0, x0=window.x0, conversions=spec.ancillary_conversions)
 

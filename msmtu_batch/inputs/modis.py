@@ -458,7 +458,7 @@ def write_granule(path: str | Path, start: dt.date, tile: tuple[int, int], refle
     ``day_of_year`` 1-366 (-1 or 65535 for fill)."""
     from pyhdf.SD import SD, SDC
 
-    from msmtu_batch.inputs.hdfeos import write_sinusoidal_grid
+    from msmtu_batch.inputs.hdfeos import NUMBER_TYPES, write_sinusoidal_grid
 
     rows, columns = state_qa.shape
     left, top = tile_upper_left(*tile)
@@ -491,8 +491,7 @@ def write_granule(path: str | Path, start: dt.date, tile: tuple[int, int], refle
             for name, values, _fill in fields:
                 sds = sd.select(name)
                 long_name, units, valid, scale = _FIELD_ATTRIBUTES.get(name, _reflectance_attributes(name))
-                hdf_type = {np.dtype(np.int16): SDC.INT16, np.dtype(np.uint16): SDC.UINT16,
-                            np.dtype(np.uint32): SDC.UINT32}[values.dtype]
+                hdf_type = NUMBER_TYPES[values.dtype]  # HDF4's number types, as pyhdf's SDC names them
                 sds.attr("long_name").set(SDC.CHAR, long_name)
                 sds.attr("units").set(SDC.CHAR, units)
                 sds.attr("valid_range").set(hdf_type, list(valid))

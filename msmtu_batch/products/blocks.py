@@ -210,15 +210,17 @@ def unlike_training(config: RunConfig, artifact: ModelArtifact, inputs: ModelInp
         "units and band order, or pass --out-of-distribution flag to map it with quality_flag 2")
 
 
-def prepare_block(reflectance: np.ndarray, state_qa: np.ndarray | None, ancillary: np.ndarray,
+def prepare_block(reflectance: np.ndarray, state_qa: np.ndarray | None, ancillary: Sequence[np.ndarray],
                   artifact: ModelArtifact, config: RunConfig, *, source: str, label: str, y0: int = 0, x0: int = 0,
                   conversions: tuple[tuple[float, float], ...] = ()) -> tuple[ModelInputs, np.ndarray, bool]:
     """Check and prepare a block of an input cube (``reflectance`` (T, B, y, x) int16 as stored,
-    ``state_qa`` (T, y, x) or None, ``ancillary`` (A, y, x) in the cube's units and the model's
-    variable order); return the model inputs, each pixel's count of usable values and whether
-    the block is unlike the training data. ``source``, ``label`` and ``y0``/``x0`` name the
-    block in messages."""
-    ancillary = apply_conversions(ancillary, conversions)
+    ``state_qa`` (T, y, x) or None, ``ancillary`` one (y, x) array per variable in the cube's
+    units and the model's variable order); return the model inputs, each pixel's count of
+    usable values and whether the block is unlike the training data. ``source``, ``label`` and
+    ``y0``/``x0`` name the block in messages."""
+    height, width = reflectance.shape[2:]
+    stacked = np.stack(ancillary) if len(ancillary) else np.zeros((0, height, width), np.float32)
+    ancillary = apply_conversions(stacked, conversions)
     check_ancillary_finite(source, artifact.ancillary_names, ancillary,
                            (reflectance != REFLECTANCE_FILL).any(axis=(0, 1)), y0, x0, f" in chunk {label}")
     inputs, observed = prepare_chunk(reflectance, state_qa, ancillary, artifact.band_stats, artifact.ancillary_stats)
@@ -299,11 +301,10 @@ def unmix(ds: xr.Dataset, model: ModelArtifact | str | os.PathLike, config: RunC
     def block(part: xr.Dataset) -> xr.Dataset:
         y0, x0 = y_index.get_loc(part["y"].values[0]), x_index.get_loc(part["x"].values[0])
         height, width = part.sizes["y"], part.sizes["x"]
-        ancillary = (np.stack([part[n].values for n in artifact.ancillary_names]) if artifact.ancillary_names
-                     else np.zeros((0, height, width), np.float32))
         label = f"y {y0}:{y0 + height}, x {x0}:{x0 + width}"
         prepared, observed, unlike = prepare_block(
-            part["reflectance"].values, part["state_qa"].values if has_qa else None, ancillary, artifact, config,
+            part["reflectance"].values, part["state_qa"].values if has_qa else None,
+            [part[n].values for n in artifact.ancillary_names], artifact, config,
             source=source, label=label, y0=y0, x0=x0, conversions=conversions)
         products = estimate_block(prepared, observed, artifact, config, (height, width), unlike)
         result = template.isel(y=slice(y0, y0 + height), x=slice(x0, x0 + width))
