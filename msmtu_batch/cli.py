@@ -346,9 +346,12 @@ def _pairs_option(values: list[str] | None, option: str, example: str) -> dict[s
 def ingest_command(
     inputs: Annotated[list[Path] | None, typer.Argument(
         help="MOD09A1 C6.1 granules (.hdf), GeoTIFF exports (.tif), or folders of them.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Input cube (Zarr) to write.")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="Input cube (Zarr) to write; with several years, a path "
+                                                     "with {year} (cubes/{year}.zarr).")] = ...,
     manifest: Annotated[Path | None, typer.Option(help="CSV with columns path,date for GeoTIFF exports.")] = None,
-    year: Annotated[int | None, typer.Option(help="Year of the cube (default: the inputs' year).")] = None,
+    year: Annotated[list[int] | None, typer.Option(
+        help="Year of the cube (default: the inputs' year); repeat it for several years at once on one cluster, "
+             "each from the composites that reach into it.")] = None,
     region: Annotated[Path | None, typer.Option(help="Boundary (GeoJSON, GeoPackage...): pixels outside are fill; "
                                                      "the grid is cut to its bounding box.")] = None,
     crs: Annotated[str | None, typer.Option(help="Target CRS, e.g. EPSG:25830 (default: native sinusoidal).")] = None,
@@ -380,21 +383,27 @@ def ingest_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cube at --out.")] = False,
 ) -> None:
     """Build an input cube: monthly QA-filtered composites on a grid and region, plus ancillary data."""
-    from msmtu_batch.inputs.ingest import IngestConfig, ingest
+    from msmtu_batch.inputs.ingest import IngestConfig, ingest, ingest_years
 
     with _user_errors():
         settings = _with_overrides(_config_section(config, "ingest"), dict(
-            inputs=inputs or None, manifest=manifest, year=year, region=region, crs=crs, resolution=resolution,
+            inputs=inputs or None, manifest=manifest, year=year[0] if year and len(year) == 1 else None,
+            region=region, crs=crs, resolution=resolution,
             resampling=resampling, composite=composite, dem=dem,
             climate=_pairs_option(climate, "--climate", "NAME=RASTER, e.g. precipitation=pre.tif") or None,
             climate_units=_pairs_option(climate_units, "--climate-units", "NAME=UNITS, e.g. precipitation='mm "
                                         "month-1'") or None,
             chunk=chunk, zarr_format=zarr_format, band_quality=band_quality))
-        summary = ingest(IngestConfig(**settings), out, model=model, scheduler=scheduler, overwrite=overwrite,
-                         progress=_chunk_progress("ingesting chunks"))
-        print(f"wrote {out}: {summary.height} x {summary.width} pixels, {summary.observations} dates composited "
-              f"into 12 months, {summary.observed_pixels:,} pixels observed, ancillary "
-              f"{', '.join(summary.ancillary)}; {summary.chunks} chunks in {summary.seconds:.1f} s")
+        if year and len(year) > 1:
+            summaries = ingest_years(IngestConfig(**settings), year, out, model=model, scheduler=scheduler,
+                                     overwrite=overwrite, progress=lambda y: _chunk_progress(f"{y}: dates, chunks"))
+        else:
+            summaries = [ingest(IngestConfig(**settings), out, model=model, scheduler=scheduler, overwrite=overwrite,
+                                progress=_chunk_progress("ingesting: dates, chunks"))]
+        for summary in summaries:
+            print(f"wrote {summary.out}: {summary.height} x {summary.width} pixels, {summary.observations} dates "
+                  f"composited into 12 months, {summary.observed_pixels:,} pixels observed, ancillary "
+                  f"{', '.join(summary.ancillary)}; {summary.chunks} chunks in {summary.seconds:.1f} s")
 
 
 @app.command("run")

@@ -27,7 +27,7 @@ from rasterio.transform import from_origin
 from msmtu_batch.batch.pipeline import RunConfig, run
 from msmtu_batch.errors import CubeValidationError, MsmtuError
 from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary
-from msmtu_batch.inputs.composite import CompositeRule, composite_months
+from msmtu_batch.inputs.composite import CompositeRule, composite_months, composite_months_numpy
 from msmtu_batch.inputs.cube import (
     BAND_NAMES,
     CLIMATIC_NAMES,
@@ -160,6 +160,34 @@ def test_composite_matches_a_per_pixel_reference(data, rule):
     doy = np.where(offsets == -1, -1, (start_doy - 1 + offsets) % year_length + 1).astype(np.int16)
     got = composite_months(refl, qa, doy, starts, YEAR, rule)
     want = reference_composite(refl, qa, doy, starts, YEAR, str(rule))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_dates=st.integers(1, 14), height=st.integers(1, 6), width=st.integers(1, 6),
+       rule=st.sampled_from(list(CompositeRule)), with_qa=st.booleans(), strided=st.booleans())
+def test_composite_kernel_matches_the_numpy_definition(seed, n_dates, height, width, rule, with_qa, strided):
+    """The Numba kernel against composite_months_numpy on random dates, values (fill, out of
+    range, equal values for ties), QA bits and days of year, on contiguous arrays and on the
+    strided views the by-date ingest hands it."""
+    rng = np.random.default_rng(seed)
+    starts = sorted(rng.choice([dt.date(2012, 12, 26), *STARTS], n_dates))
+    values = rng.choice(np.array([REFLECTANCE_FILL, -101, -100, 0, 1, 16000, 16001, 500, 500, 900], np.int16),
+                        (n_dates, 9, height, width))
+    values[:, :7] = np.where(rng.random((n_dates, 7, height, width)) < 0.5, values[:, :7],
+                             rng.integers(-100, 16001, (n_dates, 7, height, width)))
+    values[:, 7] = rng.choice(np.array([0, 1, 2, 3, 4, 8, 1 << 12, 1 << 15, 1 << 13], np.uint16),
+                              (n_dates, height, width)).view(np.int16)
+    start_doy = np.array([s.timetuple().tm_yday for s in starts])[:, None, None]
+    values[:, 8] = np.where(rng.random((n_dates, height, width)) < 0.1, -1,
+                            (start_doy - 1 + rng.integers(0, 8, (n_dates, height, width))) % 365 + 1)
+    reflectance = values[:, :7] if strided else np.ascontiguousarray(values[:, :7])
+    qa = (values[:, 7].view(np.uint16) if strided else np.ascontiguousarray(values[:, 7]).view(np.uint16)) \
+        if with_qa else None
+    doy = values[:, 8] if strided else np.ascontiguousarray(values[:, 8])
+    got = composite_months(reflectance, qa, doy, starts, YEAR, rule)
+    want = composite_months_numpy(reflectance, qa, doy, starts, YEAR, rule)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
 
@@ -401,11 +429,15 @@ def test_mismatched_tiles_and_years_are_named(tmp_path):
     with pytest.raises(MsmtuError, match=rf"^{lone}: the composite of 2013-01-09 has tiles h17v05 but other dates "
                                          r"have h17v05, h18v05 \(missing h18v05\)"):
         ingest(IngestConfig(inputs=[folder]), tmp_path / "c.zarr")
-    lone.unlink()
+    one_granule(folder, start=STARTS[1], tile=(18, 5))
     other_year = one_granule(folder, start=dt.date(2014, 6, 2), tile=(17, 5))
     one_granule(folder, start=dt.date(2014, 6, 2), tile=(18, 5))
-    with pytest.raises(MsmtuError, match=rf"^{other_year}: the composite of 2014-06-02 is outside 2013"):
-        ingest(IngestConfig(inputs=[folder], year=2013), tmp_path / "c.zarr")
+    with pytest.raises(MsmtuError, match=rf"^{other_year}: the composite of 2014-06-02 is outside 2013; the inputs "
+                                         r"span 2013-2014: set the year \(repeat --year for several years\)$"):
+        ingest(IngestConfig(inputs=[folder]), tmp_path / "c.zarr")
+    with pytest.raises(MsmtuError, match=r"^no composite of the inputs reaches into 2015 \(they span 2013-01-01 to "
+                                         r"2014-06-09\)$"):
+        ingest(IngestConfig(inputs=[folder], year=2015), tmp_path / "c.zarr")
 
 
 def test_raster_without_crs_and_boundary_elsewhere_are_named(granules, tmp_path):
@@ -428,7 +460,7 @@ def test_interrupted_ingest_leaves_nothing_that_validates(granules, tmp_path, sc
     with pytest.raises(MsmtuError, match=rf"^{half}: no precipitation value for \d+ pixel\(s\) with observed "
                                          r"reflectance in chunk y 0:8, x \d+:\d+ of the cube"):
         ingest(IngestConfig(inputs=[granules], climate={"precipitation": half}, chunk=8), out, scheduler=scheduler)
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / ".cube.zarr.scratch").exists()
     staging = tmp_path / ".cube.zarr.partial"
     assert staging.exists()
     with pytest.raises(CubeValidationError, match="ingest_status is 'incomplete': an interrupted ingest"):
@@ -652,3 +684,96 @@ def test_band_quality_is_refused_for_geotiff_exports(tmp_path):
         ingest(IngestConfig(inputs=[exports], band_quality=True), tmp_path / "cube.zarr")
     assert str(err.value) == ("band_quality needs the sur_refl_qc_500m layer of MOD09A1 granules; GeoTIFF exports "
                               "do not carry it")
+
+
+# --- reading order: by date (scratch store) or by chunk, unchunked or chunked HDF4 -----------------
+
+def write_varied_year(folder: Path, starts, seed: int, chunks=None) -> Path:
+    """Granules whose every date differs: random reflectance with fill and out-of-range values,
+    clouds, days of year within the composite, per-band quality codes."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in starts:
+        doy = start.timetuple().tm_yday
+        for h in (17, 18):
+            reflectance = rng.integers(-100, 9000, (7, N, N)).astype(np.int16)
+            reflectance[rng.random((7, N, N)) < 0.05] = REFLECTANCE_FILL
+            qa = np.where(rng.random((N, N)) < 0.3, CLEAR | 0b01, CLEAR).astype(np.uint16)
+            quality = np.where(rng.random((N, N)) < 0.1, 0b0111 << 6, 0).astype(np.uint32)
+            write_granule(folder / f"MOD09A1.A{start.year}{doy:03d}.h{h}v05.061.2021000000000.hdf", start, (h, 5),
+                          reflectance, qa, np.minimum(doy + rng.integers(0, 8, (N, N)), 365).astype(np.int16),
+                          band_quality=quality, chunks=chunks)
+    return folder
+
+
+def test_every_reading_order_and_hdf4_layout_make_the_same_cube(tmp_path, scheduler):
+    """By date (through the scratch store, each unchunked layer inflated once) and by chunk,
+    from unchunked granules (as MODAPS writes them) and from chunked ones: the same cube, value
+    for value, on the native grid cut to a region and warped onto another CRS; the scratch
+    store is gone afterwards."""
+    import pyhdf.VS  # noqa: F401  (HDF.vstart needs it imported)
+    from pyhdf.HDF import HDF
+    from pyhdf.SD import SD, SDC
+
+    from msmtu_batch.inputs.modis import text_attributes
+
+    starts = STARTS[:12]
+    whole = write_varied_year(tmp_path / "whole", starts, seed=3)
+    chunked = write_varied_year(tmp_path / "chunked", starts, seed=3, chunks=(8, 12))
+    sample = next(chunked.iterdir())
+    hdf = HDF(str(sample))
+    vdatas = hdf.vstart()
+    assert sum(info[1].startswith("_HDF_CHK_TBL_") for info in vdatas.vdatainfo()) == 13  # every field chunked
+    vdatas.end()
+    hdf.close()
+    sd = SD(str(sample), SDC.READ)
+    assert text_attributes(sd, ("StructMetadata.0", "CoreMetadata.0")) == {
+        k: v.split("\0", 1)[0] for k, v in sd.attributes().items() if k in ("StructMetadata.0", "CoreMetadata.0")}
+    sd.end()
+    region = geojson(tmp_path / "region.geojson", -3.0, 37.2, 2.5, 39.0)
+    for grid in ({"region": region}, {"region": region, "crs": "EPSG:25830", "resolution": 20000}):
+        cubes = []
+        for folder, order in ((whole, "by-date"), (whole, "by-chunk"), (chunked, "auto")):
+            config = IngestConfig(inputs=[folder], chunk=8, band_quality=True, read_order=order, **grid)
+            out = ingest(config, tmp_path / f"{folder.name}-{order}.zarr", scheduler=scheduler, overwrite=True).out
+            cubes.append(xr.open_zarr(out, mask_and_scale=False).load())
+        assert (cubes[0][COUNT_VARIABLE] > 0).any() and (cubes[0]["reflectance"] == REFLECTANCE_FILL).any()
+        layers = ["reflectance", COUNT_VARIABLE]
+        for other in cubes[1:]:
+            xr.testing.assert_equal(cubes[0][layers], other[layers])
+    assert not list(tmp_path.glob(".*.scratch"))
+
+
+# --- several years at once ----------------------------------------------------------------------
+
+def test_several_years_at_once_on_one_cluster(tmp_path, scheduler):
+    """`ingest --year 2013 --year 2014` over one folder of both years' granules: each cube is the
+    one ingested from that year's composites alone (the composite of 27 December 2013, whose
+    days reach 2014, goes to both); without {year} in --out, one line and exit 2."""
+    from tests.test_faults import cli, one_line_error
+
+    last_2013 = dt.date(YEAR, 12, 27)
+    starts_2013 = [*STARTS[:4], last_2013]
+    starts_2014 = [dt.date(YEAR + 1, 1, 1) + dt.timedelta(days=8 * i) for i in range(4)]
+    both = write_varied_year(tmp_path / "both", [*starts_2013, *starts_2014], seed=9)
+    alone = {2013: tmp_path / "2013", 2014: tmp_path / "2014"}
+    for year, starts in ((2013, starts_2013), (2014, [last_2013, *starts_2014])):
+        alone[year].mkdir()
+        for start in starts:
+            for granule in both.glob(f"MOD09A1.A{start.year}{start.timetuple().tm_yday:03d}.*"):
+                shutil.copy(granule, alone[year] / granule.name)
+    done = cli("ingest", both, "--year", 2013, "--year", 2014, "--out", tmp_path / "cubes" / "{year}.zarr",
+               "--chunk", 16, "--scheduler", scheduler)
+    assert done.returncode == 0, done.stderr
+    for year in (2013, 2014):
+        cube = tmp_path / "cubes" / f"{year}.zarr"
+        assert f"wrote {cube}: 24 x 48 pixels, 5 dates" in done.stdout
+        reference = ingest(IngestConfig(inputs=[alone[year]], year=year, chunk=16), tmp_path / f"alone-{year}.zarr",
+                           scheduler=scheduler).out
+        got, want = (xr.open_zarr(store, mask_and_scale=False).load() for store in (cube, reference))
+        xr.testing.assert_equal(got[["reflectance", COUNT_VARIABLE]], want[["reflectance", COUNT_VARIABLE]])
+        assert (got[COUNT_VARIABLE] > 0).any() and got.attrs["year"] == year
+        files = sorted(Path(r["path"]).name for r in json.loads(got.attrs["source_files_record"]))
+        assert files == sorted(p.name for p in alone[year].iterdir())
+    assert one_line_error(cli("ingest", both, "--year", 2013, "--year", 2014, "--out", tmp_path / "c.zarr")) == (
+        f"--out {tmp_path / 'c.zarr'}: several years need {{year}} in the output path (e.g. cubes/{{year}}.zarr)")

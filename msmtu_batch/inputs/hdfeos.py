@@ -26,6 +26,7 @@ DFACC_CREATE = 4
 GCTP_SNSOID = 16
 HDFE_NOMERGE = 0
 HDFE_COMP_DEFLATE = 4
+HDFE_TILE = 1
 HDFE_GD_UL = 0
 HDFE_CENTER = 0
 # HDF4 number types
@@ -50,6 +51,7 @@ def library() -> ctypes.CDLL:
             "GDdefproj": ([i32, i32, i32, i32, f64p], ctypes.c_int), "GDdeforigin": ([i32, i32], ctypes.c_int),
             "GDdefpixreg": ([i32, i32], ctypes.c_int),
             "GDdefcomp": ([i32, i32, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
+            "GDdeftile": ([i32, i32, i32, ctypes.POINTER(i32)], ctypes.c_int),
             "GDdeffield": ([i32, cp, cp, i32, i32], ctypes.c_int), "GDsetfillvalue": ([i32, cp, vp], ctypes.c_int),
             "GDwritefield": ([i32, cp, vp, vp, vp, vp], ctypes.c_int), "GDdetach": ([i32], ctypes.c_int),
             "GDclose": ([i32], ctypes.c_int)}
@@ -68,10 +70,13 @@ def _check(result: int, call: str, path: Path) -> int:
 
 def write_sinusoidal_grid(path: str | Path, grid: str, upper_left: tuple[float, float],
                           lower_right: tuple[float, float], sphere_radius: float,
-                          fields: Sequence[tuple[str, np.ndarray, int | float]], deflate: int | None = 1) -> Path:
+                          fields: Sequence[tuple[str, np.ndarray, int | float]], deflate: int | None = 1,
+                          tile: tuple[int, int] | None = None) -> Path:
     """Create ``path`` holding one HDF-EOS2 grid named ``grid`` on the MODIS sinusoidal
     projection, with ``fields`` (name, 2-D values (YDim, XDim), fill value) under "Data Fields",
-    deflate-compressed at level ``deflate`` (None: uncompressed)."""
+    deflate-compressed at level ``deflate`` (None: uncompressed), stored whole as MODAPS does or,
+    with ``tile`` (rows, columns), in HDF4 chunks of that size (``GDdeftile``), as some
+    reprocessing tools write them."""
     lib, path = library(), Path(path)
     rows, columns = fields[0][1].shape
     double2 = ctypes.c_double * 2
@@ -84,6 +89,8 @@ def write_sinusoidal_grid(path: str | Path, grid: str, upper_left: tuple[float, 
             _check(lib.GDdefproj(grid_id, GCTP_SNSOID, 0, -1, params), "GDdefproj", path)
             _check(lib.GDdeforigin(grid_id, HDFE_GD_UL), "GDdeforigin", path)
             _check(lib.GDdefpixreg(grid_id, HDFE_CENTER), "GDdefpixreg", path)
+            if tile is not None:
+                _check(lib.GDdeftile(grid_id, HDFE_TILE, 2, (ctypes.c_int32 * 2)(*tile)), "GDdeftile", path)
             if deflate is not None:
                 _check(lib.GDdefcomp(grid_id, HDFE_COMP_DEFLATE, (ctypes.c_int * 5)(deflate)), "GDdefcomp", path)
             for name, values, fill in fields:

@@ -22,11 +22,12 @@ GeoTIFF exports (AppEEARS, Earth Engine...), one file per 8-day or monthly date:
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import re
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,31 @@ def _numbers(text: str | None) -> list[float]:
     return [float(v) for v in re.findall(r"[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?", text or "")]
 
 
+def text_attributes(sd, names: Sequence[str]) -> dict[str, str]:
+    """The global text attributes ``names`` of an open pyhdf ``SD`` file (absent ones left out).
+    pyhdf turns a text attribute into a string character by character in Python, 48 ms for
+    the 32,000 characters HDF-EOS gives ``StructMetadata.0``; this takes the bytes from the
+    buffer that pyhdf's own ``SDreadattr`` filled (0.3 ms), and falls back to pyhdf's way where
+    that buffer's address is not available."""
+    from pyhdf import hdfext
+    from pyhdf.SD import SDC
+
+    out: dict[str, str] = {}
+    for index in range(sd.info()[1]):
+        _status, name, data_type, count = hdfext.SDattrinfo(sd._id, index)
+        if name not in names or data_type != SDC.CHAR8:
+            continue
+        buffer = hdfext.array_byte(count)
+        if hdfext.SDreadattr(sd._id, index, buffer) < 0:
+            continue
+        try:
+            raw = ctypes.string_at(int(buffer.this), count)
+        except (AttributeError, TypeError, ValueError):
+            raw = sd.attr(index).get().encode("latin-1")
+        out[name] = raw.split(b"\0", 1)[0].decode("latin-1")
+    return out
+
+
 def read_granule_info(path: str | Path) -> Granule:
     """Check a granule's product, collection, layers and grid metadata; return where it lies."""
     from pyhdf.error import HDF4Error
@@ -145,7 +171,7 @@ def read_granule_info(path: str | Path) -> Granule:
         with HDF4_LOCK:
             sd = SD(path, SDC.READ)
             try:
-                attrs = sd.attributes()
+                attrs = text_attributes(sd, ("CoreMetadata.0", "StructMetadata.0"))
                 datasets = sd.datasets()
             finally:
                 sd.end()
@@ -201,41 +227,72 @@ class GranuleObservation:
     def label(self) -> str:
         return self.granules[0][0].path
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(granule.path for granule, _, _ in self.granules)
+
     def read(self, row0: int, row1: int, col0: int, col1: int, band_quality: bool = False) -> ObservationWindow:
         """The window's values; with ``band_quality`` also ``sur_refl_qc_500m`` (fill outside
         the granules)."""
+        strips = self.read_strips(row0, row1, col0, col1, row1 - row0, band_quality)
+        try:
+            return next(strips)[1]
+        finally:
+            strips.close()  # the granules are closed now, not when the generator is collected
+
+    def read_strips(self, row0: int, row1: int, col0: int, col1: int, strip: int, band_quality: bool = False
+                    ) -> Iterator[tuple[int, ObservationWindow]]:
+        """The window in strips of ``strip`` rows, top to bottom: (first row, values) per strip.
+        Each layer stays open from strip to strip, so that a deflate-compressed unchunked layer
+        (as MODAPS writes them) is decompressed once: HDF4 inflates such a layer from its first
+        row up to the last row asked for, and carries on from there on the next read of the
+        same open layer."""
         from pyhdf.error import HDF4Error
         from pyhdf.SD import SD, SDC
 
-        out = _empty_window(row1 - row0, col1 - col0, True, True)
-        layers = LAYERS
-        if band_quality:
-            out.band_quality = np.full((row1 - row0, col1 - col0), QC_FILL, np.uint32)
-            layers = (*LAYERS, QC_LAYER)
-        for granule, row_off, col_off in self.granules:
-            r0, r1 = _overlap(row0 - row_off, row1 - row_off, granule.shape[0])
-            c0, c1 = _overlap(col0 - col_off, col1 - col_off, granule.shape[1])
-            if r0 >= r1 or c0 >= c1:
-                continue
-            rows = slice(r0 + row_off - row0, r1 + row_off - row0)
-            cols = slice(c0 + col_off - col0, c1 + col_off - col0)
-            layer = LAYERS[0]
+        layers = (*LAYERS, QC_LAYER) if band_quality else LAYERS
+        opened: list[tuple[Granule, int, int, object, dict]] = []
+        granule, layer, r0, r1, c0, c1 = self.granules[0][0], LAYERS[0], row0, row1, col0, col1
+        try:
             try:
-                with HDF4_LOCK:
-                    sd = SD(granule.path, SDC.READ)
-                    try:
+                for granule, row_off, col_off in self.granules:
+                    c0, c1 = _overlap(col0 - col_off, col1 - col_off, granule.shape[1])
+                    r0, r1 = _overlap(row0 - row_off, row1 - row_off, granule.shape[0])
+                    if r0 >= r1 or c0 >= c1:
+                        continue
+                    with HDF4_LOCK:
+                        sd = SD(granule.path, SDC.READ)
+                        opened.append((granule, row_off, col_off, sd, {}))
                         if band_quality and QC_LAYER not in sd.datasets():
                             raise MsmtuError(f"{granule.path}: no {QC_LAYER} layer, which band_quality needs")
                         for layer in layers:
-                            sds = sd.select(layer)
-                            _paste(out, layer, sds[r0:r1, c0:c1], rows, cols)
-                            sds.endaccess()
-                    finally:
-                        sd.end()
+                            opened[-1][4][layer] = sd.select(layer)
+                for top in range(row0, row1, strip):
+                    bottom = min(top + strip, row1)
+                    out = _empty_window(bottom - top, col1 - col0, True, True)
+                    if band_quality:
+                        out.band_quality = np.full((bottom - top, col1 - col0), QC_FILL, np.uint32)
+                    for granule, row_off, col_off, _sd, datasets in opened:
+                        r0, r1 = _overlap(top - row_off, bottom - row_off, granule.shape[0])
+                        c0, c1 = _overlap(col0 - col_off, col1 - col_off, granule.shape[1])
+                        if r0 >= r1:
+                            continue
+                        rows = slice(r0 + row_off - top, r1 + row_off - top)
+                        cols = slice(c0 + col_off - col0, c1 + col_off - col0)
+                        for layer, sds in datasets.items():
+                            with HDF4_LOCK:
+                                values = sds[r0:r1, c0:c1]
+                            _paste(out, layer, values, rows, cols)
+                    yield top, out
             except HDF4Error as exc:
                 raise MsmtuError(f"{granule.path}: cannot read {layer} rows {r0}:{r1}, columns {c0}:{c1} "
                                  f"({exc}); the file may be truncated or corrupt") from None
-        return out
+        finally:
+            with HDF4_LOCK:
+                for *_, sd, datasets in opened:
+                    for sds in datasets.values():
+                        sds.endaccess()
+                    sd.end()
 
 
 def _granule_mosaic(granules: list[Granule]) -> tuple[SourceGrid, list[GranuleObservation]]:
@@ -306,6 +363,10 @@ class GeoTiffObservation:
     @property
     def label(self) -> str:
         return self.layers[0][1]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(path for _, path, _ in self.layers))
 
     def read(self, row0: int, row1: int, col0: int, col1: int, band_quality: bool = False) -> ObservationWindow:
         if band_quality:
@@ -447,7 +508,8 @@ def _odl_object(name: str, value: str) -> str:
 
 def write_granule(path: str | Path, start: dt.date, tile: tuple[int, int], reflectance: np.ndarray,
                   state_qa: np.ndarray, day_of_year: np.ndarray, *, band_quality: np.ndarray | None = None,
-                  product: str = PRODUCT, collection: int = COLLECTION, compress: bool = True) -> Path:
+                  product: str = PRODUCT, collection: int = COLLECTION, compress: bool = True,
+                  chunks: tuple[int, int] | None = None) -> Path:
     """Write a MOD09A1 C6.1 granule as MODAPS does, through the HDF-EOS2 library
     (:mod:`msmtu_batch.inputs.hdfeos`): grid ``MOD_Grid_500m_Surface_Reflectance`` on tile
     ``(h, v)``'s corners, sinusoidal sphere, the product's fields, types, fill values and
@@ -455,7 +517,8 @@ def write_granule(path: str | Path, start: dt.date, tile: tuple[int, int], refle
     ``ArchiveMetadata.0``; the library writes ``StructMetadata.0``). ``reflectance`` is
     (7, n, n) int16 (n = 2400 in the real product; any n sets the pixel size), ``state_qa``
     and ``band_quality`` (``sur_refl_qc_500m``, default 0: ideal quality) per pixel,
-    ``day_of_year`` 1-366 (-1 or 65535 for fill)."""
+    ``day_of_year`` 1-366 (-1 or 65535 for fill). ``chunks`` (rows, columns) stores every field
+    in HDF4 chunks (MODAPS stores them whole)."""
     from pyhdf.SD import SD, SDC
 
     from msmtu_batch.inputs.hdfeos import NUMBER_TYPES, write_sinusoidal_grid
@@ -470,7 +533,7 @@ def write_granule(path: str | Path, start: dt.date, tile: tuple[int, int], refle
                (DOY_LAYER, np.asarray(day_of_year).astype(np.uint16), 65535)]
     with HDF4_LOCK:
         write_sinusoidal_grid(path, GRID_NAME, (left, top), (left + TILE_SIZE, top - TILE_SIZE), SPHERE_RADIUS,
-                              fields, deflate=1 if compress else None)
+                              fields, deflate=1 if compress else None, tile=chunks)
         end = start + dt.timedelta(days=COMPOSITE_DAYS - 1)
         core = "\n".join([
             "GROUP = INVENTORYMETADATA", "  GROUPTYPE = MASTERGROUP", "  GROUP = COLLECTIONDESCRIPTIONCLASS",
