@@ -10,7 +10,9 @@ Writes DIR/inputs/ once (about 3.5 minutes a year) and reuses it. Reports the in
 (with its phases), each worker's and the driver's peak memory, and, as the baseline of the same
 run, the time one process takes only to read, once, every window the cube needs: the region's
 window of every granule layer (the decompression floor) and of the DEM and climate rasters.
-``--years 2`` ingests 2013 and 2014 at once on one cluster, against the sum of both floors.
+``--years 2`` ingests 2013 and 2014 at once on one cluster, against the sum of both floors;
+``--hdf-chunks 480 --dates 12`` writes granules stored in HDF4 chunks and ingests them by chunk
+(each task reads its window) and by date (the default), against their floor.
 """
 
 from __future__ import annotations
@@ -36,6 +38,30 @@ def granule_folder(folder: Path, year: int) -> Path:
     return folder / ("granules" if year == YEARS[0] else f"granules-{year}")
 
 
+def write_granules(granules: Path, year: int, seed: int, chunks: int | None = None, dates: int = 46) -> None:
+    """The year's granules of h17v05 and h18v05 (the first ``dates`` composites), deflate-compressed,
+    stored whole as MODAPS does or in ``chunks`` x ``chunks`` HDF4 chunks."""
+    from msmtu_batch.inputs.modis import write_granule
+
+    granules.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:TILE, 0:TILE].astype(np.float32)
+    base = [(1500 + 800 * np.sin(rows / 170 + b) * np.cos(cols / 230)).astype(np.int16) for b in range(7)]
+    for i, h in ((i, h) for i in range(dates) for h in (17, 18)):
+        start = dt.date(year, 1, 1) + dt.timedelta(days=8 * i)
+        doy0 = start.timetuple().tm_yday
+        path = granules / f"MOD09A1.A{year}{doy0:03d}.h{h}v05.061.2021000000000.hdf"
+        if path.exists():
+            continue
+        season = int(400 * np.sin(2 * np.pi * doy0 / 365))
+        clouds = rng.random((TILE // 60, TILE // 60)) < 0.3  # 28 km cloud cells
+        qa = np.where(np.kron(clouds, np.ones((60, 60), bool)), 0b01001, 0b01000).astype(np.uint16)
+        doy = (doy0 + (np.arange(TILE)[:, None] // 300 + np.arange(TILE)[None] // 300) % 8).astype(np.int16)
+        doy = np.minimum(doy, 365).astype(np.int16)
+        write_granule(path, start, (h, 5), np.stack([b + season for b in base]), qa, doy,
+                      chunks=None if chunks is None else (chunks, chunks))
+
+
 def write_inputs(folder: Path, years: int = 1) -> None:
     import geopandas as gpd
     import rasterio
@@ -43,26 +69,10 @@ def write_inputs(folder: Path, years: int = 1) -> None:
     from shapely.geometry import box
 
     from msmtu_batch.inputs.cube import CLIMATIC_NAMES
-    from msmtu_batch.inputs.modis import SINUSOIDAL_CRS, TILE_SIZE, tile_upper_left, write_granule
+    from msmtu_batch.inputs.modis import SINUSOIDAL_CRS, TILE_SIZE, tile_upper_left
 
-    rows, cols = np.mgrid[0:TILE, 0:TILE].astype(np.float32)
-    base = [(1500 + 800 * np.sin(rows / 170 + b) * np.cos(cols / 230)).astype(np.int16) for b in range(7)]
     for k, year in enumerate(YEARS[:years]):
-        granules = granule_folder(folder, year)
-        granules.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(k)
-        for i, h in ((i, h) for i in range(46) for h in (17, 18)):
-            start = dt.date(year, 1, 1) + dt.timedelta(days=8 * i)
-            doy0 = start.timetuple().tm_yday
-            path = granules / f"MOD09A1.A{year}{doy0:03d}.h{h}v05.061.2021000000000.hdf"
-            if path.exists():
-                continue
-            season = int(400 * np.sin(2 * np.pi * doy0 / 365))
-            clouds = rng.random((TILE // 60, TILE // 60)) < 0.3  # 28 km cloud cells
-            qa = np.where(np.kron(clouds, np.ones((60, 60), bool)), 0b01001, 0b01000).astype(np.uint16)
-            doy = (doy0 + (np.arange(TILE)[:, None] // 300 + np.arange(TILE)[None] // 300) % 8).astype(np.int16)
-            doy = np.minimum(doy, 365).astype(np.int16)
-            write_granule(path, start, (h, 5), np.stack([b + season for b in base]), qa, doy)
+        write_granules(granule_folder(folder, year), year, seed=k)
     top = tile_upper_left(18, 5)[1]  # the region is centred on the seam x = 0
     pixel = TILE_SIZE / TILE
     region = box(-REGION_PIXELS[1] / 2 * pixel, top - 300 * pixel - REGION_PIXELS[0] * pixel,
@@ -92,7 +102,7 @@ def write_inputs(folder: Path, years: int = 1) -> None:
                 dst.write(values.astype(np.float32), 1)
 
 
-def read_floor(folder: Path, year: int = YEARS[0]) -> dict[str, float]:
+def read_floor(folder: Path, granules: Path) -> dict[str, float]:
     """Seconds one process needs only to read, once, every window the cube needs: the region's
     window of every granule layer, and the DEM's and climate rasters' windows covering it."""
     import rasterio
@@ -103,7 +113,7 @@ def read_floor(folder: Path, year: int = YEARS[0]) -> dict[str, float]:
     from msmtu_batch.inputs.ingest import IngestConfig, _read_region, plan_grid
     from msmtu_batch.inputs.modis import open_reflectance
 
-    source = open_reflectance([granule_folder(folder, year)])
+    source = open_reflectance([granules])
     grid = plan_grid(source.grid, IngestConfig(region=folder / "region.gpkg"), _read_region(folder / "region.gpkg"))
     row0, col0 = grid.native_offset
     start = time.perf_counter()
@@ -120,15 +130,15 @@ def read_floor(folder: Path, year: int = YEARS[0]) -> dict[str, float]:
 
 
 def ingest_child(folder: Path, out: Path, chunk: int, crs: str | None, resolution: float | None,
-                 years: int) -> None:
+                 years: int, granules: Path | None, read_order: str) -> None:
     from msmtu_batch.batch.tiling import peak_memory_mib
     from msmtu_batch.inputs.cube import CLIMATIC_NAMES
     from msmtu_batch.inputs.ingest import IngestConfig, ingest, ingest_years
 
-    config = IngestConfig(inputs=[granule_folder(folder, year) for year in YEARS[:years]],
+    config = IngestConfig(inputs=[granules] if granules else [granule_folder(folder, y) for y in YEARS[:years]],
                           region=folder / "region.gpkg", dem=folder / "dem_3arcsec.tif",
                           climate={n: folder / f"{n}.tif" for n in CLIMATIC_NAMES}, chunk=chunk, crs=crs,
-                          resolution=resolution)
+                          resolution=resolution, read_order=read_order)
     start = time.perf_counter()
     if years == 1:
         summaries = [ingest(config, out, overwrite=True)]
@@ -152,34 +162,52 @@ def main() -> None:
     parser.add_argument("--crs")
     parser.add_argument("--resolution", type=float)
     parser.add_argument("--years", type=int, choices=(1, 2), default=1, help="ingest 2013 (and 2014) at once")
+    parser.add_argument("--hdf-chunks", type=int, help="granules in HDF4 chunks of this side: both reading "
+                        "orders against each other (with --dates)")
+    parser.add_argument("--dates", type=int, default=46, help="composites of the --hdf-chunks granules")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--granules", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--read-order", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     inputs, cube = args.out / "inputs", args.out / "cube.zarr"
     if args.child:
-        ingest_child(inputs, cube, args.chunk, args.crs, args.resolution, args.years)
+        ingest_child(inputs, cube, args.chunk, args.crs, args.resolution, args.years, args.granules, args.read_order)
         return
     start = time.perf_counter()
     write_inputs(inputs, args.years)
+    granule_sets = [(None, granule_folder(inputs, year)) for year in YEARS[:args.years]]
+    orders = ["auto"]
+    if args.hdf_chunks:
+        chunked = inputs / f"granules-chunked{args.hdf_chunks}-{args.dates}"
+        write_granules(chunked, YEARS[0], seed=0, chunks=args.hdf_chunks, dates=args.dates)
+        granule_sets, orders = [(chunked, chunked)], ["by-chunk", "by-date"]
     print(f"inputs ready in {time.perf_counter() - start:.0f} s "
           f"({sum(p.stat().st_size for p in inputs.rglob('*') if p.is_file()) / 2**30:.2f} GiB)")
-    floors = {f"{year} {part}": seconds for year in YEARS[:args.years]
-              for part, seconds in read_floor(inputs, year).items()}
+    floors = {f"{folder.name} {part}": seconds for _, folder in granule_sets
+              for part, seconds in read_floor(inputs, folder).items()}
     floor = sum(floors.values())
-    command = [sys.executable, __file__, "--child", "--out", str(args.out), "--chunk", str(args.chunk), "--years",
-               str(args.years)]
-    if args.crs:
-        command += ["--crs", args.crs, "--resolution", str(args.resolution)]
-    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    pixels = result["height"] * result["width"] * args.years
-    result |= {"read_floor_seconds": floor, "read_floor_parts": floors, "pixels_per_second": pixels / result["seconds"],
-               "vs_read_floor": floor / result["seconds"], "date": dt.date.today().isoformat(),
-               "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-               "chunk": args.chunk, "grid": args.crs or "native sinusoidal", "years": args.years}
-    print(json.dumps(result, indent=2))
-    (args.out / f"ingest-{args.chunk}-{(args.crs or 'native').replace(':', '')}-{args.years}y.json").write_text(
-        json.dumps(result, indent=2))
-    for store in args.out.glob("cube*.zarr"):
-        shutil.rmtree(store, ignore_errors=True)
+    for order in orders:
+        command = [sys.executable, __file__, "--child", "--out", str(args.out), "--chunk", str(args.chunk),
+                   "--years", str(args.years), "--read-order", order]
+        if args.crs:
+            command += ["--crs", args.crs, "--resolution", str(args.resolution)]
+        if granule_sets[0][0]:
+            command += ["--granules", str(granule_sets[0][0])]
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        pixels = result["height"] * result["width"] * args.years
+        result |= {"read_floor_seconds": floor, "read_floor_parts": floors,
+                   "pixels_per_second": pixels / result["seconds"], "vs_read_floor": floor / result["seconds"],
+                   "date": dt.date.today().isoformat(),
+                   "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+                   "chunk": args.chunk, "grid": args.crs or "native sinusoidal", "years": args.years,
+                   "hdf_chunks": args.hdf_chunks, "read_order": order}
+        print(json.dumps(result, indent=2))
+        name = f"ingest-{args.chunk}-{(args.crs or 'native').replace(':', '')}-{args.years}y"
+        if args.hdf_chunks:
+            name += f"-hdf{args.hdf_chunks}-{order}"
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        for store in args.out.glob("cube*.zarr"):
+            shutil.rmtree(store, ignore_errors=True)
 
 
 if __name__ == "__main__":
