@@ -43,12 +43,10 @@ import numpy as np
 
 from msmtu_batch.inputs.cube import (
     N_MONTHS,
-    QA_CLOUD_SHADOW,
     QA_CLOUD_STATE_MASK,
     QA_CLOUDY,
-    QA_INTERNAL_SNOW,
     QA_MIXED_CLOUD,
-    QA_MOD35_SNOW,
+    QA_REJECT_BITS,
     REFLECTANCE_FILL,
     REFLECTANCE_VALID_RANGE,
     qa_rejected,
@@ -120,7 +118,6 @@ def composite_months_numpy(reflectance: np.ndarray, state_qa: np.ndarray | None,
 
 
 _RULE_CODES = {CompositeRule.median: 0, CompositeRule.mean: 1, CompositeRule.max_ndvi: 2}
-_QA_REJECT_BITS = QA_CLOUD_SHADOW | QA_MOD35_SNOW | QA_INTERNAL_SNOW
 _LOW, _HIGH = REFLECTANCE_VALID_RANGE
 _MAX_DAY = 366
 
@@ -162,7 +159,7 @@ def _composite_kernel(reflectance, state_qa, has_qa, day_of_year, month_of_day, 
                 month = month_of_day[d, day] if 0 <= day <= _MAX_DAY else -1
                 if has_qa:
                     qa = state_qa[d, row, col]
-                    if (qa & QA_CLOUD_STATE_MASK) in (QA_CLOUDY, QA_MIXED_CLOUD) or (qa & _QA_REJECT_BITS) != 0:
+                    if (qa & QA_CLOUD_STATE_MASK) in (QA_CLOUDY, QA_MIXED_CLOUD) or (qa & QA_REJECT_BITS) != 0:
                         month = -1
                 months[d, col] = month
             for b in range(n_bands):

@@ -75,6 +75,7 @@ QA_INTERNAL_CLOUD = 1 << 10
 QA_MOD35_SNOW = 1 << 12
 QA_ADJACENT_CLOUD = 1 << 13  # informative only: not rejected
 QA_INTERNAL_SNOW = 1 << 15
+QA_REJECT_BITS = QA_CLOUD_SHADOW | QA_MOD35_SNOW | QA_INTERNAL_SNOW  # besides cloud states 01 and 10
 
 
 # MOD09A1 sur_refl_qc_500m (uint32), MOD09 user guide table 10: bits 0-1 MODLAND QA (00 ideal
@@ -106,7 +107,7 @@ def qa_rejected(state_qa: np.ndarray) -> np.ndarray:
     qa = np.asarray(state_qa).astype(np.uint16, copy=False)
     cloud_state = qa & QA_CLOUD_STATE_MASK
     cloudy = (cloud_state == QA_CLOUDY) | (cloud_state == QA_MIXED_CLOUD)
-    return cloudy | ((qa & (QA_CLOUD_SHADOW | QA_MOD35_SNOW | QA_INTERNAL_SNOW)) != 0)
+    return cloudy | ((qa & QA_REJECT_BITS) != 0)
 
 
 def observed_mask(reflectance: np.ndarray, state_qa: np.ndarray | None = None) -> np.ndarray:

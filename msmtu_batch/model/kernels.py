@@ -15,19 +15,16 @@ import numba
 import numpy as np
 
 from msmtu_batch.inputs.cube import (
-    QA_CLOUD_SHADOW,
     QA_CLOUD_STATE_MASK,
     QA_CLOUDY,
-    QA_INTERNAL_SNOW,
     QA_MIXED_CLOUD,
-    QA_MOD35_SNOW,
+    QA_REJECT_BITS,
     REFLECTANCE_FILL,
     REFLECTANCE_SCALE,
     REFLECTANCE_VALID_RANGE,
 )
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer
 
-_QA_REJECT_BITS = QA_CLOUD_SHADOW | QA_MOD35_SNOW | QA_INTERNAL_SNOW
 _LOW, _HIGH = REFLECTANCE_VALID_RANGE
 
 
@@ -46,7 +43,7 @@ def _prepare_chunk(reflectance, state_qa, has_qa, band_mean, band_std, ancillary
             if has_qa:
                 qa = state_qa[t, row, col]
                 cloud = qa & QA_CLOUD_STATE_MASK
-                rejected = cloud in (QA_CLOUDY, QA_MIXED_CLOUD) or (qa & _QA_REJECT_BITS) != 0
+                rejected = cloud in (QA_CLOUDY, QA_MIXED_CLOUD) or (qa & QA_REJECT_BITS) != 0
             for b in range(bands):
                 raw = reflectance[t, b, row, col]
                 usable = (not rejected) and raw != REFLECTANCE_FILL and raw >= _LOW and raw <= _HIGH
