@@ -41,7 +41,7 @@ from enum import StrEnum
 import numba
 import numpy as np
 
-from msmtu_batch.inputs.cube import (
+from msmtu_batch.inputs.layers import (
     N_MONTHS,
     QA_CLOUD_STATE_MASK,
     QA_CLOUDY,

@@ -9,14 +9,15 @@ layer from its first row, so a task per chunk would inflate each layer's top row
 chunk row, whereas a date read in strips inflates each layer once. One Dask task per spatial
 chunk of the cube then reads the window of every observation that covers the chunk (from the
 scratch store, or straight from GeoTIFF exports, which are read by window at no such cost),
-composites the months
-(:mod:`msmtu_batch.inputs.composite`) on the source grid, warps them onto the chunk with
-rasterio/GDAL when the grid is not the native one, blanks pixels outside the region, adds
-the ancillary variables (:mod:`msmtu_batch.inputs.ancillary`) and writes its chunk of the Zarr
-store. A task's memory follows the chunk size (about 46 dates x 9 layers x chunk^2 x 2
-bytes), never the region size; a date task holds one strip (9 layers x chunk rows x region
-width x 2 bytes). The scratch store holds the region's window of every date (about 4x the
-cube's reflectance, compressed) and is removed at the end.
+composites the months (:mod:`msmtu_batch.inputs.composite`) on the source grid, warps them
+onto the chunk with rasterio/GDAL when the grid is not the native one, blanks pixels outside
+the region, adds the ancillary variables (:mod:`msmtu_batch.inputs.ancillary`) and writes its
+chunk of the Zarr store. The tasks live in :mod:`msmtu_batch.inputs.ingest_tasks`, which
+workers import without xarray, pandas or dask.array. A task's memory follows the chunk size
+(about 46 dates x 9 layers x chunk^2 x 2 bytes), never the region size; a date task holds
+one strip (9 layers x chunk rows x region width x 2 bytes). The scratch store holds the
+region's window of every date (about 4x the cube's reflectance, compressed) and is removed
+at the end.
 
 The cube is built at a hidden ``.NAME.partial`` sibling whose ``ingest_status`` attribute
 says ``incomplete`` (such a store fails cube validation), marked complete and renamed to
@@ -40,29 +41,26 @@ from pathlib import Path
 from typing import Literal
 
 import dask.array as da
-import numba
 import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
 from affine import Affine
-from distributed import Client, as_completed, get_worker
+from distributed import Client, as_completed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
 from rasterio.features import geometry_mask
-from rasterio.warp import reproject, transform_bounds
+from rasterio.warp import transform_bounds
 from rasterio.windows import from_bounds
-from zarr.codecs import BloscCodec
 
 from msmtu_batch import __version__
 from msmtu_batch.batch.clusters import AnySpec, connect, load_cluster_spec, threads_per_task
 from msmtu_batch.batch.digests import file_sha256
 from msmtu_batch.batch.outputs import check_output_path, check_replaceable, output_lock, replace_store
-from msmtu_batch.batch.tiling import ChunkWindow, chunk_windows, covering_window, peak_memory_mib
+from msmtu_batch.batch.tiling import chunk_windows, covering_window
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary, source_of
-from msmtu_batch.inputs.composite import CompositeRule, composite_months
+from msmtu_batch.inputs.ancillary import AncillarySources
+from msmtu_batch.inputs.composite import CompositeRule
 from msmtu_batch.inputs.cube import (
     ALL_CHUNKS_ATTR,
     ANCILLARY_UNITS,
@@ -72,27 +70,27 @@ from msmtu_batch.inputs.cube import (
     REFLECTANCE_FILL,
     REFLECTANCE_SCALE,
     REFLECTANCE_VALID_RANGE,
-    band_quality_rejected,
     consolidate,
     cube_encoding,
     for_zarr_format,
     open_input_cube,
     project_store,
-    write_window,
 )
+from msmtu_batch.inputs.ingest_tasks import (
+    SOURCE_MARGIN,
+    IngestSpec,
+    ScratchStore,
+    TargetGrid,
+    ingest_chunk,
+    stage_date,
+)
+from msmtu_batch.inputs.layers import COUNT_VARIABLE
 from msmtu_batch.inputs.modis import (
     COMPOSITE_DAYS,
-    DOY_FILL,
-    QA_FILL,
-    ObservationWindow,
     ReflectanceSource,
     SourceGrid,
     open_reflectance,
 )
-
-COUNT_VARIABLE = "clear_count"
-SOURCE_MARGIN = 2  # source pixels read around a chunk before warping it
-_SCRATCH_LAYERS = len(BAND_NAMES) + 2  # reflectance, StateQA, day of year
 
 
 class IngestConfig(BaseModel):
@@ -134,83 +132,6 @@ class IngestConfig(BaseModel):
                                 dict(self.climate_units))
 
 
-@dataclass(frozen=True)
-class TargetGrid:
-    crs: CRS
-    transform: Affine
-    width: int
-    height: int
-    native_offset: tuple[int, int] | None  # (row, column) in the source grid when not warped
-
-    def chunk_transform(self, window: ChunkWindow) -> Affine:
-        return self.transform * Affine.translation(window.x0, window.y0)
-
-
-@dataclass(frozen=True)
-class ScratchStore:
-    """Every date's values over a window of the source grid (rows ``row0``.., columns
-    ``col0``..), staged by the date tasks for the chunk tasks: one int16 array (D, 9, h, w) of
-    the raw reflectance (rejected band qualities already fill), StateQA (its uint16 bits) and
-    day of year; one Zarr chunk per date and ``strip`` x ``strip`` pixels (one array, not
-    three: each chunk costs a few milliseconds of Zarr's own work), LZ4 over shuffled bytes
-    (a tenth of zstd's decoding time: the scratch is read once, speed matters, not size)."""
-
-    path: str
-    row0: int
-    col0: int
-    height: int
-    width: int
-    strip: int
-
-    def create(self, n_dates: int) -> None:
-        group = zarr.open_group(self.path, mode="w", zarr_format=3)
-        group.create_array("layers", shape=(n_dates, _SCRATCH_LAYERS, self.height, self.width), dtype=np.int16,
-                           chunks=(1, _SCRATCH_LAYERS, self.strip, self.strip), fill_value=REFLECTANCE_FILL,
-                           compressors=BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"))
-
-    def write(self, index: int, top: int, window: ObservationWindow, band_quality: bool) -> None:
-        layers = np.concatenate([usable_reflectance(window, band_quality), window.state_qa.view(np.int16)[None],
-                                 window.day_of_year[None]])
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            array = zarr.open_array(self.path, path="layers", mode="r+")
-            array[index, :, top - self.row0:top - self.row0 + layers.shape[1]] = layers
-
-    def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Reflectance (D, 7, h, w), StateQA and day of year (D, h, w) of rows ``row0:row1`` and
-        columns ``col0:col1`` of the source grid (as read outside the staged window: fill)."""
-        array = zarr.open_array(self.path, path="layers", mode="r")
-        r0, r1 = max(row0 - self.row0, 0), min(row1 - self.row0, self.height)
-        c0, c1 = max(col0 - self.col0, 0), min(col1 - self.col0, self.width)
-        if (r1 - r0, c1 - c0) == (row1 - row0, col1 - col0):
-            layers = array[..., r0:r1, c0:c1]  # inside (always, on the native grid): no second copy
-        else:
-            layers = np.empty((array.shape[0], _SCRATCH_LAYERS, row1 - row0, col1 - col0), np.int16)
-            layers[:, :len(BAND_NAMES)] = REFLECTANCE_FILL
-            layers[:, len(BAND_NAMES)] = np.int16(QA_FILL - 65536)
-            layers[:, len(BAND_NAMES) + 1] = DOY_FILL
-            if r0 < r1 and c0 < c1:
-                layers[..., r0 + self.row0 - row0:r1 + self.row0 - row0, c0 + self.col0 - col0:c1 + self.col0 - col0] \
-                    = array[..., r0:r1, c0:c1]
-        return (layers[:, :len(BAND_NAMES)], layers[:, len(BAND_NAMES)].view(np.uint16),
-                layers[:, len(BAND_NAMES) + 1])
-
-
-@dataclass(frozen=True)
-class IngestSpec:
-    """What every task needs (picklable: paths and metadata, no data)."""
-
-    source: ReflectanceSource
-    grid: TargetGrid
-    year: int
-    composite: CompositeRule
-    resampling: str
-    ancillary: AncillarySources
-    store: str
-    band_quality: bool = False
-    scratch: ScratchStore | None = None  # read by date into it first (IngestConfig.read_order)
-    threads: int = 1  # Numba threads of one task
-
-
 @dataclass
 class IngestSummary:
     out: Path
@@ -224,120 +145,6 @@ class IngestSummary:
     worker_peak_mib: dict[str, float] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # plan, cluster, dates, chunks, finish
 
-
-# --- worker side --------------------------------------------------------------------------
-
-def usable_reflectance(window: ObservationWindow, band_quality: bool) -> np.ndarray:
-    """A window's reflectance, with ``band_quality`` the values that ``sur_refl_qc_500m``
-    flags as not of the highest quality set to fill (:func:`band_quality_rejected`)."""
-    reflectance = window.reflectance
-    if band_quality:
-        reflectance[band_quality_rejected(window.band_quality)] = REFLECTANCE_FILL
-    return reflectance
-
-
-def read_observations(source: ReflectanceSource, row0: int, row1: int, col0: int, col1: int,
-                      band_quality: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Every observation's window of the source grid: reflectance (D, 7, h, w), StateQA
-    (D, h, w) or None, and day of year (D, h, w) (the file's date where there is no such layer).
-    With ``band_quality``, a band's value that ``sur_refl_qc_500m`` flags as not of the highest
-    quality is read as fill (:func:`band_quality_rejected`)."""
-    n, height, width = len(source.observations), row1 - row0, col1 - col0
-    reflectance = np.empty((n, len(BAND_NAMES), height, width), np.int16)
-    state_qa = np.zeros((n, height, width), np.uint16)  # no QA layer: every observation passes
-    doy = np.empty((n, height, width), np.int16)
-    any_qa = False
-    for i, observation in enumerate(source.observations):
-        window = observation.read(row0, row1, col0, col1, band_quality)
-        reflectance[i] = usable_reflectance(window, band_quality)
-        if window.state_qa is not None:
-            state_qa[i], any_qa = window.state_qa, True
-        doy[i] = window.day_of_year if window.day_of_year is not None \
-            else observation.start.timetuple().tm_yday
-    return reflectance, (state_qa if any_qa else None), doy
-
-
-def stage_date(spec: IngestSpec, index: int) -> dict:
-    """Read date ``index``'s window of the source grid, top to bottom in strips, into the
-    scratch store."""
-    scratch = spec.scratch
-    observation = spec.source.observations[index]
-    for top, window in observation.read_strips(scratch.row0, scratch.row0 + scratch.height, scratch.col0,
-                                               scratch.col0 + scratch.width, scratch.strip, spec.band_quality):
-        scratch.write(index, top, window, spec.band_quality)
-    return {"observed": 0, **_task_facts()}
-
-
-def _task_facts() -> dict:
-    try:
-        worker = get_worker().address
-    except ValueError:
-        worker = "local"
-    return {"worker": worker, "peak_mib": peak_memory_mib()}
-
-
-def _composite_window(spec: IngestSpec, row0: int, row1: int, col0: int, col1: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    if spec.scratch is not None:
-        reflectance, state_qa, doy = spec.scratch.read(row0, row1, col0, col1)
-    else:
-        reflectance, state_qa, doy = read_observations(spec.source, row0, row1, col0, col1, spec.band_quality)
-    return composite_months(reflectance, state_qa, doy, [o.start for o in spec.source.observations],
-                            spec.year, spec.composite)
-
-
-def _warped_composite(spec: IngestSpec, window: ChunkWindow) -> tuple[np.ndarray, np.ndarray]:
-    """Composite on the source pixels under the chunk, then warp onto the chunk (GDAL)."""
-    grid, src = spec.grid, spec.source.grid
-    height, width = window.y1 - window.y0, window.x1 - window.x0
-    transform = grid.chunk_transform(window)
-    composite = np.full((N_MONTHS, len(BAND_NAMES), height, width), REFLECTANCE_FILL, np.int16)
-    counts = np.zeros((N_MONTHS, height, width), np.uint8)
-    rows = covering_window(grid.crs, transform, height, width, src.crs, src.transform, src.height, src.width,
-                           SOURCE_MARGIN)
-    if rows is None:
-        return composite, counts
-    row0, row1, col0, col1 = rows
-    monthly, clear = _composite_window(spec, row0, row1, col0, col1)
-    src_transform = src.transform * Affine.translation(col0, row0)
-    common = dict(src_transform=src_transform, src_crs=src.crs, dst_transform=transform, dst_crs=grid.crs,
-                  tolerance=0)
-    planes = composite.reshape(-1, height, width)
-    reproject(monthly.reshape(-1, *monthly.shape[2:]), planes, src_nodata=REFLECTANCE_FILL,
-              dst_nodata=REFLECTANCE_FILL, resampling=Resampling[spec.resampling], **common)
-    reproject(clear, counts, resampling=Resampling.nearest, **common)
-    return composite, counts
-
-
-def ingest_chunk(spec: IngestSpec, window: ChunkWindow, inside: np.ndarray | None) -> dict:
-    """Composite, warp, clip, add ancillary data to and write one chunk of the cube."""
-    numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
-    if spec.grid.native_offset is not None:
-        row_off, col_off = spec.grid.native_offset
-        composite, counts = _composite_window(spec, row_off + window.y0, row_off + window.y1,
-                                              col_off + window.x0, col_off + window.x1)
-    else:
-        composite, counts = _warped_composite(spec, window)
-    if inside is not None:
-        composite[:, :, ~inside] = REFLECTANCE_FILL
-        counts[:, ~inside] = 0
-    height, width = counts.shape[1:]
-    ancillary = chunk_ancillary(spec.ancillary, spec.grid.crs, spec.grid.chunk_transform(window), height, width)
-    observed = (composite != REFLECTANCE_FILL).any(axis=(0, 1))
-    for name, values in ancillary.items():
-        if inside is not None:
-            values[~inside] = np.nan
-        bad = observed & ~np.isfinite(values)
-        if bad.any():
-            raise MsmtuError(f"{source_of(spec.ancillary, name)}: no {name} value for {int(bad.sum())} pixel(s) "
-                             f"with observed reflectance in chunk {window.label} of the cube; does the raster "
-                             "cover the region, and is its nodata value right?")
-    write_window(spec.store, {"reflectance": composite, COUNT_VARIABLE: counts, **ancillary},
-                 slice(window.y0, window.y1), slice(window.x0, window.x1))
-    return {"observed": int(observed.sum()), **_task_facts()}
-
-
-# --- driver side --------------------------------------------------------------------------
 
 def _read_region(path: Path) -> object:
     import geopandas as gpd

@@ -32,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.inputs.cube import BAND_NAMES, REFLECTANCE_FILL
+from msmtu_batch.inputs.layers import BAND_NAMES, REFLECTANCE_FILL
 
 PRODUCT = "MOD09A1"
 COLLECTION = 61
@@ -446,6 +445,8 @@ def _geotiff_observations(paths: Sequence[Path], dates: dict[Path, dt.date]
 
 def _read_manifest(manifest: Path) -> dict[Path, dt.date]:
     try:
+        import pandas as pd  # here only: the Dask tasks that import this module do without pandas
+
         table = pd.read_csv(manifest, dtype=str)
     except (OSError, ValueError) as exc:
         raise MsmtuError(f"{manifest}: cannot read the manifest ({exc})") from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from msmtu_batch.inputs.cube import (
+from msmtu_batch.inputs.layers import (
     QA_CLOUD_STATE_MASK,
     QA_CLOUDY,
     QA_MIXED_CLOUD,
