@@ -2,30 +2,38 @@
 
 A yearly production reads about 6 GB of granules per year; hashing them all on every rerun
 would make a rerun with nothing new take minutes. :class:`DigestCache` keeps each file's
-sha256 with its size, modification time and inode, and hashes again only a file whose
+digest with its size, modification time and inode, and hashes again only a file whose
 stat changed (as git's index and DVC do): a touched file with the same bytes still has the
 same digest, so stages decide by content, not by time stamps.
+
+The digest is BLAKE3, a cryptographic hash like sha256 but 14x its speed on CPUs without SHA
+extensions (2.4 GB/s against 0.17 GB/s on the benchmark VM): sha256 of a year of Andalusia's
+granules (1.9 GB) was a quarter of the ingest's CPU time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
 from pathlib import Path
 
+from blake3 import blake3
+
 from msmtu_batch.batch.outputs import write_text_durably
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes (hex)."""
+def file_blake3(path: str | os.PathLike) -> str:
+    """The BLAKE3 digest of a file's bytes (hex, 256 bits)."""
+    digest = blake3()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class DigestCache:
-    """``cache(path)`` is ``file_sha256(path)``, remembered in a JSON file (``save``)."""
+    """``cache(path)`` is ``file_blake3(path)``, remembered in a JSON file (``save``)."""
 
     def __init__(self, store: Path | None = None) -> None:
         self.store = store
@@ -44,11 +52,11 @@ class DigestCache:
         key = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         with self._lock:
             entry = self._entries.get(str(path))
-            if entry is not None and entry["stat"] == key:
-                return entry["sha256"]
-        digest = file_sha256(path)
+            if entry is not None and entry["stat"] == key and "blake3" in entry:
+                return entry["blake3"]
+        digest = file_blake3(path)
         with self._lock:
-            self._entries[str(path)] = {"stat": key, "sha256": digest}
+            self._entries[str(path)] = {"stat": key, "blake3": digest}
             self.hashed += 1
         return digest
 

@@ -2,9 +2,9 @@
 
 For every year of the definition: ingest (granules, DEM, climate -> input cube), run (cube +
 model -> output cube) and export (COGs). Like ``make``, a stage runs only when its output is
-out of date, but "out of date" is decided by content, not time stamps: the sources' sha256
-(remembered by stat in ``.msmtu-digests.json``, so unchanged granules are not read again),
-the model's hash, the settings and the software version. A rerun with nothing new computes
+out of date, but "out of date" is decided by content, not time stamps: the sources' BLAKE3
+digests (remembered by stat in ``.msmtu-digests.json``, so unchanged granules are not read
+again), the model's hash, the settings and the software version. A rerun with nothing new computes
 nothing and starts no cluster; a changed granule reruns its year; a new model recomputes
 every year into its own version folder and keeps the previous one.
 
@@ -59,7 +59,7 @@ from msmtu_batch.products.export import export_cogs
 EXIT_OK, EXIT_BAD_DEFINITION, EXIT_YEARS_FAILED = 0, 2, 3
 EXPORT_RECORD = "export.json"
 GLOB_CHARACTERS = set("*?[")
-UP_TO_DATE = {"ingest": "same source files (by sha256), settings and software version",
+UP_TO_DATE = {"ingest": "same source files (by BLAKE3 digest), settings and software version",
               "run": "same input cube content, model, settings and software version",
               "export": "COGs of the output as it is, by this software version"}
 
