@@ -683,6 +683,11 @@ def test_band_quality_is_refused_for_geotiff_exports(tmp_path):
         ingest(IngestConfig(inputs=[exports], band_quality=True), tmp_path / "cube.zarr")
     assert str(err.value) == ("band_quality needs the sur_refl_qc_500m layer of MOD09A1 granules; GeoTIFF exports "
                               "do not carry it")
+    with pytest.raises(MsmtuError) as err:
+        ingest(IngestConfig(inputs=[exports], read_order="by-date"), tmp_path / "cube.zarr")
+    assert str(err.value) == ("read_order by-date is for MOD09A1 granules (unchunked deflate layers); GeoTIFF exports "
+                              "are read by chunk (read_order auto or by-chunk)")
+    assert not list(tmp_path.glob("*.zarr")) and not list(tmp_path.glob(".*"))
 
 
 # --- reading order: by date (scratch store) or by chunk, unchunked or chunked HDF4 -----------------

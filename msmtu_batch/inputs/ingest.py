@@ -369,6 +369,9 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
         if config.band_quality and source.kind == "GeoTIFF":
             raise MsmtuError("band_quality needs the sur_refl_qc_500m layer of MOD09A1 granules; GeoTIFF exports "
                              "do not carry it")
+        if config.read_order == "by-date" and source.kind == "GeoTIFF":
+            raise MsmtuError("read_order by-date is for MOD09A1 granules (unchunked deflate layers); GeoTIFF exports "
+                             "are read by chunk (read_order auto or by-chunk)")
         source, year = source_of_year(source, config.year)
         sources = config.ancillary_sources().check()
         names = sources.names()
