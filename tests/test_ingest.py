@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from hypothesis import strategies as st
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from msmtu_batch.batch.digests import file_blake3
 from msmtu_batch.batch.pipeline import RunConfig, run
 from msmtu_batch.errors import CubeValidationError, MsmtuError
 from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary
@@ -35,13 +38,14 @@ from msmtu_batch.inputs.cube import (
     band_quality_rejected,
     open_input_cube,
 )
-from msmtu_batch.inputs.ingest import COUNT_VARIABLE, IngestConfig, ingest
+from msmtu_batch.inputs.ingest import COUNT_VARIABLE, IngestConfig, ingest, planned_sources
 from msmtu_batch.inputs.modis import (
     DOY_LAYER,
     QA_LAYER,
     SINUSOIDAL_CRS,
     SPHERE_RADIUS,
     TILE_SIZE,
+    open_reflectance,
     read_granule_info,
     tile_upper_left,
     write_granule,
@@ -670,6 +674,43 @@ def test_band_quality_option_drops_flagged_observations(tmp_path, scheduler):
     xr.testing.assert_equal(screened[["reflectance", COUNT_VARIABLE]], reference[["reflectance", COUNT_VARIABLE]])
     assert int(plain[COUNT_VARIABLE].sum()) > int(screened[COUNT_VARIABLE].sum()) > 0
     assert "sur_refl_qc_500m" in screened.attrs["qa_rejected"]
+
+
+def test_strips_of_a_date_are_its_window_read_at_once(tmp_path):
+    """read_strips (the date tasks' reader, one reused block for every strip) gives, strip after
+    strip, what one read of the whole window gives, band qualities included, across the seam of
+    two tiles and with a last strip shorter than the others."""
+    starts = STARTS[:2]
+    qc = (np.arange(N * N, dtype=np.uint64).reshape(N, N) * 2654435761 % 2**32).astype(np.uint32)  # varied bits
+    source = open_reflectance([write_year(tmp_path / "granules", starts=starts, band_quality=lambda start: qc)])
+    row0, row1, col0, col1 = 3, N - 2, N - 7, N + 9  # both tiles' columns
+    for observation in source.observations:
+        whole = observation.read(row0, row1, col0, col1, band_quality=True)
+        strips = [(top, window.reflectance.copy(), window.state_qa.copy(), window.day_of_year.copy(),
+                   window.band_quality.copy()) for top, window in
+                  observation.read_strips(row0, row1, col0, col1, 5, band_quality=True)]
+        assert [top for top, *_ in strips] == list(range(row0, row1, 5))
+        assert strips[-1][1].shape[1] == (row1 - row0) % 5
+        np.testing.assert_array_equal(np.concatenate([s[1] for s in strips], axis=1), whole.reflectance)
+        for k, expected in ((2, whole.state_qa), (3, whole.day_of_year), (4, whole.band_quality)):
+            np.testing.assert_array_equal(np.concatenate([s[k] for s in strips]), expected)
+
+
+def test_sources_are_hashed_at_the_lowest_priority(tmp_path):
+    """The digests run beside the ingest's workers in threads at nice 19 (Linux), taking only
+    the CPU the workers leave; the calling thread keeps its priority."""
+    folder = write_year(tmp_path / "granules", starts=STARTS[:2])
+    priorities = []
+
+    def digest(path: Path) -> str:
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return file_blake3(path)
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    record = planned_sources(IngestConfig(inputs=[folder]), file_digest=digest)
+    assert len(priorities) == len(record["files"]) == 4
+    assert set(priorities) == {19} and before < 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
 def test_band_quality_is_refused_for_geotiff_exports(tmp_path):

@@ -13,6 +13,7 @@ granules (1.9 GB) was a quarter of the ingest's CPU time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -21,6 +22,14 @@ from pathlib import Path
 from blake3 import blake3
 
 from msmtu_batch.batch.outputs import write_text_durably
+
+
+def lower_thread_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (Linux: nice 19 for this thread only),
+    so that hashing beside the ingest's workers takes only the CPU they leave idle rather than
+    a share of theirs; elsewhere a no-op."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: normal priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def file_blake3(path: str | os.PathLike) -> str:

@@ -72,8 +72,9 @@ class ScratchStore:
                            compressors=BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"))
 
     def write(self, index: int, top: int, window: ObservationWindow, band_quality: bool) -> None:
-        layers = np.concatenate([usable_reflectance(window, band_quality), window.state_qa.view(np.int16)[None],
-                                 window.day_of_year[None]])
+        reflectance = usable_reflectance(window, band_quality)  # in place: a view of window.layers
+        layers = window.layers if window.layers is not None else np.concatenate(
+            [reflectance, window.state_qa.view(np.int16)[None], window.day_of_year[None]])
         with zarr.config.set({"array.write_empty_chunks": True}):
             array = zarr.open_array(self.path, path="layers", mode="r+")
             array[index, :, top - self.row0:top - self.row0 + layers.shape[1]] = layers
