@@ -113,6 +113,22 @@ def test_tiles_and_threads_do_not_change_the_result():
     assert torch.get_num_threads() == threads_before, "the caller's thread setting is restored"
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(start=st.integers(0, 1300), size=st.integers(1, 1200), n_ancillary=st.sampled_from([0, 3]))
+def test_a_pixels_result_does_not_depend_on_the_pixels_around_it(start, size, n_ancillary):
+    """Any run of pixels, down to one (``unmix`` of a single pixel), gives bit for bit what the
+    same pixels give inside a larger batch (a chunk of ``run``): tiles are padded so that the
+    GEMMs never take their partial-vector kernels."""
+    model = random_model(3, BritsConfig(n_classes=6, n_ancillary=n_ancillary), 1.0)
+    inputs = random_inputs(np.random.default_rng(3), 2500, n_ancillary)
+    arrays = (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward, inputs.ancillary)
+    engine = FusedBrits(model)
+    whole = engine(*arrays, threads=1)
+    part = engine(*(a[start:start + size] for a in arrays), threads=1)
+    for key in whole:
+        np.testing.assert_array_equal(part[key], whole[key][start:start + size], err_msg=key)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_predict_handles_no_pixels_and_skips_imputation_on_request(fused):
     model = random_model(3, BritsConfig(n_classes=3, n_ancillary=0, hidden=8, embed=4, head_hidden=8), 1.0)

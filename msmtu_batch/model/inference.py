@@ -34,6 +34,10 @@ from msmtu_batch.model.brits import BRITS, RITS, as_tensor
 from msmtu_batch.model.preprocess import ModelInputs
 
 PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
+# Tiles are padded to a multiple of this many pixels: the GEMM libraries compute the last,
+# partial vector of columns with other kernels, whose sums differ in the last bit (AMD EPYC,
+# torch 2.13: one pixel unmixed alone differed from the same pixel in a chunk by 7e-9).
+PIXEL_MULTIPLE = 16
 
 
 # Numba's math.tanh / math.exp are scalar libm calls (2.2 ns per value on the development VM,
@@ -240,6 +244,15 @@ class _Direction:
         return F.linear(F.relu(F.linear(features, w1, b1)), w2, b2)
 
 
+def _padded(series: np.ndarray, padding: int) -> np.ndarray:
+    """``series`` (..., pixels) as a C-contiguous float32 array with ``padding`` zero pixels after."""
+    if not padding:
+        return np.ascontiguousarray(series, dtype=np.float32)
+    out = np.zeros((*series.shape[:-1], series.shape[-1] + padding), np.float32)
+    out[..., :series.shape[-1]] = series
+    return out
+
+
 class FusedBrits:
     """A trained :class:`BRITS` for CPU inference (weights copied; the model is not changed)."""
 
@@ -266,9 +279,11 @@ class FusedBrits:
 
         def run_tile(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
             window = slice(start, start + tile)
-            x, m, d_forward, d_backward = (np.ascontiguousarray(np.asarray(a[window], np.float32).transpose(1, 2, 0))
+            pixels = len(range(n)[window])
+            padding = -pixels % PIXEL_MULTIPLE
+            x, m, d_forward, d_backward = (_padded(np.asarray(a[window], np.float32).transpose(1, 2, 0), padding)
                                            for a in (values, masks, deltas_forward, deltas_backward))
-            anc = np.ascontiguousarray(ancillary[window], dtype=np.float32)
+            anc = np.ascontiguousarray(_padded(np.asarray(ancillary[window], np.float32).T, padding).T)
             filled_f = np.empty_like(x) if imputed else None
             filled_b = np.empty_like(x) if imputed else None
             with torch.inference_mode():
@@ -276,8 +291,8 @@ class FusedBrits:
                 p_b = torch.softmax(self.backward_pass.logits(np.ascontiguousarray(x[::-1]),
                                                               np.ascontiguousarray(m[::-1]), d_backward, anc,
                                                               filled_b), dim=1).numpy()
-            filled = (0.5 * (filled_f + filled_b[::-1])).transpose(2, 0, 1) if imputed else None
-            return p_f, p_b, filled
+            filled = (0.5 * (filled_f + filled_b[::-1])).transpose(2, 0, 1)[:pixels] if imputed else None
+            return p_f[:pixels], p_b[:pixels], filled
 
         if threads > 1 and len(starts) > 1:
             previous = torch.get_num_threads()
