@@ -244,15 +244,6 @@ class _Direction:
         return F.linear(F.relu(F.linear(features, w1, b1)), w2, b2)
 
 
-def _padded(series: np.ndarray, padding: int) -> np.ndarray:
-    """``series`` (..., pixels) as a C-contiguous float32 array with ``padding`` zero pixels after."""
-    if not padding:
-        return np.ascontiguousarray(series, dtype=np.float32)
-    out = np.zeros((*series.shape[:-1], series.shape[-1] + padding), np.float32)
-    out[..., :series.shape[-1]] = series
-    return out
-
-
 class FusedBrits:
     """A trained :class:`BRITS` for CPU inference (weights copied; the model is not changed)."""
 
@@ -279,11 +270,12 @@ class FusedBrits:
 
         def run_tile(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
             window = slice(start, start + tile)
-            pixels = len(range(n)[window])
-            padding = -pixels % PIXEL_MULTIPLE
-            x, m, d_forward, d_backward = (_padded(np.asarray(a[window], np.float32).transpose(1, 2, 0), padding)
-                                           for a in (values, masks, deltas_forward, deltas_backward))
-            anc = np.ascontiguousarray(_padded(np.asarray(ancillary[window], np.float32).T, padding).T)
+            pixels = min(tile, n - start)
+            padding = ((0, -pixels % PIXEL_MULTIPLE), (0, 0), (0, 0))  # zero pixels after the tile's own
+            x, m, d_forward, d_backward = (
+                np.ascontiguousarray(np.pad(np.asarray(a[window], np.float32), padding).transpose(1, 2, 0))
+                for a in (values, masks, deltas_forward, deltas_backward))
+            anc = np.pad(np.asarray(ancillary[window], np.float32), padding[:2])
             filled_f = np.empty_like(x) if imputed else None
             filled_b = np.empty_like(x) if imputed else None
             with torch.inference_mode():
