@@ -257,6 +257,33 @@ def test_corrupted_chunk_fails_its_checksum_and_is_named(region, model, tmp_path
     assert not (tmp_path / "out.zarr").exists()
 
 
+LOGS_WHILE_CLOSING = """
+import logging
+from distributed import WorkerPlugin
+from msmtu_batch.batch.clusters import LocalSpec, connect
+
+class LoudTeardown(WorkerPlugin):  # as a heartbeat cut by the close (dask/distributed#7105)
+    def teardown(self, worker):
+        logging.getLogger("distributed.worker").error("closing: Traceback (most recent call last)")
+
+def while_running(dask_worker):
+    logging.getLogger("distributed.worker").error("running: the worker still speaks")
+
+with connect(LocalSpec(n_workers=1)) as client:
+    client.register_plugin(LoudTeardown())
+    client.run(while_running)
+"""
+
+
+def test_a_closing_local_worker_adds_nothing_to_the_one_line():
+    """A refused run's worker closed mid-heartbeat logged a traceback after the one line (seen
+    in CI); a local worker's logs end once it is closing, and not before."""
+    result = subprocess.run([sys.executable, "-c", LOGS_WHILE_CLOSING], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert "running: the worker still speaks" in result.stderr
+    assert "closing:" not in result.stderr, result.stderr
+
+
 # --- 6. identity follows content; 12. a complete output is re-verified ----------------------------
 
 def test_changed_input_is_never_reported_complete(region, model, clean_output, scheduler, tmp_path):

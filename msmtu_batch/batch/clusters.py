@@ -37,7 +37,8 @@ from typing import Annotated, Literal
 
 import yaml
 from dask.utils import parse_bytes
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
+from distributed.core import Status
 from distributed.security import Security
 from pydantic import (
     BaseModel,
@@ -273,7 +274,32 @@ def connect(scheduler: str | AnySpec | Client | None = None) -> Iterator[Client]
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0", security=Security.temporary(),
                       silence_logs=logging.ERROR) as cluster, _client_of(cluster) as client:
+        client.register_plugin(QuietWhileClosing())
         yield client
+
+
+class QuietWhileClosing(WorkerPlugin):
+    """Drops what a local worker logs once it is closing. Its terminal is the user's, and a
+    worker closed while a heartbeat is on the wire logs that failure with a traceback
+    (dask/distributed#7105), which would follow a refused run's one line."""
+
+    name = "msmtu-quiet-while-closing"
+
+    def setup(self, worker) -> None:
+        # on the handlers, not a logger: a logger's filter does not see its children's records
+        quiet = _RunningWorkerFilter(worker)
+        loggers = [logging.root, *logging.root.manager.loggerDict.values()]
+        for handler in {h for lg in loggers for h in getattr(lg, "handlers", ())}:
+            handler.addFilter(quiet)
+
+
+class _RunningWorkerFilter(logging.Filter):
+    def __init__(self, worker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.worker.status not in (Status.closing, Status.closing_gracefully, Status.closed)
 
 
 @contextmanager
