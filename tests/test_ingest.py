@@ -29,7 +29,7 @@ from rasterio.transform import from_origin
 from msmtu_batch.batch.digests import file_blake3
 from msmtu_batch.batch.pipeline import RunConfig, run
 from msmtu_batch.errors import CubeValidationError, MsmtuError
-from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary
+from msmtu_batch.inputs.ancillary import AncillarySources, _read_float, chunk_ancillary
 from msmtu_batch.inputs.composite import CompositeRule, composite_months, composite_months_numpy
 from msmtu_batch.inputs.cube import (
     BAND_NAMES,
@@ -365,6 +365,32 @@ def test_slope_of_inclined_planes_in_geographic_and_projected_dems(tmp_path):
     centres = 300000 + (np.arange(40) + 0.5) * 5000
     np.testing.assert_allclose(altitude, np.broadcast_to(np.tan(np.radians(30)) * (centres - 100000), (30, 40)),
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, nodata, mask_band", [
+    ("int16", -32768, False), ("uint16", 0, False), ("float32", -9999.0, False), ("float32", float("nan"), False),
+    ("float32", None, False), ("float64", -9999.0, False), ("int32", -2147483648, False), ("float32", None, True)])
+def test_ancillary_reads_are_float32_with_nan_where_the_raster_has_no_value(tmp_path, dtype, nodata, mask_band):
+    """Whatever way a raster marks its gaps (a nodata value of any type, or a mask band), a window
+    reads as float32 with NaN there, into a given array too."""
+    rng = np.random.default_rng(7)
+    values = rng.integers(1, 3000, size=(40, 50)).astype(dtype)
+    gaps = rng.random(values.shape) < 0.1
+    path = tmp_path / "dem.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=1, dtype=dtype, crs="EPSG:4326",
+                       transform=from_origin(-3, 38, 0.01, 0.01), nodata=nodata) as dst:
+        written = np.where(gaps, nodata if nodata is not None else 0, values).astype(dtype)
+        dst.write(written, 1)
+        if mask_band:
+            dst.write_mask(np.where(gaps, 0, 255).astype(np.uint8))
+    marked = nodata is not None or mask_band  # without either, a gap is a value like any other
+    want = np.where(gaps & marked, np.nan, written.astype(np.float32))
+    window = rasterio.windows.Window(5, 3, 30, 20)
+    with rasterio.open(path) as src:
+        np.testing.assert_array_equal(_read_float(src, window), want[3:23, 5:35])
+        into = np.zeros((20, 30), np.float32)
+        assert _read_float(src, window, out=into) is into
+        np.testing.assert_array_equal(into, want[3:23, 5:35])
 
 
 def test_coarse_climate_is_interpolated_and_fine_climate_averaged(tmp_path):

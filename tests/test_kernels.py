@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from msmtu_batch.inputs.ancillary import slope_degrees
 from msmtu_batch.inputs.cube import REFLECTANCE_FILL, REFLECTANCE_SCALE, observed_mask
 from msmtu_batch.model.kernels import prepare_chunk
 from msmtu_batch.model.preprocess import Standardizer, prepare_inputs
@@ -56,3 +57,22 @@ def test_kernel_on_a_simulated_chunk(cube):
     mask = observed_mask(refl[:, :, row, col], qa[:, row, col])
     np.testing.assert_array_equal(got.masks[row * 20 + col], mask)
     assert observed[row * 20 + col] == mask.sum()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), height=st.integers(2, 9), width=st.integers(2, 9), gaps=st.booleans())
+def test_slope_kernel_matches_numpy_gradient(seed, height, width, gaps):
+    rng = np.random.default_rng(seed)
+    elevation = rng.uniform(-50, 3500, size=(height, width)).astype(np.float32)
+    if gaps:
+        elevation[rng.random(elevation.shape) < 0.2] = np.nan
+    dx, dy = rng.uniform(20, 1000, height), rng.uniform(20, 1000, height)
+    dz_row, dz_col = np.gradient(elevation.astype(np.float64))  # central inside, one-sided at the edges
+    want = np.degrees(np.arctan(np.hypot(dz_col / dx[:, None], dz_row / dy[:, None])))
+    got = slope_degrees(elevation, dx, dy)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    into = np.full((height, width), -1, np.float32)
+    assert slope_degrees(elevation, dx, dy, out=into) is into
+    np.testing.assert_array_equal(into, got)
