@@ -39,12 +39,16 @@ from msmtu_batch.inputs.cube import (
     open_input_cube,
 )
 from msmtu_batch.inputs.ingest import COUNT_VARIABLE, IngestConfig, ingest, planned_sources
+from msmtu_batch.inputs.ingest_tasks import ScratchStore
 from msmtu_batch.inputs.modis import (
+    DOY_FILL,
     DOY_LAYER,
+    QA_FILL,
     QA_LAYER,
     SINUSOIDAL_CRS,
     SPHERE_RADIUS,
     TILE_SIZE,
+    ObservationWindow,
     open_reflectance,
     read_granule_info,
     tile_upper_left,
@@ -700,6 +704,36 @@ def test_band_quality_option_drops_flagged_observations(tmp_path, scheduler):
     xr.testing.assert_equal(screened[["reflectance", COUNT_VARIABLE]], reference[["reflectance", COUNT_VARIABLE]])
     assert int(plain[COUNT_VARIABLE].sum()) > int(screened[COUNT_VARIABLE].sum()) > 0
     assert "sur_refl_qc_500m" in screened.attrs["qa_rejected"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), height=st.integers(1, 13), width=st.integers(1, 13), strip=st.integers(1, 6),
+       dates=st.integers(1, 3), data=st.data())
+def test_scratch_store_gives_back_any_window_as_staged(tmp_path_factory, seed, height, width, strip, dates, data):
+    """Staged strip by strip, read back by any window (inside, across blocks, reaching outside
+    the staged window as a warped grid's chunk may): the staged values, fill outside."""
+    rng = np.random.default_rng(seed)
+    row0, col0 = 100, 200
+    staged = rng.integers(-32768, 32767, size=(dates, 9, height, width)).astype(np.int16)
+    store = ScratchStore(str(tmp_path_factory.mktemp("scratch") / "s"), row0, col0, height, width, strip, dates)
+    store.create()
+    for index in range(dates):
+        for top in range(0, height, strip):
+            block = staged[index, :, top:top + strip].copy()
+            window = ObservationWindow(block[:7], block[7].view(np.uint16), block[8], layers=block)
+            store.write(index, row0 + top, window, band_quality=False)
+    r0 = data.draw(st.integers(row0 - 3, row0 + height - 1))
+    r1 = data.draw(st.integers(r0 + 1, row0 + height + 3))
+    c0 = data.draw(st.integers(col0 - 3, col0 + width - 1))
+    c1 = data.draw(st.integers(c0 + 1, col0 + width + 3))
+    padded = np.empty((dates, 9, height + 6, width + 6), np.int16)
+    padded[:, :7], padded[:, 7], padded[:, 8] = REFLECTANCE_FILL, np.uint16(QA_FILL).view(np.int16), DOY_FILL
+    padded[:, :, 3:3 + height, 3:3 + width] = staged
+    want = padded[:, :, r0 - row0 + 3:r1 - row0 + 3, c0 - col0 + 3:c1 - col0 + 3]
+    reflectance, state_qa, doy = store.read(r0, r1, c0, c1)
+    np.testing.assert_array_equal(reflectance, want[:, :7])
+    np.testing.assert_array_equal(state_qa, want[:, 7].view(np.uint16))
+    np.testing.assert_array_equal(doy, want[:, 8])
 
 
 def test_strips_of_a_date_are_its_window_read_at_once(tmp_path):

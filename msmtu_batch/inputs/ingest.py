@@ -3,21 +3,21 @@
 The driver scans the inputs (metadata only), plans the output grid -- the native MODIS
 sinusoidal grid or a target CRS and resolution, cut to the region's bounding box -- and
 rasterises the region boundary. MOD09A1 granules are first read date by date (one Dask task
-per date, top to bottom in full-width strips) into a scratch Zarr store beside the output:
-MODAPS writes every layer deflate-compressed and unchunked, and HDF4 can only inflate such a
-layer from its first row, so a task per chunk would inflate each layer's top rows once per
-chunk row, whereas a date read in strips inflates each layer once. One Dask task per spatial
-chunk of the cube then reads the window of every observation that covers the chunk (from the
-scratch store, or straight from GeoTIFF exports, which are read by window at no such cost),
-composites the months (:mod:`msmtu_batch.inputs.composite`) on the source grid, warps them
-onto the chunk with rasterio/GDAL when the grid is not the native one, blanks pixels outside
-the region, adds the ancillary variables (:mod:`msmtu_batch.inputs.ancillary`) and writes its
-chunk of the Zarr store. The tasks live in :mod:`msmtu_batch.inputs.ingest_tasks`, which
-workers import without xarray, pandas or dask.array. A task's memory follows the chunk size
-(about 46 dates x 9 layers x chunk^2 x 2 bytes), never the region size; a date task holds
-one strip (9 layers x chunk rows x region width x 2 bytes). The scratch store holds the
-region's window of every date (about 4x the cube's reflectance, compressed) and is removed
-at the end.
+per date, top to bottom in full-width strips) into a scratch store beside the output (one
+LZ4-compressed file per date and block). MODAPS writes every layer deflate-compressed and
+unchunked, and HDF4 can only inflate such a layer from its first row, so a task per chunk
+would inflate each layer's top rows once per chunk row, whereas a date read in strips
+inflates each layer once. One Dask task per spatial chunk of the cube then reads the window
+of every observation that covers the chunk (from the scratch store, or straight from GeoTIFF
+exports, which are read by window at no such cost), composites the months
+(:mod:`msmtu_batch.inputs.composite`) on the source grid, warps them onto the chunk with
+rasterio/GDAL when the grid is not the native one, blanks pixels outside the region, adds
+the ancillary variables (:mod:`msmtu_batch.inputs.ancillary`) and writes its chunk of the
+Zarr store. The tasks live in :mod:`msmtu_batch.inputs.ingest_tasks`, which workers import
+without xarray, pandas or dask.array. A task's memory follows the chunk size (about 46 dates
+x 9 layers x chunk^2 x 2 bytes), never the region size; a date task holds one strip (9
+layers x chunk rows x region width x 2 bytes). The scratch store holds the region's window
+of every date (about 4x the cube's reflectance, compressed) and is removed at the end.
 
 The cube is built at a hidden ``.NAME.partial`` sibling whose ``ingest_status`` attribute
 says ``incomplete`` (such a store fails cube validation), marked complete and renamed to
@@ -233,14 +233,14 @@ def _scratch_store(path: Path, source: ReflectanceSource, grid: TargetGrid, chun
     than any chunk's (so each chunk's window lies inside it)."""
     if grid.native_offset is not None:
         row0, col0 = grid.native_offset
-        return ScratchStore(str(path), row0, col0, grid.height, grid.width, chunk)
+        return ScratchStore(str(path), row0, col0, grid.height, grid.width, chunk, len(source.observations))
     src = source.grid
     rows = covering_window(grid.crs, grid.transform, grid.height, grid.width, src.crs, src.transform, src.height,
                            src.width, 4 * SOURCE_MARGIN)
     if rows is None:
         return None
     row0, row1, col0, col1 = rows
-    return ScratchStore(str(path), row0, col0, row1 - row0, col1 - col0, chunk)
+    return ScratchStore(str(path), row0, col0, row1 - row0, col1 - col0, chunk, len(source.observations))
 
 
 def _create_store(store: Path, grid: TargetGrid, year: int, names: tuple[str, ...], chunk: int,
@@ -426,7 +426,7 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
                 spec = replace(spec, threads=threads_per_task(client))
                 dates = []
                 if spec.scratch is not None:
-                    spec.scratch.create(len(source.observations))
+                    spec.scratch.create()
                     dates = [client.submit(stage_date, spec, i, key=f"msmtu-ingest-{task_prefix}-date-{i}",
                                            pure=False, retries=1) for i in range(len(source.observations))]
 

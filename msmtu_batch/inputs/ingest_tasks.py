@@ -8,16 +8,16 @@ rasterio, pyhdf; no xarray, pandas or dask.array), so that a worker starts light
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
-import zarr
 from affine import Affine
 from distributed import get_worker
+from numcodecs import Blosc
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
-from zarr.codecs import BloscCodec
 
 from msmtu_batch.batch.tiling import ChunkWindow, covering_window, peak_memory_mib
 from msmtu_batch.errors import MsmtuError
@@ -52,11 +52,16 @@ class TargetGrid:
 @dataclass(frozen=True)
 class ScratchStore:
     """Every date's values over a window of the source grid (rows ``row0``.., columns
-    ``col0``..), staged by the date tasks for the chunk tasks: one int16 array (D, 9, h, w) of
-    the raw reflectance (rejected band qualities already fill), StateQA (its uint16 bits) and
-    day of year; one Zarr chunk per date and ``strip`` x ``strip`` pixels (one array, not
-    three: each chunk costs a few milliseconds of Zarr's own work), LZ4 over shuffled bytes
-    (a tenth of zstd's decoding time: the scratch is read once, speed matters, not size)."""
+    ``col0``..), staged by the date tasks for the chunk tasks: per date and block of ``strip``
+    x ``strip`` pixels, one file ``<date>/<block row>.<block column>`` of the block's int16
+    (9, rows, columns) raw reflectance (rejected band qualities already fill), StateQA (its
+    uint16 bits) and day of year, LZ4 over shuffled bytes (numcodecs' Blosc: a tenth of zstd's
+    decoding time; the scratch is read once, speed matters, not size).
+
+    Not a Zarr array: Zarr's own work per chunk (its event loop and codec threads, a fresh
+    fill-valued chunk for each chunk of a strip, a copy out of each chunk read) took, on the
+    Andalusia benchmark, 0.19 s of CPU to read a chunk's 46 dates against 0.055 s here, and
+    0.10 against 0.06 s to write a date. The scratch lives only while its ingest runs."""
 
     path: str
     row0: int
@@ -64,39 +69,66 @@ class ScratchStore:
     height: int
     width: int
     strip: int
+    dates: int
 
-    def create(self, n_dates: int) -> None:
-        group = zarr.open_group(self.path, mode="w", zarr_format=3)
-        group.create_array("layers", shape=(n_dates, _SCRATCH_LAYERS, self.height, self.width), dtype=np.int16,
-                           chunks=(1, _SCRATCH_LAYERS, self.strip, self.strip), fill_value=REFLECTANCE_FILL,
-                           compressors=BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"))
+    def create(self) -> None:
+        for index in range(self.dates):
+            Path(self.path, str(index)).mkdir(parents=True)
 
     def write(self, index: int, top: int, window: ObservationWindow, band_quality: bool) -> None:
+        """Date ``index``'s strip of the source grid starting at row ``top`` (a block row)."""
         reflectance = usable_reflectance(window, band_quality)  # in place: a view of window.layers
         layers = window.layers if window.layers is not None else np.concatenate(
             [reflectance, window.state_qa.view(np.int16)[None], window.day_of_year[None]])
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            array = zarr.open_array(self.path, path="layers", mode="r+")
-            array[index, :, top - self.row0:top - self.row0 + layers.shape[1]] = layers
+        block_row, partial = divmod(top - self.row0, self.strip)
+        assert not partial, f"strip at row {top} is not at a block row of the scratch store"
+        for col in range(0, self.width, self.strip):
+            self._block(index, block_row, col // self.strip).write_bytes(
+                _SCRATCH_CODEC.encode(np.ascontiguousarray(layers[:, :, col:col + self.strip])))
 
     def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Reflectance (D, 7, h, w), StateQA and day of year (D, h, w) of rows ``row0:row1`` and
         columns ``col0:col1`` of the source grid (as read outside the staged window: fill)."""
-        array = zarr.open_array(self.path, path="layers", mode="r")
+        layers = np.empty((self.dates, _SCRATCH_LAYERS, row1 - row0, col1 - col0), np.int16)
         r0, r1 = max(row0 - self.row0, 0), min(row1 - self.row0, self.height)
         c0, c1 = max(col0 - self.col0, 0), min(col1 - self.col0, self.width)
-        if (r1 - r0, c1 - c0) == (row1 - row0, col1 - col0):
-            layers = array[..., r0:r1, c0:c1]  # inside (always, on the native grid): no second copy
-        else:
-            layers = np.empty((array.shape[0], _SCRATCH_LAYERS, row1 - row0, col1 - col0), np.int16)
+        if (r1 - r0, c1 - c0) != (row1 - row0, col1 - col0):  # reaches outside (warped grids only)
             layers[:, :len(BAND_NAMES)] = REFLECTANCE_FILL
             layers[:, len(BAND_NAMES)] = np.int16(QA_FILL - 65536)
             layers[:, len(BAND_NAMES) + 1] = DOY_FILL
-            if r0 < r1 and c0 < c1:
-                layers[..., r0 + self.row0 - row0:r1 + self.row0 - row0, c0 + self.col0 - col0:c1 + self.col0 - col0] \
-                    = array[..., r0:r1, c0:c1]
+        for block_row in range(r0 // self.strip, -(-r1 // self.strip) if r0 < r1 else 0):
+            b0, b1 = block_row * self.strip, min((block_row + 1) * self.strip, self.height)
+            for block_col in range(c0 // self.strip, -(-c1 // self.strip) if c0 < c1 else 0):
+                a0, a1 = block_col * self.strip, min((block_col + 1) * self.strip, self.width)
+                # this block's part of the window, in block and in window coordinates
+                inside = np.s_[:, max(r0, b0) - b0:min(r1, b1) - b0, max(c0, a0) - a0:min(c1, a1) - a0]
+                into = np.s_[:, max(r0, b0) + self.row0 - row0:min(r1, b1) + self.row0 - row0,
+                             max(c0, a0) + self.col0 - col0:min(c1, a1) + self.col0 - col0]
+                whole = (b0, b1, a0, a1) == (row0 - self.row0, row1 - self.row0, col0 - self.col0, col1 - self.col0)
+                for index in range(self.dates):
+                    encoded = self._read_block(index, block_row, block_col)
+                    if whole:  # the window is this block: decoded in place
+                        _SCRATCH_CODEC.decode(encoded, out=layers[index])
+                    else:
+                        block = np.frombuffer(_SCRATCH_CODEC.decode(encoded), np.int16).reshape(
+                            _SCRATCH_LAYERS, b1 - b0, a1 - a0)
+                        layers[index][into] = block[inside]
         return (layers[:, :len(BAND_NAMES)], layers[:, len(BAND_NAMES)].view(np.uint16),
                 layers[:, len(BAND_NAMES) + 1])
+
+    def _block(self, index: int, block_row: int, block_col: int) -> Path:
+        return Path(self.path, str(index), f"{block_row}.{block_col}")
+
+    def _read_block(self, index: int, block_row: int, block_col: int) -> bytes:
+        block = self._block(index, block_row, block_col)
+        try:
+            return block.read_bytes()
+        except FileNotFoundError:
+            raise MsmtuError(f"{block}: staged block of date {index} is missing (was the scratch folder "
+                             "removed while the ingest ran?)") from None
+
+
+_SCRATCH_CODEC = Blosc(cname="lz4", clevel=1, shuffle=Blosc.SHUFFLE)
 
 
 @dataclass(frozen=True)
