@@ -30,19 +30,25 @@ def brits_flops_per_pixel(cfg: BritsConfig) -> float:
     return 2.0 * 2 * (t * per_step + head + embed)
 
 
-def lstm_gemm_rate(batch: int = 4096, hidden: int = 100, features: int = 14, seconds: float = 1.0) -> float:
-    """Measured fp32 FLOP/s of the LSTM cell's matrix product (batch x 114 @ 114 x 400)."""
-    a = torch.randn(batch, features + hidden)
-    w = torch.randn(features + hidden, 4 * hidden)
-    out = torch.empty(batch, 4 * hidden)
+def lstm_gemm_rate(batch: int = 4096, hidden: int = 100, features: int = 14, seconds: float = 1.0,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of the LSTM cell's matrix product (batch x 114 @ 114 x 400) in
+    ``dtype`` on ``device`` (fp32 by default; a GPU waits for its queue before each reading)."""
+    a = torch.randn(batch, features + hidden, device=device).to(dtype)
+    w = torch.randn(features + hidden, 4 * hidden, device=device).to(dtype)
+    out = torch.empty(batch, 4 * hidden, device=device, dtype=dtype)
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    repeats = 10 if torch.device(device).type == "cpu" else 200
     for _ in range(5):
         torch.mm(a, w, out=out)
+    synchronize()
     count, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        for _ in range(10):
+    while time.perf_counter() - start < seconds:
+        for _ in range(repeats):
             torch.mm(a, w, out=out)
-        count += 10
-    return 2.0 * batch * (features + hidden) * 4 * hidden * count / elapsed
+        synchronize()
+        count += repeats
+    return 2.0 * batch * (features + hidden) * 4 * hidden * count / (time.perf_counter() - start)
 
 
 class ResearchRITS(RITS):
@@ -153,10 +159,12 @@ def research_inference_throughput(root: Path, level: str, artifact, out_csv: Pat
     return seen / (time.perf_counter() - start)
 
 
-def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, batch_size: int = 1024) -> float:
+def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, batch_size: int = 1024,
+                          device: str | torch.device = "cpu", precision: str = "fp32") -> float:
     """Pixels/s of the model alone on prepared inputs in memory (the pipeline's settings:
     no imputed series), repeating ``inputs`` up to ``pixels``. The straightforward model gets
-    batches of ``batch_size`` (1024 is its fastest on the development VM; 8192 is 40 % slower)."""
+    batches of ``batch_size`` (1024 is its fastest on the development VM; 8192 is 40 % slower),
+    copied to ``device`` one by one as the pipeline does (the model must be there already)."""
     from msmtu_batch.model.inference import predict
     from msmtu_batch.model.preprocess import ModelInputs
 
@@ -164,9 +172,10 @@ def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, b
     many = ModelInputs(*(np.concatenate([a] * repeats) for a in
                          (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
                           inputs.ancillary)))
-    predict(artifact.model, inputs, batch_size, fused=fused, imputed=False)  # warm up (Numba loads its cache)
+    common = dict(fused=fused, imputed=False, device=device, precision=precision)
+    predict(artifact.model, inputs, batch_size, **common)  # warm up (Numba's cache, CUDA kernels)
     start = time.perf_counter()
-    predict(artifact.model, many, batch_size, fused=fused, imputed=False)
+    predict(artifact.model, many, batch_size, **common)  # its results on the host: the device is done
     return len(many) / (time.perf_counter() - start)
 
 

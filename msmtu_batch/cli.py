@@ -239,19 +239,23 @@ def train_command(
     class_colors: Annotated[Path | None, typer.Option(
         help="JSON object class name -> '#rrggbb': the colours of the model's maps (COG colour table, QGIS "
              "style, STAC); classes not named keep the default palette.")] = None,
+    device: Annotated[str, typer.Option(
+        help="Where to train: auto (the first CUDA GPU when torch sees one, else the CPU), cpu or cuda[:N].")]
+        = "auto",
 ) -> None:
     """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput)."""
     from msmtu_batch.model.artifact import save_artifact
-    from msmtu_batch.model.train import train
+    from msmtu_batch.model.train import train, training_device
     from msmtu_batch.products.palette import read_class_colors
 
     with _user_errors():
         cfg = _train_config(config, ancillary=ancillary.value, epochs=epochs, batch_size=batch_size,
                             learning_rate=learning_rate, hidden=hidden, patience=patience, seed=seed)
+        on = training_device(device)
         pixels, source = _read_pixels(msmtu, cube, reference, level, ancillary.names)
         colors = read_class_colors(class_colors, pixels.classes) if class_colors else None  # before the epochs
         with _epoch_progress(cfg.epochs) as on_epoch:
-            result = train(pixels, level, cfg, on_epoch=on_epoch, source=source)
+            result = train(pixels, level, cfg, on_epoch=on_epoch, source=source, device=on)
         if colors:
             result.artifact.class_colors = colors
         save_artifact(result.artifact, out)

@@ -5,6 +5,8 @@ imports a new interpreter costs on the CI machine), except where the process is 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +152,43 @@ def test_train_needs_exactly_one_data_source(region, tmp_path):
                  "--msmtu", str(region.msmtu), "--cube", str(region.cube))
     assert result.returncode == 2
     assert result.stderr.strip() == "msmtu-batch: error: give either --msmtu DIR or --cube CUBE with --reference REF"
+
+
+def test_train_device_is_checked_before_the_data_is_read(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    wrong = cli("train", "--level", "level1", "--out", str(tmp_path / "m.safetensors"), "--msmtu", str(missing),
+                "--device", "gpu")
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == "msmtu-batch: error: --device gpu: expected auto, cpu or cuda[:N]"
+    absent = cli("train", "--level", "level1", "--out", str(tmp_path / "m.safetensors"), "--msmtu", str(missing),
+                 "--device", "cuda:99")
+    assert absent.returncode == 2
+    assert re.fullmatch(r"msmtu-batch: error: --device cuda:99: torch sees \d+ CUDA device\(s\) here",
+                        absent.stderr.strip()), absent.stderr
+
+
+def test_gpu_check_runs_on_a_cpu_and_says_so(tmp_path):
+    """benchmarks/gpu_check.py end to end at toy sizes where torch sees no GPU (as in CI): every
+    section runs on the CPU, the GPU=1 worker alone runs the model, the table says "no GPU"."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path),
+                           "--size", "32", "--demo-size", "24", "32", "--gemm-seconds", "0.05",
+                           "--model-pixels", "2048"], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("# gpu_check ") and ": no GPU (CUDA not visible to torch" in done.stdout
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert record["device"]["device"] == "cpu" and not record["summary"]["cuda_used"]
+    assert set(record["gemm_flops"]) == {"fp32", "bf16"} and all(r > 0 for r in record["gemm_flops"].values())
+    assert [(r["precision"], r["batch_size"]) for r in record["model"]] == [("fp32", 1024), ("bf16", 1024)]
+    fp32, bf16 = record["equality"]
+    assert fp32["precision"] == "fp32" and fp32["max_abs_difference"] <= 1e-4, "model and CPU engine agree"
+    assert 0 < bf16["max_abs_difference"] < 0.05, "bf16 differs, a little"
+    assert record["pipeline"]["pixels"] == 32 * 32 and record["pipeline"]["model_only_on_the_gpu_worker"]
+    assert record["training"]["train_pixels"] > 0 and record["training"]["cpu_threads"] == 2
+    for heading in ("GEMM at the LSTM shape on cpu", "Model alone on cpu", "Equality on 1,024 pixels",
+                    "Pipeline end to end, 32 x 32", "Training, 1 epoch(s) on the demo data"):
+        assert f"\n{heading}" in done.stdout, heading
+    assert not (tmp_path / "gpu-check-output.zarr").exists()
 
 
 def test_workflow_train_section_is_a_valid_training_config():

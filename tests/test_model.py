@@ -73,7 +73,7 @@ def test_loss_goes_down_on_a_small_problem():
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        losses.append((loss.item(), parts["label"]))
+        losses.append((loss.item(), parts["label"].item()))
     assert losses[-1][0] < 0.5 * losses[0][0]
     assert losses[-1][1] < 0.3 * losses[0][1], "the abundance error itself falls"
 

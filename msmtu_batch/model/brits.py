@@ -172,15 +172,16 @@ class LossWeights:
 
 
 def brits_loss(out: BritsOutput, target: torch.Tensor, weights: LossWeights = LossWeights()
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """label x squared error of abundances (summed over classes, mean over pixels, both
-    directions) + impute x masked L1 + consistency x |forward - backward imputations|."""
+    directions) + impute x masked L1 + consistency x |forward - backward imputations|; the
+    parts detached, left on the device (reading them waits for a GPU's queue)."""
     label = 0.5 * (((out.forward_abundance - target) ** 2).sum(dim=1).mean()
                    + ((out.backward_abundance - target) ** 2).sum(dim=1).mean())
     total = weights.label * label + weights.impute * out.impute_loss \
         + weights.consistency * out.consistency_loss
-    return total, {"label": label.detach().item(), "impute": out.impute_loss.detach().item(),
-                   "consistency": out.consistency_loss.detach().item()}
+    return total, {"label": label.detach(), "impute": out.impute_loss.detach(),
+                   "consistency": out.consistency_loss.detach()}
 
 
 def count_parameters(model: nn.Module) -> int:

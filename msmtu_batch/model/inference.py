@@ -313,28 +313,38 @@ class FusedBrits:
         return out
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def predict(model: BRITS, inputs: ModelInputs, batch_size: int = 8192, device: torch.device | str = "cpu", *,
-            imputed: bool = True, fused: bool = True) -> dict[str, np.ndarray]:
+            imputed: bool = True, fused: bool = True, precision: str = "fp32") -> dict[str, np.ndarray]:
     """Abundances (n, K), uncertainty (n,) and, if ``imputed``, the imputed series (n, T, F;
     standardised units). On a CPU the :class:`FusedBrits` engine runs (unless ``fused`` is
-    False); elsewhere, or unfused, the model itself in batches of ``batch_size``."""
+    False); elsewhere, or unfused, the model itself in batches of ``batch_size``.
+    ``precision`` bf16 or fp16 runs the model under ``torch.autocast`` (its matrix products in
+    that type; the fused engine is fp32 only); results are float32."""
     model.eval()
-    if fused and torch.device(device).type == "cpu":
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if fused and device.type == "cpu" and precision == "fp32":
         out = FusedBrits(model)(inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
                                 inputs.ancillary, imputed=imputed)
         return {name: out[name] for name in ("abundance", "uncertainty", "imputed") if name in out}
     parts: dict[str, list[np.ndarray]] = {"abundance": [], "uncertainty": [], "imputed": []}
-    with torch.inference_mode():
+    reduced = PRECISIONS[precision]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=reduced or torch.float32,
+                                                enabled=reduced is not None):
         for start in range(0, len(inputs), batch_size):
             window = slice(start, start + batch_size)
             series = [as_tensor(a[window], device) for a in
                       (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward)]
             ancillary = as_tensor(inputs.ancillary[window], device) if inputs.ancillary.shape[1] else None
             out = model(*series, ancillary, with_loss=False)
-            parts["abundance"].append(out.abundance.cpu().numpy())
-            parts["uncertainty"].append(out.uncertainty.cpu().numpy())
+            parts["abundance"].append(out.abundance.float().cpu().numpy())
+            parts["uncertainty"].append(out.uncertainty.float().cpu().numpy())
             if imputed:
-                parts["imputed"].append(out.imputed.cpu().numpy())
+                parts["imputed"].append(out.imputed.float().cpu().numpy())
     n_classes, steps, n_features = model.cfg.n_classes, model.cfg.n_steps, model.cfg.n_features
     empty = {"abundance": (0, n_classes), "uncertainty": (0,), "imputed": (0, steps, n_features)}
     return {k: np.concatenate(v) if v else np.zeros(empty[k], np.float32) for k, v in parts.items()

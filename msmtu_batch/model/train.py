@@ -57,17 +57,36 @@ class TrainResult:
     train_pixels_per_second: float
 
 
-def _batch(inputs: ModelInputs, target: np.ndarray, index: np.ndarray
+def _batch(inputs: ModelInputs, target: np.ndarray, index: np.ndarray, device: torch.device
            ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    series = [torch.from_numpy(a[index]) for a in
+    series = [torch.from_numpy(a[index]).to(device) for a in
               (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward)]
-    ancillary = torch.from_numpy(inputs.ancillary[index]) if inputs.ancillary.shape[1] else None
-    return [*series, ancillary], torch.from_numpy(target[index])
+    ancillary = torch.from_numpy(inputs.ancillary[index]).to(device) if inputs.ancillary.shape[1] else None
+    return [*series, ancillary], torch.from_numpy(target[index]).to(device)
+
+
+def training_device(name: str) -> torch.device:
+    """``auto`` (the first CUDA GPU torch sees, else the CPU), ``cpu`` or ``cuda[:N]``; one
+    line when the device cannot be used."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MsmtuError(f"--device {name}: expected auto, cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise MsmtuError(f"--device {name}: expected auto, cpu or cuda[:N]")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise MsmtuError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
-          on_epoch: Callable[[dict], None] | None = None, source: str = "") -> TrainResult:
-    """Train on ``pixels``' train partition, stop early on its validation partition."""
+          on_epoch: Callable[[dict], None] | None = None, source: str = "",
+          device: str | torch.device = "cpu") -> TrainResult:
+    """Train on ``pixels``' train partition, stop early on its validation partition, on
+    ``device`` (a GPU: ``"cuda"``); the artifact's model is on the CPU either way."""
+    device = torch.device(device)
     names = ANCILLARY_SETS[cfg.ancillary]
     pixels = pixels.with_ancillary(names)
     train_set, val_set = pixels.split("train"), pixels.split("validation")
@@ -84,7 +103,7 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     val_inputs = prepare_inputs(val_set.values, val_set.masks, val_set.ancillary, band_stats,
                                 ancillary_stats)
     model = BRITS(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names), hidden=cfg.hidden,
-                              embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout))
+                              embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -99,25 +118,28 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         epoch_start = time.perf_counter()
-        totals = {"loss": 0.0, "label": 0.0, "impute": 0.0, "consistency": 0.0}
+        totals = {name: torch.zeros((), dtype=torch.float64, device=device)
+                  for name in ("loss", "label", "impute", "consistency")}
         order = rng.permutation(len(train_set))
         for step in range(steps_per_epoch):
-            inputs, y = _batch(train_inputs, target, order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            inputs, y = _batch(train_inputs, target, order[step * cfg.batch_size:(step + 1) * cfg.batch_size],
+                               device)
             loss, parts = brits_loss(model(*inputs), y, weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimiser.step()
             schedule.step()
-            totals["loss"] += loss.detach().item()
+            totals["loss"] += loss.detach()
             for k, v in parts.items():
                 totals[k] += v
+        means = {k: v.item() / steps_per_epoch for k, v in totals.items()}  # waits for a GPU's queue
         train_seconds += time.perf_counter() - epoch_start
-        val_rmse = rmse(predict(model, val_inputs)["abundance"], val_set.abundance)
+        val_rmse = rmse(predict(model, val_inputs, device=device)["abundance"], val_set.abundance)
         if not math.isfinite(val_rmse):
             raise MsmtuError(f"training diverged at epoch {epoch} (validation RMSE {val_rmse}); "
                              "lower the learning rate")
-        record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in totals.items()},
+        record = {"epoch": epoch, **means,
                   "validation_rmse": val_rmse, "learning_rate": schedule.get_last_lr()[0]}
         history.append(record)
         if val_rmse < best_rmse - 1e-6:
@@ -130,7 +152,7 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         if stale >= cfg.patience:
             break
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     seconds = time.perf_counter() - start
     artifact = ModelArtifact(
         model=model, level=level, classes=pixels.classes, ancillary_names=names, band_stats=band_stats,
