@@ -17,6 +17,8 @@ from msmtu_batch.inputs.training_data import MSMTU_VALUE_SCALE, PARTITIONS
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.model.preprocess import Standardizer, compute_deltas
 
+PIPELINE_PHASES = ("plan", "cluster", "chunks", "finish", "export")  # RunSummary.phase_seconds
+PIPELINE_STAGES = ("read", "prepare", "model", "write")  # RunSummary.stage_seconds
 BRITS_FLOPS_PER_PIXEL = 2.4e6  # forward pass, both directions (docs/design.md section 5)
 TRAINING_FLOPS_FACTOR = 3.0  # forward + backward is about three forward passes
 
@@ -227,7 +229,9 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         summary = run(cube_folder / "cube.zarr", model_path, out / "bench-output.zarr",
                       config=RunConfig(chunk=chunk), overwrite=True, cog_dir=out / "bench-cogs")
         return {"pixels": summary.pixels, "pixels_per_second": summary.pixels_per_second,
-                "seconds": summary.seconds, "worker_peak_mib": sorted(summary.worker_peak_mib.values())}
+                "seconds": summary.seconds, "worker_peak_mib": sorted(summary.worker_peak_mib.values()),
+                "vs_model_only": summary.pixels_per_second / fused, "stage_seconds": summary.stage_seconds,
+                "phase_seconds": summary.phase_seconds}
 
     end_to_end = pipeline(region)
     rates = {"end_to_end": end_to_end["pixels_per_second"], "model_fused": fused,
@@ -242,6 +246,7 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
               "research_code": "research-code way (JSON per pixel, DataLoader, per-step model, CSV)"}
     for name, label in labels.items():
         say(f"| {label} | {rates[name]:,.0f} | {rates[name] / research:.1f}x | {rates[name] / ceiling:.1%} |")
+    say(f"pipeline / model only (fused): {end_to_end['vs_model_only']:.1%} at {height} x {width}")
 
     scaling = {}
     for side in memory_sizes:
@@ -252,12 +257,21 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         scaling[side] = pipeline(folder)
         shutil.rmtree(folder)
     if scaling:
-        say("| region | pixels | seconds | pixels/s | peak memory per worker (MiB) |")
-        say("|---|---|---|---|---|")
+        say("| region | pixels | seconds | pixels/s | vs model only | peak memory per worker (MiB) |")
+        say("|---|---|---|---|---|---|")
         for side, result in scaling.items():
             peaks = ", ".join(f"{p:,.0f}" for p in result["worker_peak_mib"])
             say(f"| {side} x {side} | {result['pixels']:,} | {result['seconds']:.1f} | "
-                f"{result['pixels_per_second']:,.0f} | {peaks} |")
+                f"{result['pixels_per_second']:,.0f} | {result['vs_model_only']:.0%} | {peaks} |")
+    say("Where the pipeline's time goes: the driver's wall seconds per phase; the chunk tasks' "
+        "seconds per stage, summed over workers")
+    say("| region | plan | cluster | chunks | finish | export | read | prepare | model | write |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
+    for side, result in {f"{height} x {width}": end_to_end,
+                         **{f"{k} x {k}": v for k, v in scaling.items() if (k, k) != (height, width)}}.items():
+        phases, stages = result["phase_seconds"], result["stage_seconds"]
+        say(f"| {side} | " + " | ".join(f"{phases.get(k, 0.0):.2f}" for k in PIPELINE_PHASES) + " | "
+            + " | ".join(f"{stages.get(k, 0.0):.2f}" for k in PIPELINE_STAGES) + " |")
     record = {"ceiling": ceiling, "gemm_flops": gemm_rate, "rates": rates, "end_to_end": end_to_end,
               "memory_scaling": {str(k): v for k, v in scaling.items()}}
     (out / "bench.json").write_text(json.dumps(record, indent=2))

@@ -212,10 +212,21 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
         "| model only, fused CPU engine (prepared inputs in memory)",
         "| model only, straightforward PyTorch BRITS (same inputs)",
         "| research-code way (JSON per pixel, DataLoader, per-step model, CSV)",
-        "| 24 x 24"]
+        "| 24 x 24",
+        "| region", "| 32 x 40", "| 24 x 24"]
     assert rows[3].split(" | ")[2] == "1.0x"
     record = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert record["memory_scaling"]["24"]["pixels"] == 576
+    # the per-stage split: the table shows what the record holds, every stage and phase ran
+    assert rows[5] == "| region | plan | cluster | chunks | finish | export | read | prepare | model | write |"
+    for row, result in ((rows[6], record["end_to_end"]), (rows[7], record["memory_scaling"]["24"])):
+        cells = [float(c) for c in row.strip("| ").split(" | ")[1:]]
+        assert cells == [round(result["phase_seconds"][k], 2) for k in ("plan", "cluster", "chunks", "finish",
+                                                                         "export")] + \
+            [round(result["stage_seconds"][k], 2) for k in ("read", "prepare", "model", "write")]
+        assert all(c > 0 for c in cells[1:]), row
+    ratio = record["end_to_end"]["pixels_per_second"] / record["rates"]["model_fused"]
+    assert f"pipeline / model only (fused): {ratio:.1%} at 32 x 40" in lines
     peaks = record["memory_scaling"]["24"]["worker_peak_mib"]
     assert peaks and all(100 < p < 8000 for p in peaks), "every worker reports its peak memory"
     predictions = (tmp_path / "bench" / "research_predictions.csv").read_text().splitlines()

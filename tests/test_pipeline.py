@@ -136,6 +136,7 @@ def test_real_scheduler_routes_inference_to_gpu_workers(region, model, clean_run
     assert set(summary.workers) == {names["gpu"]}, "only the worker advertising GPU=1 ran inference"
     assert sum(summary.prepared_by.values()) == 108 and summary.prepared_by.get(names["cpu"], 0) > 0, \
         "chunks were read and prepared on the CPU-only worker too"
+    assert set(summary.stage_seconds) == {"read", "prepare", "model", "write"}, "both tasks' stages are counted"
     assert zarr_files(out) == zarr_files(clean_run[0]), "same bytes as on a LocalCluster"
 
 

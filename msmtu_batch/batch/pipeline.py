@@ -17,7 +17,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +97,10 @@ class RunSummary:
     workers: dict[str, int] = field(default_factory=dict)  # worker -> model loads in its process
     worker_peak_mib: dict[str, float] = field(default_factory=dict)  # worker -> its process's peak RSS
     prepared_by: dict[str, int] = field(default_factory=dict)  # worker -> chunks it read and prepared
+    # seconds the chunk tasks spent per stage (read, prepare, model, write), summed over tasks
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    # the driver's wall time per phase: plan, cluster (start or connect), chunks, finish, export
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def pixels_per_second(self) -> float:
@@ -194,6 +198,7 @@ class PreparedChunk:
     observed: np.ndarray  # (n,) int32
     prepared_by: str
     unlike_training: bool = False
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # reading and preparing it
 
     def inputs(self) -> ModelInputs:
         masks = self.masks.astype(np.float32)
@@ -205,29 +210,50 @@ def _use_threads(spec: RunSpec) -> None:
     numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifact
+class StageClock:
+    """Seconds one task spends per stage (``with clock("read"): ...``); the driver sums them
+    over the run (:attr:`RunSummary.stage_seconds`), so the next bottleneck is visible."""
+
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
+        self.seconds: dict[str, float] = dict(seconds or {})
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifact, clock: StageClock
                       ) -> tuple[ModelInputs, np.ndarray, bool]:
     """Read a chunk's window from the input store and prepare it (:func:`prepare_block`)."""
     group = _input_group(spec.cube)
     ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
-    reflectance = read_window(spec.cube, group, "reflectance", ys, xs)
-    state_qa = read_window(spec.cube, group, "state_qa", ys, xs) if spec.has_qa else None
-    ancillary = [read_window(spec.cube, group, name, ys, xs) for name in spec.ancillary]
-    return prepare_block(reflectance, state_qa, ancillary, artifact, spec.config, source=spec.cube,
-                         label=window.label, y0=window.y0, x0=window.x0, conversions=spec.ancillary_conversions)
+    with clock("read"):
+        reflectance = read_window(spec.cube, group, "reflectance", ys, xs)
+        state_qa = read_window(spec.cube, group, "state_qa", ys, xs) if spec.has_qa else None
+        ancillary = [read_window(spec.cube, group, name, ys, xs) for name in spec.ancillary]
+    with clock("prepare"):
+        return prepare_block(reflectance, state_qa, ancillary, artifact, spec.config, source=spec.cube,
+                             label=window.label, y0=window.y0, x0=window.x0,
+                             conversions=spec.ancillary_conversions)
 
 
 def _estimate_and_write(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifact, inputs: ModelInputs,
-                        observed: np.ndarray, unlike: bool = False) -> dict:
+                        observed: np.ndarray, unlike: bool, clock: StageClock) -> dict:
     """Run the model on a prepared chunk (:func:`estimate_block`), write its region of the
     output, then its marker."""
     shape = (window.y1 - window.y0, window.x1 - window.x0)
-    products = estimate_block(inputs, observed, artifact, spec.config, shape, unlike)
-    write_window(spec.store, products, slice(window.y0, window.y1), slice(window.x0, window.x1))
-    valid = products["quality_flag"] != FLAG_TOO_FEW_OBSERVATIONS
-    stats = {"pixels": shape[0] * shape[1], "valid_pixels": int(valid.sum())}
-    _flush_chunk(spec.store, window)
-    _mark_done(spec.store, window, stats)
+    with clock("model"):
+        products = estimate_block(inputs, observed, artifact, spec.config, shape, unlike)
+    with clock("write"):
+        write_window(spec.store, products, slice(window.y0, window.y1), slice(window.x0, window.x1))
+        valid = products["quality_flag"] != FLAG_TOO_FEW_OBSERVATIONS
+        stats = {"pixels": shape[0] * shape[1], "valid_pixels": int(valid.sum())}
+        _flush_chunk(spec.store, window)
+        _mark_done(spec.store, window, stats)
     return stats
 
 
@@ -250,14 +276,15 @@ def process_chunk(spec: RunSpec, window: ChunkWindow) -> dict:
     if (done := chunk_stats(spec.store, window)) is not None:
         return done | _where()
     _use_threads(spec)
+    clock = StageClock()
     try:
         artifact = worker_model(spec)
-        inputs, observed, unlike = _read_and_prepare(spec, window, artifact)
-        stats = _estimate_and_write(spec, window, artifact, inputs, observed, unlike)
+        inputs, observed, unlike = _read_and_prepare(spec, window, artifact, clock)
+        stats = _estimate_and_write(spec, window, artifact, inputs, observed, unlike, clock)
     except (MsmtuError, OSError) as exc:
         return _user_failure(spec, window, exc)
     where = _where()  # after the work, so the peak memory includes this chunk's
-    return stats | where | {"prepared_by": where["worker"]}
+    return stats | where | {"prepared_by": where["worker"], "stage_seconds": clock.seconds}
 
 
 def prepare_task(spec: RunSpec, window: ChunkWindow) -> PreparedChunk | dict | None:
@@ -266,12 +293,13 @@ def prepare_task(spec: RunSpec, window: ChunkWindow) -> PreparedChunk | dict | N
     if chunk_stats(spec.store, window) is not None:
         return None
     _use_threads(spec)
+    clock = StageClock()
     try:
-        inputs, observed, unlike = _read_and_prepare(spec, window, worker_model(spec))
+        inputs, observed, unlike = _read_and_prepare(spec, window, worker_model(spec), clock)
     except (MsmtuError, OSError) as exc:
         return _user_failure(spec, window, exc)
     return PreparedChunk(inputs.values, inputs.masks.astype(np.uint8), inputs.ancillary, observed,
-                         _where()["worker"], unlike)
+                         _where()["worker"], unlike, clock.seconds)
 
 
 def estimate_task(spec: RunSpec, window: ChunkWindow, prepared: PreparedChunk | dict | None) -> dict:
@@ -281,12 +309,13 @@ def estimate_task(spec: RunSpec, window: ChunkWindow, prepared: PreparedChunk | 
     if (done := chunk_stats(spec.store, window)) is not None or prepared is None:
         return (done or {}) | _where()
     _use_threads(spec)
+    clock = StageClock(prepared.stage_seconds)
     try:
         stats = _estimate_and_write(spec, window, worker_model(spec), prepared.inputs(), prepared.observed,
-                                    prepared.unlike_training)
+                                    prepared.unlike_training, clock)
     except (MsmtuError, OSError) as exc:
         return _user_failure(spec, window, exc)
-    return stats | _where() | {"prepared_by": prepared.prepared_by}
+    return stats | _where() | {"prepared_by": prepared.prepared_by, "stage_seconds": clock.seconds}
 
 
 # --- driver side --------------------------------------------------------------------------
@@ -408,9 +437,10 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
 
 def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
                     progress: Callable[[Iterator, int], Iterator] | None
-                    ) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
+                    ) -> tuple[dict[str, int], dict[str, float], dict[str, int], dict[str, float]]:
     """Submit the chunks to the cluster and wait for them; stop at the first failure the user
-    can cause, with its line. Returns per worker: model loads, peak memory, chunks prepared."""
+    can cause, with its line. Returns per worker: model loads, peak memory, chunks prepared;
+    and the tasks' seconds per stage."""
     if has_gpu_workers(client):  # prepare on any CPU, estimate on the workers holding GPU=1
         prepared = [client.submit(prepare_task, spec, w, key=f"msmtu-prepare-{run_id}-{w.name}", pure=False,
                                   retries=2) for w in todo]
@@ -423,6 +453,7 @@ def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
     workers: dict[str, int] = {}
     peaks: dict[str, float] = {}
     prepared_by: dict[str, int] = {}
+    stages = StageClock()
     # results are fetched one at a time (small dicts): nothing is in flight when a failure stops
     # the loop, so closing the cluster then logs no broken transfers over the line
     finished = as_completed(futures)
@@ -435,7 +466,9 @@ def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
         peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
         if "prepared_by" in result:
             prepared_by[result["prepared_by"]] = prepared_by.get(result["prepared_by"], 0) + 1
-    return workers, peaks, prepared_by
+        for stage, seconds in result.get("stage_seconds", {}).items():
+            stages.seconds[stage] = stages.seconds.get(stage, 0.0) + seconds
+    return workers, peaks, prepared_by, stages.seconds
 
 
 def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConfig | None = None,
@@ -486,13 +519,16 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         for window in damaged_chunks(staging, [w for w in windows if chunk_stats(staging, w) is not None]):
             shutil.rmtree(_marker(staging, window).parent)
         todo = [w for w in windows if chunk_stats(staging, w) is None]
+        phases = {"plan": time.perf_counter() - start}
         with connect(cluster) as client, (dask_performance_report(filename=str(performance_report))
                                             if performance_report else nullcontext()):
+            phases["cluster"] = time.perf_counter() - start - sum(phases.values())
             if on_client:
                 on_client(client)
             spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
                            "state_qa" in ds.data_vars, config, threads_per_task(client), conversions)
-            workers, peaks, prepared_by = _compute_chunks(client, spec, todo, run_id, progress)
+            workers, peaks, prepared_by, stage_seconds = _compute_chunks(client, spec, todo, run_id, progress)
+            phases["chunks"] = time.perf_counter() - start - sum(phases.values())
         stats = {w.name: chunk_stats(staging, w) for w in windows}
         missing = [name for name, s in stats.items() if s is None]
         if missing:
@@ -501,10 +537,13 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, "valid_pixels": valid})
         consolidate(staging)
         replace_store(staging, out)  # the old output (ours, checked above) is superseded
+        phases["finish"] = time.perf_counter() - start - sum(phases.values())  # with the cluster's stop
         if cog_dir is not None:
             export_cogs(out, cog_dir)
+            phases["export"] = time.perf_counter() - start - sum(phases.values())
         return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
-                          workers=workers, worker_peak_mib=peaks, prepared_by=prepared_by)
+                          workers=workers, worker_peak_mib=peaks, prepared_by=prepared_by,
+                          stage_seconds=stage_seconds, phase_seconds=phases)
 
 
 def _current_client() -> Client | None:
