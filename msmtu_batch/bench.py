@@ -19,6 +19,7 @@ from msmtu_batch.model.preprocess import Standardizer, compute_deltas
 
 PIPELINE_PHASES = ("plan", "cluster", "chunks", "finish", "export")  # RunSummary.phase_seconds
 PIPELINE_STAGES = ("read", "prepare", "model", "write")  # RunSummary.stage_seconds
+PRECISION_RMSE_TOLERANCE = 1e-3  # a reduced precision keeps the map if the test RMSE moves less (issue 14)
 BRITS_FLOPS_PER_PIXEL = 2.4e6  # forward pass, both directions (docs/design.md section 5)
 TRAINING_FLOPS_FACTOR = 3.0  # forward + backward is about three forward passes
 
@@ -201,8 +202,48 @@ def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifa
     return out, save_artifact(artifact, out / "bench-model.safetensors")
 
 
+def precision_table(out: Path, epochs: int, size: tuple[int, int], seeds: tuple[int, ...] = (0, 1),
+                    precisions: tuple[str, ...] = ("bf16", "fp16")) -> list[dict]:
+    """Does reduced precision keep the map? Per simulated region (one per seed, the demo's
+    size by default): a model trained ``epochs`` epochs in fp32, its test pixels' abundances
+    in fp32 (the CPU engine) and under autocast in each of ``precisions``: the largest
+    abundance difference to fp32, the test RMSE against the simulated truth and its change,
+    and pixels/s on this machine's CPU."""
+    from msmtu_batch.evaluation.metrics import rmse
+    from msmtu_batch.inputs.training_data import read_cube_reference
+    from msmtu_batch.model.inference import predict
+    from msmtu_batch.model.train import TrainConfig, train
+    from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
+
+    rows = []
+    for seed in seeds:
+        folder = out / f"precision-seed{seed}"
+        simulate(SimulationConfig(height=size[0], width=size[1], seed=seed), folder, overwrite=True)
+        pixels = read_cube_reference(folder / "cube.zarr", folder / "reference.zarr", "level2")
+        artifact = train(pixels, "level2", TrainConfig(epochs=epochs, patience=3, seed=seed)).artifact
+        test = pixels.split("test")
+        inputs = artifact.inputs(test)
+        reference = None
+        for precision in ("fp32", *precisions):
+            predict(artifact.model, inputs, precision=precision, imputed=False)  # warm up (Numba's cache, oneDNN)
+            start = time.perf_counter()
+            abundance = predict(artifact.model, inputs, precision=precision, imputed=False)["abundance"]
+            rate = len(inputs) / (time.perf_counter() - start)
+            if reference is None:
+                reference = abundance, rmse(abundance, test.abundance)
+            error = rmse(abundance, test.abundance)
+            rows.append({"seed": seed, "precision": precision, "test_pixels": len(inputs),
+                         "max_abs_difference": float(np.abs(abundance - reference[0]).max()), "test_rmse": error,
+                         "rmse_change": error - reference[1], "pixels_per_second": rate})
+        shutil.rmtree(folder)
+    for row in rows:
+        row["keeps_the_map"] = abs(row["rmse_change"]) < PRECISION_RMSE_TOLERANCE
+    return rows
+
+
 def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: int = 256,
-              memory_sizes: tuple[int, ...] = (), say=print) -> dict:
+              memory_sizes: tuple[int, ...] = (), say=print, precision_epochs: int = 10,
+              precision_size: tuple[int, int] = (200, 300)) -> dict:
     """One run: the pipeline end to end, the model alone (fused and straightforward) and the
     research-code way on the same region, against the FLOP ceiling measured in the run; then,
     for each of ``memory_sizes``, the pipeline on a square region of that side, recording
@@ -226,8 +267,11 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     research = research_inference_throughput(region / "msmtu", "level2", artifact, csv)
 
     def pipeline(cube_folder: Path) -> dict:
+        # the model's statistics come from the first region: a larger one reaches beyond its
+        # longitudes, which the input guard would stop; flagged pixels cost the same to compute
         summary = run(cube_folder / "cube.zarr", model_path, out / "bench-output.zarr",
-                      config=RunConfig(chunk=chunk), overwrite=True, cog_dir=out / "bench-cogs")
+                      config=RunConfig(chunk=chunk, out_of_distribution="flag"), overwrite=True,
+                      cog_dir=out / "bench-cogs")
         return {"pixels": summary.pixels, "pixels_per_second": summary.pixels_per_second,
                 "seconds": summary.seconds, "worker_peak_mib": sorted(summary.worker_peak_mib.values()),
                 "vs_model_only": summary.pixels_per_second / fused, "stage_seconds": summary.stage_seconds,
@@ -272,7 +316,19 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         phases, stages = result["phase_seconds"], result["stage_seconds"]
         say(f"| {side} | " + " | ".join(f"{phases.get(k, 0.0):.2f}" for k in PIPELINE_PHASES) + " | "
             + " | ".join(f"{stages.get(k, 0.0):.2f}" for k in PIPELINE_STAGES) + " |")
+    precision_rows = precision_table(out, precision_epochs, precision_size) if precision_epochs else []
+    if precision_rows:
+        bf16_rate = lstm_gemm_rate(dtype=torch.bfloat16)
+        say(f"Reduced precision against fp32 ({precision_epochs}-epoch level-2 models on two simulated "
+            f"{precision_size[0]} x {precision_size[1]} regions, their test pixels; kept where the test RMSE "
+            f"moves < {PRECISION_RMSE_TOLERANCE:g}); this CPU's bf16 GEMM: {bf16_rate / 1e9:.0f} GFLOP/s, "
+            f"{bf16_rate / gemm_rate:.2f}x its fp32")
+        say("| seed | precision | max abs difference | test RMSE | RMSE change | pixels/s (this CPU) | keeps the map |")
+        say("|---|---|---|---|---|---|---|")
+        for r in precision_rows:
+            say(f"| {r['seed']} | {r['precision']} | {r['max_abs_difference']:.2e} | {r['test_rmse']:.4f} | "
+                f"{r['rmse_change']:+.5f} | {r['pixels_per_second']:,.0f} | {'yes' if r['keeps_the_map'] else 'no'} |")
     record = {"ceiling": ceiling, "gemm_flops": gemm_rate, "rates": rates, "end_to_end": end_to_end,
-              "memory_scaling": {str(k): v for k, v in scaling.items()}}
+              "memory_scaling": {str(k): v for k, v in scaling.items()}, "precision": precision_rows}
     (out / "bench.json").write_text(json.dumps(record, indent=2))
     return record

@@ -45,6 +45,12 @@ class OutOfDistribution(StrEnum):
     flag = "flag"
 
 
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Bad input ends the command with one line on stderr and exit status 2."""
@@ -425,6 +431,10 @@ def run_command(
              "ancillary variable's beyond 6 training standard deviations): stop with it named, or flag its "
              "pixels (quality_flag 2) and go on.")] = OutOfDistribution.stop,
     imputed: Annotated[bool, typer.Option(help="Also write imputed_reflectance(time, band, y, x).")] = False,
+    precision: Annotated[Precision, typer.Option(
+        help="The model's matrix products: fp32, or bf16 / fp16 (torch.autocast; faster only on hardware "
+             "with those instructions, and the map changes a little: benchmarks/NOTES.md).")]
+        = Precision.fp32,
     zarr_format: ZarrFormatOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an output made from another model, input or "
                                                  "settings.")] = False,
@@ -441,7 +451,8 @@ def run_command(
     with _user_errors():
         summary = run(cube, model, out, config=RunConfig(chunk=chunk, min_months=min_months, imputed=imputed,
                                                               out_of_distribution=out_of_distribution.value,
-                                                              zarr_format=zarr_format or 3),
+                                                              zarr_format=zarr_format or 3,
+                                                              precision=precision.value),
                       scheduler=scheduler, overwrite=overwrite, cog_dir=cog, performance_report=performance_report,
                       progress=_chunk_progress("unmixing chunks"), on_client=announce)
         if summary.already_complete:
@@ -529,12 +540,18 @@ def bench_command(
     memory_sizes: Annotated[list[int] | None, typer.Option(
         "--memory-size", help="Also run the pipeline on a square region of this side and record each worker's "
         "peak memory (repeat the option, e.g. 512 and 2048).")] = None,
+    precision_epochs: Annotated[int, typer.Option(
+        help="Training epochs of the models the precision table is measured with (0: no table).")] = 10,
+    precision_size: Annotated[tuple[int, int], typer.Option(
+        help="Rows and columns of the precision table's two simulated regions (seeds 0 and 1).")] = (200, 300),
 ) -> None:
-    """Pixels/s end to end, model only, and the research-code way, against the FLOP ceiling."""
+    """Pixels/s end to end, model only, and the research-code way, against the FLOP ceiling;
+    the pipeline's stages; the map with reduced precision against fp32."""
     from msmtu_batch.bench import run_bench
 
     with _user_errors():
-        run_bench(out, height, width, research_pixels, chunk, tuple(memory_sizes or ()))
+        run_bench(out, height, width, research_pixels, chunk, tuple(memory_sizes or ()),
+                  precision_epochs=precision_epochs, precision_size=precision_size)
 
 
 def run() -> None:

@@ -202,7 +202,8 @@ def test_workflow_train_section_is_a_valid_training_config():
 
 def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     result = cli("bench", "--out", str(tmp_path / "bench"), "--height", "32", "--width", "40",
-                 "--research-pixels", "60", "--chunk", "16", "--memory-size", "24")
+                 "--research-pixels", "60", "--chunk", "16", "--memory-size", "24", "--precision-epochs", "1",
+                 "--precision-size", "24", "32")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("region 32 x 40 (1,280 pixels), chunk 16; ceiling ")
@@ -213,7 +214,8 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
         "| model only, straightforward PyTorch BRITS (same inputs)",
         "| research-code way (JSON per pixel, DataLoader, per-step model, CSV)",
         "| 24 x 24",
-        "| region", "| 32 x 40", "| 24 x 24"]
+        "| region", "| 32 x 40", "| 24 x 24",
+        "| seed", "| 0", "| 0", "| 0", "| 1", "| 1", "| 1"]
     assert rows[3].split(" | ")[2] == "1.0x"
     record = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert record["memory_scaling"]["24"]["pixels"] == 576
@@ -225,6 +227,14 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
                                                                          "export")] + \
             [round(result["stage_seconds"][k], 2) for k in ("read", "prepare", "model", "write")]
         assert all(c > 0 for c in cells[1:]), row
+    # reduced precision against fp32 on two trained models' test pixels
+    precision = record["precision"]
+    assert [(r["seed"], r["precision"]) for r in precision] == [(s, p) for s in (0, 1) for p in ("fp32", "bf16",
+                                                                                                 "fp16")]
+    for r in precision:
+        assert (r["max_abs_difference"] == 0) == (r["precision"] == "fp32"), r
+        assert r["max_abs_difference"] < 0.05 and r["keeps_the_map"] == (abs(r["rmse_change"]) < 1e-3), r
+    assert rows[10].split(" | ")[1:3] == ["bf16", f"{precision[1]['max_abs_difference']:.2e}"]
     ratio = record["end_to_end"]["pixels_per_second"] / record["rates"]["model_fused"]
     assert f"pipeline / model only (fused): {ratio:.1%} at 32 x 40" in lines
     peaks = record["memory_scaling"]["24"]["worker_peak_mib"]

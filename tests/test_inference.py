@@ -138,3 +138,20 @@ def test_predict_handles_no_pixels_and_skips_imputation_on_request(fused):
     assert out["imputed"].shape == (0, 12, 7)
     some = random_inputs(np.random.default_rng(3), 10, 0)
     assert set(predict(model, some, fused=fused, imputed=False)) == {"abundance", "uncertainty"}
+
+
+def test_reduced_precision_rounds_the_matrix_products_only():
+    """bf16 / fp16 run the model under autocast: abundances near fp32 (bf16 keeps 8 bits of
+    mantissa, fp16 11), not equal to them, still summing to one; an unknown precision is named."""
+    rng = np.random.default_rng(5)
+    model = random_model(5, BritsConfig(n_classes=6, n_ancillary=3), scale=1.0)
+    inputs = random_inputs(rng, 300, 3)
+    fp32 = predict(model, inputs, imputed=False)["abundance"]
+    for precision, bound in (("bf16", 0.05), ("fp16", 0.01)):
+        got = predict(model, inputs, imputed=False, precision=precision)
+        assert got["abundance"].dtype == np.float32 and got["uncertainty"].dtype == np.float32
+        difference = np.abs(got["abundance"] - fp32).max()
+        assert 0 < difference < bound, (precision, difference)
+        np.testing.assert_allclose(got["abundance"].sum(axis=1), 1.0, atol=1e-2)
+    with pytest.raises(ValueError, match="precision 'int8': expected one of fp32, bf16, fp16"):
+        predict(model, inputs, precision="int8")

@@ -69,6 +69,11 @@ class RunConfig(BaseModel):
         "stop", description="past a limit: stop naming the chunk, or flag its pixels (quality_flag 2)")
     zarr_format: Literal[2, 3] = Field(
         3, description="Zarr format of the output: 3, or 2 for zarr-python 2 and GDAL before 3.8")
+    # Reduced precision changes the map (benchmarks/NOTES.md: the precision table of `bench`);
+    # fp32 stays the default until a measurement shows it keeps the map where it is faster
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the model's matrix products: fp32, or bf16 / fp16 through torch.autocast "
+                            "(the CPU engine is fp32 only)")
 
 
 # --- schema ----------------------------------------------------------------------------------
@@ -237,7 +242,8 @@ def estimate_block(inputs: ModelInputs, observed: np.ndarray, artifact: ModelArt
     device = next(artifact.model.parameters()).device
     # every pixel goes through the model (each is independent) and the invalid ones (about
     # 1 %) are blanked afterwards: cheaper than copying the valid ones out
-    prediction = predict(artifact.model, inputs, config.batch_size, device=device, imputed=config.imputed)
+    prediction = predict(artifact.model, inputs, config.batch_size, device=device, imputed=config.imputed,
+                         precision=config.precision)
     k = len(artifact.classes)
     abundance = np.where(valid[:, None], prediction["abundance"], np.float32(np.nan))
     uncertainty = np.where(valid, prediction["uncertainty"], np.float32(np.nan))
