@@ -16,6 +16,7 @@ import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,61 +63,64 @@ def product_stem(name: str, attrs: dict) -> str:
     return f"{name}_{start[:4]}" if start[:4].isdigit() else name
 
 
-def export_cogs(store: str | Path, cog_dir: str | Path) -> list[Path]:
+def export_cogs(store: str | Path, cog_dir: str | Path, parallel: int = 2) -> list[Path]:
     """Write ``cog_dir/<product>_<year>.tif`` (and its ``.qml``) for every product of the
-    output cube ``store``; returns the files written."""
+    output cube ``store``; returns the files written. ``parallel`` products at once (GDAL
+    releases the GIL; each COG's deflate also runs on every core)."""
     ds = xr.open_zarr(store, decode_coords="all", mask_and_scale=False)
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
+    names = [name for name in PRODUCTS if name in ds]
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return [path for paths in pool.map(lambda name: _export_product(ds, name, cog_dir), names) for path in paths]
+
+
+def _export_product(ds: xr.Dataset, name: str, cog_dir: Path) -> list[Path]:
+    """One product's COG (written aside, validated, renamed), its QGIS style and, for the
+    categorical ones, its category names."""
+    nodata, resampling = PRODUCTS[name]
     classes = [str(c) for c in ds[CLASS_DIM].values]
     colors = str(ds["dominant_class"].attrs.get("flag_colors", "")).split()
     tags = {k: str(ds.attrs[k]) for k in PROVENANCE_TAGS if k in ds.attrs}
-    written = []
-    for name, (nodata, resampling) in PRODUCTS.items():
-        if name not in ds:
-            continue
-        stem = product_stem(name, ds.attrs)
-        data = ds[name].load()
-        descriptions = classes if CLASS_DIM in data.dims else [name]
-        data = data.expand_dims("band", 0) if data.ndim == 2 else data.rename({CLASS_DIM: "band"})
-        data = data.drop_vars([c for c in data.coords if c not in ("x", "y", "spatial_ref")])
-        data.attrs = {}
-        if nodata is not None:
-            data = data.rio.write_nodata(nodata, encoded=False)
-        final = cog_dir / f"{stem}.tif"
-        # temporary names of this process only: a COG appears at its final name complete or not at all
-        plain = cog_dir / f".{stem}.{os.getpid()}.plain.tif"
-        partial = cog_dir / f".{stem}.{os.getpid()}.partial.tif"
-        data.rio.to_raster(plain, tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
-        with rasterio.open(plain, "r+") as raster:
-            for band, description in enumerate(descriptions, start=1):
-                raster.set_band_description(band, description)
-        colormap = None
-        if name == "dominant_class" and len(colors) == len(classes):
-            colormap = {i: (*rgb(c), 255) for i, c in enumerate(colors)} | {DOMINANT_FILL: (0, 0, 0, 0)}
-        elif name == "quality_flag":
-            colormap = {i: (*rgb(c), 255) for i, c in enumerate(QUALITY_COLORS)}
-        # deflate on every core (the workers are idle by now)
-        profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK, "num_threads": "ALL_CPUS"}
-        with warnings.catch_warnings():  # rio-cogeo tells that a colour table makes the band paletted: intended
-            warnings.filterwarnings("ignore", message="Dataset color interpretation was set to")
-            cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*data.shape[1:]),
-                          overview_resampling=resampling, quiet=True, in_memory=False, colormap=colormap,
-                          additional_cog_metadata={**tags, "product": name},
-                          config={"GDAL_NUM_THREADS": "ALL_CPUS"})
-        plain.unlink()
-        valid, errors, _ = cog_validate(partial)
-        if not valid:
-            raise MsmtuError(f"{final}: not a valid COG ({'; '.join(errors)})")
-        style = _qml(name, classes, colors)
-        write_text_durably(cog_dir / f"{stem}.qml", style)
-        if name in ("dominant_class", "quality_flag"):
-            names = classes if name == "dominant_class" else \
-                str(ds["quality_flag"].attrs.get("flag_meanings", "")).split()
-            write_text_durably(cog_dir / f"{stem}.tif.aux.xml", _category_names(names))
-        partial.replace(final)
-        written += [final, cog_dir / f"{stem}.qml"]
-    return written
+    stem = product_stem(name, ds.attrs)
+    data = ds[name].load()
+    descriptions = classes if CLASS_DIM in data.dims else [name]
+    data = data.expand_dims("band", 0) if data.ndim == 2 else data.rename({CLASS_DIM: "band"})
+    data = data.drop_vars([c for c in data.coords if c not in ("x", "y", "spatial_ref")])
+    data.attrs = {}
+    if nodata is not None:
+        data = data.rio.write_nodata(nodata, encoded=False)
+    final = cog_dir / f"{stem}.tif"
+    # temporary names of this process only: a COG appears at its final name complete or not at all
+    plain = cog_dir / f".{stem}.{os.getpid()}.plain.tif"
+    partial = cog_dir / f".{stem}.{os.getpid()}.partial.tif"
+    data.rio.to_raster(plain, tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
+    with rasterio.open(plain, "r+") as raster:
+        for band, description in enumerate(descriptions, start=1):
+            raster.set_band_description(band, description)
+    colormap = None
+    if name == "dominant_class" and len(colors) == len(classes):
+        colormap = {i: (*rgb(c), 255) for i, c in enumerate(colors)} | {DOMINANT_FILL: (0, 0, 0, 0)}
+    elif name == "quality_flag":
+        colormap = {i: (*rgb(c), 255) for i, c in enumerate(QUALITY_COLORS)}
+    # deflate on every core (the workers are idle by now)
+    profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK, "num_threads": "ALL_CPUS"}
+    with warnings.catch_warnings():  # rio-cogeo tells that a colour table makes the band paletted: intended
+        warnings.filterwarnings("ignore", message="Dataset color interpretation was set to")
+        cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*data.shape[1:]),
+                      overview_resampling=resampling, quiet=True, in_memory=False, colormap=colormap,
+                      additional_cog_metadata={**tags, "product": name},
+                      config={"GDAL_NUM_THREADS": "ALL_CPUS"})
+    plain.unlink()
+    valid, errors, _ = cog_validate(partial)
+    if not valid:
+        raise MsmtuError(f"{final}: not a valid COG ({'; '.join(errors)})")
+    write_text_durably(cog_dir / f"{stem}.qml", _qml(name, classes, colors))
+    if name in ("dominant_class", "quality_flag"):
+        names = classes if name == "dominant_class" else str(ds["quality_flag"].attrs.get("flag_meanings", "")).split()
+        write_text_durably(cog_dir / f"{stem}.tif.aux.xml", _category_names(names))
+    partial.replace(final)
+    return [final, cog_dir / f"{stem}.qml"]
 
 
 def _category_names(names: list[str]) -> str:
