@@ -299,8 +299,14 @@ class FusedBrits:
                     results = list(pool.map(one_core_tile, starts))
             finally:
                 torch.set_num_threads(previous)
-        else:
-            results = [run_tile(start) for start in starts]
+        else:  # Numba's threads follow torch's here too: an idle OpenMP thread spins, and a process
+            # kept to one core beside another (two trainings on two cores) ran 8x slower for it
+            previous = numba.get_num_threads()
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            try:
+                results = [run_tile(start) for start in starts]
+            finally:
+                numba.set_num_threads(previous)
         k = self.config.n_classes
         forward = np.concatenate([r[0] for r in results]) if results else np.zeros((0, k), np.float32)
         backward = np.concatenate([r[1] for r in results]) if results else np.zeros((0, k), np.float32)
