@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,11 @@ def test_cogs_are_valid_and_match_the_zarr_output(region, model, clean_run, tmp_
     from rio_cogeo.cogeo import cog_validate
 
     out, _ = clean_run
-    summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK, imputed=True), cog_dir=tmp_path / "cogs")
+    with warnings.catch_warnings():  # such a warning in any export thread would reach the user's terminal
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error", RuntimeWarning)
+        summary = run(region.cube, model, out, config=RunConfig(chunk=CHUNK, imputed=True),
+                      cog_dir=tmp_path / "cogs")
     assert summary.already_complete, "an existing complete output is only exported"
     ds = open_output(out).load()
     classes = [str(c) for c in ds["lulc_class"].values]

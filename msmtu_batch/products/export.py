@@ -71,7 +71,10 @@ def export_cogs(store: str | Path, cog_dir: str | Path, parallel: int = 2) -> li
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
     names = [name for name in PRODUCTS if name in ds]
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    # warnings' filters are process-wide and catch_warnings is not thread-safe: one around the pool.
+    # rio-cogeo tells that a colour table makes the band paletted: intended
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        warnings.filterwarnings("ignore", message="Dataset color interpretation was set to")
         return [path for paths in pool.map(lambda name: _export_product(ds, name, cog_dir), names) for path in paths]
 
 
@@ -105,12 +108,9 @@ def _export_product(ds: xr.Dataset, name: str, cog_dir: Path) -> list[Path]:
         colormap = {i: (*rgb(c), 255) for i, c in enumerate(QUALITY_COLORS)}
     # deflate on every core (the workers are idle by now)
     profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK, "num_threads": "ALL_CPUS"}
-    with warnings.catch_warnings():  # rio-cogeo tells that a colour table makes the band paletted: intended
-        warnings.filterwarnings("ignore", message="Dataset color interpretation was set to")
-        cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*data.shape[1:]),
-                      overview_resampling=resampling, quiet=True, in_memory=False, colormap=colormap,
-                      additional_cog_metadata={**tags, "product": name},
-                      config={"GDAL_NUM_THREADS": "ALL_CPUS"})
+    cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*data.shape[1:]),
+                  overview_resampling=resampling, quiet=True, in_memory=False, colormap=colormap,
+                  additional_cog_metadata={**tags, "product": name}, config={"GDAL_NUM_THREADS": "ALL_CPUS"})
     plain.unlink()
     valid, errors, _ = cog_validate(partial)
     if not valid:
