@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+from rasterio.enums import ColorInterp
 from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
 
@@ -71,10 +71,7 @@ def export_cogs(store: str | Path, cog_dir: str | Path, parallel: int = 2) -> li
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
     names = [name for name in PRODUCTS if name in ds]
-    # warnings' filters are process-wide and catch_warnings is not thread-safe: one around the pool.
-    # rio-cogeo tells that a colour table makes the band paletted: intended
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        warnings.filterwarnings("ignore", message="Dataset color interpretation was set to")
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return [path for paths in pool.map(lambda name: _export_product(ds, name, cog_dir), names) for path in paths]
 
 
@@ -97,15 +94,18 @@ def _export_product(ds: xr.Dataset, name: str, cog_dir: Path) -> list[Path]:
     # temporary names of this process only: a COG appears at its final name complete or not at all
     plain = cog_dir / f".{stem}.{os.getpid()}.plain.tif"
     partial = cog_dir / f".{stem}.{os.getpid()}.partial.tif"
-    data.rio.to_raster(plain, tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
-    with rasterio.open(plain, "r+") as raster:
-        for band, description in enumerate(descriptions, start=1):
-            raster.set_band_description(band, description)
     colormap = None
     if name == "dominant_class" and len(colors) == len(classes):
         colormap = {i: (*rgb(c), 255) for i, c in enumerate(colors)} | {DOMINANT_FILL: (0, 0, 0, 0)}
     elif name == "quality_flag":
         colormap = {i: (*rgb(c), 255) for i, c in enumerate(QUALITY_COLORS)}
+    data.rio.to_raster(plain, tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
+    with rasterio.open(plain, "r+") as raster:
+        for band, description in enumerate(descriptions, start=1):
+            raster.set_band_description(band, description)
+        if colormap:  # paletted already, so rio-cogeo need not make it so (and warn from a thread)
+            raster.write_colormap(1, colormap)
+            raster.colorinterp = [ColorInterp.palette]
     # deflate on every core (the workers are idle by now)
     profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK, "num_threads": "ALL_CPUS"}
     cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*data.shape[1:]),
