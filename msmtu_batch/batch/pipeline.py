@@ -453,7 +453,7 @@ def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
     workers: dict[str, int] = {}
     peaks: dict[str, float] = {}
     prepared_by: dict[str, int] = {}
-    stages = StageClock()
+    stage_seconds: dict[str, float] = {}
     # results are fetched one at a time (small dicts): nothing is in flight when a failure stops
     # the loop, so closing the cluster then logs no broken transfers over the line
     finished = as_completed(futures)
@@ -467,8 +467,8 @@ def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
         if "prepared_by" in result:
             prepared_by[result["prepared_by"]] = prepared_by.get(result["prepared_by"], 0) + 1
         for stage, seconds in result.get("stage_seconds", {}).items():
-            stages.seconds[stage] = stages.seconds.get(stage, 0.0) + seconds
-    return workers, peaks, prepared_by, stages.seconds
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+    return workers, peaks, prepared_by, stage_seconds
 
 
 def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConfig | None = None,
