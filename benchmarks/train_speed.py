@@ -22,10 +22,10 @@ import torch
 
 from msmtu_batch.bench import (
     TRAINING_FLOPS_FACTOR,
+    ResearchBRITS,
     brits_flops_per_pixel,
     lstm_gemm_rate,
     naive_training_throughput,
-    research_brits,
 )
 from msmtu_batch.inputs.cube import ANCILLARY_SETS
 from msmtu_batch.inputs.training_data import read_msmtu
@@ -58,7 +58,7 @@ def main() -> None:
 
         names = ANCILLARY_SETS["all"]
         train_set = pixels.split("train")
-        model = research_brits(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names)))
+        model = ResearchBRITS(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names)))
         naive = naive_training_throughput(root, "level2", model, Standardizer.fit(train_set.values, train_set.masks),
                                           names, Standardizer.fit(train_set.ancillary), args.batch_size)
         flops = brits_flops_per_pixel(model.cfg) * TRAINING_FLOPS_FACTOR

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from msmtu_batch.inputs.training_data import MSMTU_VALUE_SCALE, PARTITIONS
-from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, BritsOutput, LossWeights, brits_loss
 from msmtu_batch.model.preprocess import Standardizer, compute_deltas
 
 PIPELINE_PHASES = ("plan", "cluster", "chunks", "finish", "export")  # RunSummary.phase_seconds
@@ -78,15 +78,23 @@ class ResearchRITS(RITS):
             x_filled = m * x + (1 - m) * x_comb
             h, c = self.cell(torch.cat([x_filled, m], dim=1), (h, c))
             imputed.append(x_filled)
-        features = h if self.ancillary_embedding is None else torch.cat([h, self.ancillary_embedding(ancillary)], 1)
-        return self.head(features), torch.stack(imputed, dim=1), loss / (3 * steps)
+        return self.logits(h, ancillary), torch.stack(imputed, dim=1), loss / (3 * steps)
 
 
-def research_brits(cfg: BritsConfig) -> BRITS:
-    """BRITS whose two passes use the research code's per-step formulation."""
-    model = BRITS(cfg)
-    model.forward_pass, model.backward_pass = ResearchRITS(cfg), ResearchRITS(cfg)
-    return model
+class ResearchBRITS(BRITS):
+    """BRITS as the research code runs it: one direction after the other, each in the
+    per-step formulation of :class:`ResearchRITS`; the same parameters as :class:`BRITS`."""
+
+    def __init__(self, cfg: BritsConfig) -> None:
+        super().__init__(cfg)
+        self.forward_pass, self.backward_pass = ResearchRITS(cfg), ResearchRITS(cfg)
+
+    def forward(self, values, masks, deltas_forward, deltas_backward, ancillary=None, with_loss=True):
+        logits_f, imputed_f, loss_f = self.forward_pass(values, masks, deltas_forward, ancillary, with_loss)
+        logits_b, imputed_b, loss_b = self.backward_pass(values.flip(1), masks.flip(1), deltas_backward,
+                                                         ancillary, with_loss)
+        return BritsOutput.of_directions(logits_f, logits_b, imputed_f, imputed_b.flip(1), 0.5 * (loss_f + loss_b),
+                                         with_loss)
 
 
 class JsonPixelDataset(Dataset):
@@ -145,7 +153,7 @@ def naive_training_throughput(root: Path, level: str, model: BRITS, bands: Stand
 def research_inference_throughput(root: Path, level: str, artifact, out_csv: Path, batch_size: int = 256) -> float:
     """Pixels/s of inference the research-code way: one JSON per pixel through a DataLoader
     into the per-step model, predictions appended to a CSV per batch."""
-    model = research_brits(artifact.config)
+    model = ResearchBRITS(artifact.config)
     model.load_state_dict(artifact.model.state_dict())
     model.eval()
     seen, start = 0, time.perf_counter()

@@ -8,10 +8,10 @@ import torch
 
 from msmtu_batch.bench import (
     JsonPixelDataset,
+    ResearchBRITS,
     brits_flops_per_pixel,
     lstm_gemm_rate,
     naive_training_throughput,
-    research_brits,
 )
 from msmtu_batch.inputs.cube import ANCILLARY_SETS
 from msmtu_batch.inputs.training_data import read_msmtu
@@ -51,7 +51,7 @@ def test_flop_count_and_gemm_rate():
 def test_restructured_model_equals_the_research_formulation():
     torch.manual_seed(2)
     cfg = BritsConfig(n_classes=4, n_ancillary=3, hidden=24, embed=8, head_hidden=16, dropout=0.0)
-    ours, research = BRITS(cfg), research_brits(cfg)
+    ours, research = BRITS(cfg), ResearchBRITS(cfg)
     research.load_state_dict(ours.state_dict())
     inputs, abundance = synthetic_problem(n=40, seed=4)
     series, ancillary = tensors(inputs)

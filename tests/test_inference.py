@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msmtu_batch.bench import research_brits
+from msmtu_batch.bench import ResearchBRITS
 from msmtu_batch.model.brits import BRITS, BritsConfig
 from msmtu_batch.model.inference import FusedBrits, decay_factor, lstm_update, predict, tanh_fraction
 from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
@@ -88,7 +88,7 @@ def test_fused_engine_equals_the_research_formulation_at_full_size():
     """The default architecture, against the per-step model of the research code."""
     cfg = BritsConfig(n_classes=10, n_ancillary=6)
     model = random_model(1, cfg, 2.0)
-    straightforward = research_brits(cfg).eval()
+    straightforward = ResearchBRITS(cfg).eval()
     straightforward.load_state_dict(model.state_dict())
     inputs = random_inputs(np.random.default_rng(1), 3000, 6)
     expected = reference(straightforward, inputs)

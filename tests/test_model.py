@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from msmtu_batch.bench import ResearchBRITS
 from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import Standardizer, compute_deltas, prepare_inputs
@@ -55,7 +56,9 @@ def test_backward_pass_reads_time_reversed():
     model = BRITS(BritsConfig(n_classes=4, hidden=8, head_hidden=8)).eval()
     values, masks, d_fwd, d_bwd = tensors(inputs)[0]
     out = model(values, masks, d_fwd, d_bwd)
-    logits, _, _ = model.backward_pass(values.flip(1), masks.flip(1), d_bwd, None)
+    research = ResearchBRITS(model.cfg).eval()  # one direction at a time, each on its own
+    research.load_state_dict(model.state_dict())
+    logits, _, _ = research.backward_pass(values.flip(1), masks.flip(1), d_bwd, None)
     assert torch.allclose(out.backward_abundance, torch.softmax(logits, dim=1))
     np.testing.assert_array_equal(inputs.deltas_backward, compute_deltas(inputs.masks[:, ::-1]))
 

@@ -104,7 +104,8 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
                                 ancillary_stats)
     model = BRITS(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names), hidden=cfg.hidden,
                               embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout)).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters' updates (10 % of a CPU training step before)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.learning_rate * 0.01)
