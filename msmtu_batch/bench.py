@@ -292,7 +292,7 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         f"(LSTM GEMM {gemm_rate / 1e9:.0f} GFLOP/s fp32 / {brits_flops_per_pixel(cfg) / 1e6:.2f} MFLOP per pixel)")
     say("| method | pixels/s | vs research-code way | fraction of ceiling |")
     say("|---|---|---|---|")
-    labels = {"end_to_end": "msmtu-batch run (Zarr in, Zarr + COG out, LocalCluster)",
+    labels = {"end_to_end": "msmtu-batch run (Zarr in, Zarr + COG out, threads of one process)",
               "model_fused": "model only, fused CPU engine (prepared inputs in memory)",
               "model_straightforward": "model only, straightforward PyTorch BRITS (same inputs)",
               "research_code": "research-code way (JSON per pixel, DataLoader, per-step model, CSV)"}

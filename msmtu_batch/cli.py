@@ -160,7 +160,7 @@ def demo_command(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     epochs: Annotated[int, typer.Option(help="Maximum training epochs.")] = 10,
 ) -> None:
-    """End-to-end demo: simulate a region, train a model, unmix it on a LocalCluster (Zarr + COG),
+    """End-to-end demo: simulate a region, train a model, unmix it on this machine (Zarr + COG),
     print the accuracy against the simulated truth and save a PNG map."""
     from msmtu_batch.demo import run_demo
 
@@ -422,8 +422,8 @@ def run_command(
     model: Annotated[Path, typer.Option("--model", help="Model artifact (.safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Output cube (Zarr) to write.")],
     scheduler: Annotated[str | None, typer.Option(
-        help="Dask scheduler address (tcp://host:port) or cluster spec (YAML); default: a LocalCluster "
-             "on 127.0.0.1 sized to this machine.")] = None,
+        help="Dask scheduler address (tcp://host:port) or cluster spec (YAML); default: this machine's "
+             "cores as threads of this process (a spec with 'processes: true' for worker processes).")] = None,
     chunk: Annotated[int, typer.Option(help="Spatial chunk side in pixels (all months and bands).")] = 256,
     min_months: Annotated[int, typer.Option(help="Fewer observed months give NaN abundances and a flag.")] = 3,
     out_of_distribution: Annotated[OutOfDistribution, typer.Option(
@@ -445,7 +445,7 @@ def run_command(
     from msmtu_batch.batch.pipeline import RunConfig, run
 
     def announce(client) -> None:
-        if client.dashboard_link:
+        if not client.scheduler.address.startswith("inproc://"):  # threads of this process: no dashboard
             console.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
 
     with _user_errors():

@@ -1,4 +1,4 @@
-"""The end-to-end demo behind `make demo`: simulate, train, unmix on a LocalCluster, report."""
+"""The end-to-end demo behind `make demo`: simulate, train, unmix on this machine, report."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def run_demo(out: Path, height: int = 200, width: int = 300, seed: int = 0, epoc
 
     summary = run(out / "cube.zarr", model, out / "abundance.zarr", config=RunConfig(chunk=128), overwrite=True,
                   cog_dir=out / "cogs")
-    say(f"unmixed {summary.pixels:,} pixels ({summary.valid_pixels:,} estimated) on a LocalCluster in "
+    say(f"unmixed {summary.pixels:,} pixels ({summary.valid_pixels:,} estimated) on this machine in "
         f"{summary.seconds:.1f} s -> {out / 'abundance.zarr'} and {out / 'cogs'}/*.tif")
 
     reference = xr.open_zarr(out / "reference.zarr", group="level2")["abundance"].load()

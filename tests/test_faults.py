@@ -9,6 +9,7 @@ the project's writers.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import xarray as xr
 import zarr
@@ -549,6 +551,21 @@ def test_local_cluster_refuses_clients_without_its_credentials():
             with pytest.raises((OSError, TimeoutError)):
                 Client(attempt, timeout="3s", security=security)
         assert client.submit(sum, [1, 2]).result() == 3, "the run's own client works"
+        assert client.dashboard_link.startswith("http://127.0.0.1:"), "dashboard on loopback only"
+
+
+def test_threads_of_one_process_listen_on_nothing():
+    """``run``'s default: the workers are threads of the driver, reached in memory."""
+    from msmtu_batch.batch.clusters import connect
+
+    with connect(processes=False) as client:
+        assert client.scheduler.address.startswith("inproc://"), client.scheduler.address
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 1 and all(w["nthreads"] == (os.cpu_count() or 1) for w in workers.values())
+        assert client.submit(sum, [1, 2]).result() == 3
+        # what Dask still serves over HTTP (health, metrics) is on loopback; nothing else listens
+        listening = psutil.Process().net_connections(kind="inet")
+        assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening if c.status == psutil.CONN_LISTEN)
 
 
 # --- 2. data unlike the training data: the input-distribution guard and ancillary units -----------

@@ -1,11 +1,11 @@
 """Where the work runs: a LocalCluster sized to the machine, a running scheduler, or a batch
 system (SLURM or PBS through dask-jobqueue).
 
-``--scheduler`` takes nothing (LocalCluster on 127.0.0.1, one single-threaded worker per
-core, dashboard on loopback, TLS with temporary credentials), a scheduler address
-(``tcp://host:port`` or ``tls://host:port``), or a YAML file::
+``--scheduler`` takes nothing (this machine's cores: see :class:`LocalSpec`), a scheduler
+address (``tcp://host:port`` or ``tls://host:port``), or a YAML file::
 
     cluster: local          # or: address, slurm, pbs
+    processes: true         # local only: worker processes, or false: threads of this process
     n_workers: 4            # local only (at least 1)
     threads_per_worker: 1   # local only (at least 1)
     address: tls://...      # address only (required)
@@ -37,7 +37,7 @@ from typing import Annotated, Literal
 
 import yaml
 from dask.utils import parse_bytes
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, LocalCluster, Worker, WorkerPlugin
 from distributed.core import Status
 from distributed.security import Security
 from pydantic import (
@@ -59,12 +59,30 @@ class _Spec(BaseModel):
 
 
 class LocalSpec(_Spec):
-    """A LocalCluster on this machine; its scheduler binds to loopback and requires TLS with
-    credentials made for this run only, so no other user of a shared node can connect."""
+    """A LocalCluster on this machine. With worker processes (by default one single-threaded
+    worker per core), its scheduler binds to loopback and requires TLS with credentials made
+    for this run only, so no other user of a shared node can connect. Without (by default one
+    worker with a thread per core), the workers are threads of this process and talk to the
+    scheduler in memory: nothing starts, nothing is imported twice, no port but their HTTP
+    servers' (health, metrics) on loopback, no dashboard. ``processes`` left out means the
+    command's choice: ``run`` takes threads (the model's kernels release the GIL; measured
+    1.3-2x the pixels/s of worker processes on 2 cores, benchmarks/NOTES.md), ``ingest`` and
+    workflows take processes."""
 
     cluster: Literal["local"] = "local"
+    processes: bool | None = None
     n_workers: int | None = Field(None, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+
+    def cluster_shape(self, processes: bool) -> tuple[int, int]:
+        """(workers, Dask threads per worker): as given, else one per core, as processes of
+        one thread or as threads of one worker."""
+        cores = os.cpu_count() or 1
+        if processes:
+            threads = self.threads_per_worker or 1
+            return self.n_workers or max(1, cores // threads), threads
+        workers = self.n_workers or 1
+        return workers, self.threads_per_worker or max(1, cores // workers)
 
 
 class TlsFiles(_Spec):
@@ -236,9 +254,10 @@ def job_script(spec: BatchSpec) -> str:
 
 
 @contextmanager
-def connect(scheduler: str | AnySpec | Client | None = None) -> Iterator[Client]:
+def connect(scheduler: str | AnySpec | Client | None = None, *, processes: bool = True) -> Iterator[Client]:
     """A client for ``scheduler``; a cluster it starts is stopped on exit, a Client given is
-    used as it is (and left open)."""
+    used as it is (and left open). ``processes``: whether a local spec that does not say
+    runs worker processes or threads of this process."""
     spec = load_cluster_spec(scheduler)
     if isinstance(spec, Client):
         yield spec
@@ -268,14 +287,32 @@ def connect(scheduler: str | AnySpec | Client | None = None) -> Iterator[Client]
                                  "check the jobs (squeue / qstat) and their logs") from None
             yield client
         return
-    threads = spec.threads_per_worker
-    workers = spec.n_workers or max(1, (os.cpu_count() or 1) // threads)
+    processes = processes if spec.processes is None else spec.processes
+    workers, threads = spec.cluster_shape(processes)
+    if not processes:  # in-memory transport: no port, so no credentials to make; no dashboard
+        # either (bokeh's import cost 0.5-0.65 s of a 7 s run; the progress bar and
+        # --performance-report remain). Scheduler and worker still serve HTTP (health, metrics):
+        # on loopback, where Dask's default would be every interface.
+        with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=False,
+                          scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                          worker_class=_LoopbackWorker, silence_logs=logging.ERROR) as cluster, \
+                _client_of(cluster) as client:
+            yield client
+        return
     # workers log errors only: a task's warnings on shutdown would otherwise follow the one line
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0", security=Security.temporary(),
                       silence_logs=logging.ERROR) as cluster, _client_of(cluster) as client:
         client.register_plugin(QuietWhileClosing())
         yield client
+
+
+class _LoopbackWorker(Worker):
+    """A worker thread whose HTTP server (health, metrics) listens on loopback only, without
+    the dashboard pages: LocalCluster ties both to one argument."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs | {"dashboard_address": "127.0.0.1:0", "dashboard": False})
 
 
 class QuietWhileClosing(WorkerPlugin):
@@ -323,10 +360,12 @@ def has_gpu_workers(client: Client) -> bool:
 def threads_per_task(client: Client) -> int:
     """Cores left to one task's torch/numba threads so Dask threads x their threads <= cores
     (on this machine; workers elsewhere run one thread per core already)."""
-    workers = list(client.scheduler_info()["workers"].values())
+    info = client.scheduler_info()["workers"]
+    workers = list(info.values())
     if not workers:
         return 1
-    if any(w.get("host") not in ("127.0.0.1", "localhost") for w in workers):
+    if any(w.get("host") not in ("127.0.0.1", "localhost") and not address.startswith("inproc://")
+           for address, w in info.items()):
         return 1
     cores = os.cpu_count() or 1
     total_threads = sum(w.get("nthreads", 1) for w in workers)

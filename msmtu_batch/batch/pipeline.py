@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -110,23 +111,26 @@ class RunSummary:
 # --- worker side --------------------------------------------------------------------------
 
 _WORKER_STATE: dict = {"models": {}, "inputs": {}, "model_loads": 0}
+_WORKER_STATE_LOCK = threading.Lock()  # the tasks of a process's worker threads share its state
 
 
 def worker_model(spec: RunSpec) -> ModelArtifact:
     """The artifact, loaded once per worker process (and per model hash)."""
     key = (spec.model, spec.model_hash)
-    if key not in _WORKER_STATE["models"]:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        _WORKER_STATE["models"][key] = load_artifact(spec.model, device=device)
-        _WORKER_STATE["model_loads"] += 1
-    return _WORKER_STATE["models"][key]
+    with _WORKER_STATE_LOCK:
+        if key not in _WORKER_STATE["models"]:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            _WORKER_STATE["models"][key] = load_artifact(spec.model, device=device)
+            _WORKER_STATE["model_loads"] += 1
+        return _WORKER_STATE["models"][key]
 
 
 def _input_group(path: str) -> zarr.Group:
-    if path not in _WORKER_STATE["inputs"]:
-        # the metadata as stored, not a consolidated copy that an edit of the store may have left stale
-        _WORKER_STATE["inputs"][path] = zarr.open_group(path, mode="r", use_consolidated=False)
-    return _WORKER_STATE["inputs"][path]
+    with _WORKER_STATE_LOCK:
+        if path not in _WORKER_STATE["inputs"]:
+            # the metadata as stored, not a consolidated copy that an edit of the store may have left stale
+            _WORKER_STATE["inputs"][path] = zarr.open_group(path, mode="r", use_consolidated=False)
+        return _WORKER_STATE["inputs"][path]
 
 
 def model_loads() -> int:
@@ -480,7 +484,7 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
 
     The work runs on ``client``, else on the cluster ``scheduler`` names (an address, a spec
     file or object), else on the current Dask client if there is one (a notebook's), else on
-    a LocalCluster started for this run."""
+    threads of this process, one per core (a LocalCluster without worker processes)."""
     cube, model, out = Path(cube), Path(model), Path(out).resolve()
     config = config or RunConfig()
     start = time.perf_counter()
@@ -520,7 +524,7 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
             shutil.rmtree(_marker(staging, window).parent)
         todo = [w for w in windows if chunk_stats(staging, w) is None]
         phases = {"plan": time.perf_counter() - start}
-        with connect(cluster) as client, (dask_performance_report(filename=str(performance_report))
+        with connect(cluster, processes=False) as client, (dask_performance_report(filename=str(performance_report))
                                             if performance_report else nullcontext()):
             phases["cluster"] = time.perf_counter() - start - sum(phases.values())
             if on_client:

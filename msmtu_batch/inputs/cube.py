@@ -323,7 +323,12 @@ def chunk_problem(store: Path | str, group: zarr.Group, name: str, ys: slice = s
     A chunk is damaged when it is absent and Zarr would read it as valid data (its
     ``fill_value`` is not the declared missing value; or the store is one of ours, where every
     chunk is written), or, with ``decode``, when it does not decode (checksum, codec, bytes)."""
-    array = group[name]
+    return array_chunk_problem(store, group, group[name], ys, xs, decode)
+
+
+def array_chunk_problem(store: Path | str, group: zarr.Group, array: zarr.Array, ys: slice = slice(None),
+                        xs: slice = slice(None), decode: bool = True) -> str | None:
+    """:func:`chunk_problem` for an array of ``group`` already opened (its metadata read once)."""
     dims = (array.metadata.dimension_names if array.metadata.zarr_format == 3
             else array.attrs.get("_ARRAY_DIMENSIONS")) or tuple(f"dim_{i}" for i in range(array.ndim))
     absent_ok = _reads_as_missing(array) and not group.attrs.get(ALL_CHUNKS_ATTR, False)
@@ -347,13 +352,13 @@ def chunk_problem(store: Path | str, group: zarr.Group, name: str, ys: slice = s
 def read_window(store: Path | str, group: zarr.Group, name: str, ys: slice, xs: slice) -> np.ndarray:
     """Rows ``ys`` and columns ``xs`` of variable ``name`` (all other axes), refusing absent or
     damaged chunks by name rather than reading them as data."""
-    if problem := chunk_problem(store, group, name, ys, xs, decode=False):
-        raise CubeValidationError(f"{store}: variable '{name}': {problem}")
     array = group[name]
+    if problem := array_chunk_problem(store, group, array, ys, xs, decode=False):
+        raise CubeValidationError(f"{store}: variable '{name}': {problem}")
     try:
         return array[(slice(None),) * (array.ndim - 2) + (ys, xs)]
     except Exception as exc:
-        problem = chunk_problem(store, group, name, ys, xs) or f"cannot be read ({type(exc).__name__}: {exc})"
+        problem = array_chunk_problem(store, group, array, ys, xs) or f"cannot be read ({type(exc).__name__}: {exc})"
         raise CubeValidationError(f"{store}: variable '{name}': {problem}") from None
 
 

@@ -120,8 +120,8 @@ def write_window(store: str | os.PathLike, arrays: Mapping[str, np.ndarray], ys:
                  group: str = "") -> None:
     """Write ``arrays`` (name -> values) at rows ``ys`` and columns ``xs`` of their variables in
     an initialised store, every chunk written even when it holds only fill values (zarr skips
-    those by default, and our readers take an absent chunk for damage)."""
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        root = zarr.open_group(store, mode="r+", path=group)
-        for name, values in arrays.items():
-            root[name][..., ys, xs] = values
+    those by default, and our readers take an absent chunk for damage). Set per array: Zarr's
+    global config is one per process, and a thread restoring it races the others' writes."""
+    root = zarr.open_group(store, mode="r+", path=group)
+    for name, values in arrays.items():
+        root[name].with_config({"write_empty_chunks": True})[..., ys, xs] = values

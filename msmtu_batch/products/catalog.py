@@ -77,7 +77,8 @@ def _item(store: Path, collection_id: str) -> pystac.Item:
     classes = [str(c) for c in ds[CLASS_DIM].values]
     colors = str(ds["dominant_class"].attrs.get("flag_colors", "")).split()
     resolution = abs(transform.a)
-    for name, (nodata, _) in PRODUCTS.items():
+    for name, settings in PRODUCTS.items():
+        nodata = settings.nodata
         cog = folder / "cog" / f"{product_stem(name, ds.attrs)}.tif"
         if name not in ds or not cog.is_file():
             continue
