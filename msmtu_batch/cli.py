@@ -230,9 +230,9 @@ def train_command(
     msmtu: MsmtuOption = None,
     cube: CubeOption = None,
     reference: ReferenceOption = None,
-    ancillary: Annotated[AncillaryChoice, typer.Option(
-        help="Ancillary data: none, geotopo (lon, lat, altitude, slope) or all (+ climate).")]
-        = AncillaryChoice.all,
+    ancillary: Annotated[AncillaryChoice | None, typer.Option(
+        help="Ancillary data: none, geotopo (lon, lat, altitude, slope) or all (+ climate); default all, or "
+             "the --init-from model's.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 60).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Pixels per batch (default 256).")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Adam learning rate (default 3e-3).")] = None,
@@ -248,30 +248,55 @@ def train_command(
     device: Annotated[str, typer.Option(
         help="Where to train: auto (the first CUDA GPU when torch sees one, else the CPU), cpu or cuda[:N].")]
         = "auto",
+    init_from: Annotated[Path | None, typer.Option(
+        help="Start from this model artifact's weights (fine-tuning): its architecture and ancillary data; a new "
+             "last head layer if the classes differ; its normalisation statistics unless --refit-statistics.")]
+        = None,
+    refit_statistics: Annotated[bool, typer.Option(
+        help="With --init-from: fit the normalisation statistics to the new training data.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(
+        min=1, help="Write a checkpoint (.OUT.checkpoint) every this many epochs; a rerun of the same command "
+                    "resumes from it.")] = 1,
+    checkpoint_minutes: Annotated[float | None, typer.Option(
+        min=0, help="Also write one at the end of an epoch once this many minutes have passed.")] = None,
 ) -> None:
-    """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput)."""
-    from msmtu_batch.model.artifact import save_artifact
-    from msmtu_batch.model.train import train, training_device
+    """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput).
+    Checkpoints at .OUT.checkpoint let a rerun of the same command (same settings and data)
+    resume where a killed training stopped; it is deleted once the artifact is written."""
+    from msmtu_batch.model.artifact import artifact_hash, load_artifact, save_artifact
+    from msmtu_batch.model.checkpoint import checkpoint_path
+    from msmtu_batch.model.train import Checkpointing, FineTuning, inherit_architecture, train, training_device
     from msmtu_batch.products.palette import read_class_colors
 
     with _user_errors():
-        cfg = _train_config(config, ancillary=ancillary.value, epochs=epochs, batch_size=batch_size,
-                            learning_rate=learning_rate, hidden=hidden, patience=patience, seed=seed)
+        cfg = _train_config(config, ancillary=ancillary.value if ancillary else None, epochs=epochs,
+                            batch_size=batch_size, learning_rate=learning_rate, hidden=hidden, patience=patience,
+                            seed=seed)
         on = training_device(device)
-        pixels, source = _read_pixels(msmtu, cube, reference, level, ancillary.names)
+        tuning = None
+        if init_from is not None:
+            tuning = FineTuning(load_artifact(init_from), str(init_from), artifact_hash(init_from), refit_statistics)
+            cfg = inherit_architecture(cfg, tuning)
+        elif refit_statistics:
+            raise MsmtuError("--refit-statistics applies to --init-from only")
+        pixels, source = _read_pixels(msmtu, cube, reference, level, ANCILLARY_SETS[cfg.ancillary])
         colors = read_class_colors(class_colors, pixels.classes) if class_colors else None  # before the epochs
+        checkpoint = checkpoint_path(out)
         with _epoch_progress(cfg.epochs) as on_epoch:
-            result = train(pixels, level, cfg, on_epoch=on_epoch, source=source, device=on)
+            result = train(pixels, level, cfg, on_epoch=on_epoch, source=source, device=on, init_from=tuning,
+                           checkpointing=Checkpointing(checkpoint, checkpoint_every, checkpoint_minutes))
         if colors:
             result.artifact.class_colors = colors
         save_artifact(result.artifact, out)
+        checkpoint.unlink(missing_ok=True)  # the artifact holds the result now
         metrics = out.with_suffix(".metrics.json")
         metrics.write_text(json.dumps({
             "level": level, "source": source, "config": cfg.model_dump(), "best_epoch": result.best_epoch,
             "validation_rmse": result.validation_rmse, "seconds": result.seconds,
             "train_pixels_per_second": result.train_pixels_per_second, "history": result.history}, indent=2))
+        resumed = f" (resumed after epoch {result.resumed_after})" if result.resumed_after else ""
         print(f"wrote {out} and {metrics}: best validation RMSE {result.validation_rmse:.4f} at epoch "
-              f"{result.best_epoch} of {len(result.history)}, {result.train_pixels_per_second:,.0f} "
+              f"{result.best_epoch} of {len(result.history)}{resumed}, {result.train_pixels_per_second:,.0f} "
               f"training pixels/s, {result.seconds:.0f} s")
 
 

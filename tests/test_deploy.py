@@ -88,11 +88,11 @@ def test_scripts_and_units_call_commands_and_options_that_exist():
             assert set(options) <= command_options(command), (path, options)
             seen += 1
     assert seen == len(files)
-    for script in ("workflow.sbatch", "rerun.sbatch"):
+    for script in ("workflow.sbatch", "rerun.sbatch", "train.sbatch"):  # train.sbatch runs in test_training
         subprocess.run(["bash", "-n", str(DEPLOY / "slurm" / script)], check=True)
     readme = (ROOT / "README.md").read_text()
     for command in ("msmtu-batch cluster-script deploy/slurm/cpu.yaml", "deploy/slurm/workflow.sbatch",
-                    "scrontab deploy/slurm/msmtu.scrontab", "deploy/slurm/rerun.sbatch"):
+                    "scrontab deploy/slurm/msmtu.scrontab", "deploy/slurm/rerun.sbatch", "deploy/slurm/train.sbatch"):
         assert command in readme
 
 

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -19,6 +20,7 @@ from msmtu_batch.inputs.cube import ANCILLARY_SETS
 from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.model.artifact import ModelArtifact
 from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.model.checkpoint import TrainingState, load_checkpoint, save_checkpoint, training_identity
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
 
@@ -55,6 +57,64 @@ class TrainResult:
     validation_rmse: float
     seconds: float
     train_pixels_per_second: float
+    resumed_after: int = 0  # epochs a checkpoint held when this training started
+
+
+@dataclass
+class FineTuning:
+    """Start from a trained artifact's weights (``train --init-from``). Its architecture and
+    ancillary variables are kept; with the same classes the whole network goes on learning,
+    with other classes both directions' last head layer starts afresh. The normalisation
+    statistics are the parent's unless ``refit_statistics``: its weights learnt inputs
+    standardised with them, and a small new dataset fits noisier ones."""
+
+    parent: ModelArtifact
+    path: str
+    parent_hash: str
+    refit_statistics: bool = False
+
+
+@dataclass
+class Checkpointing:
+    """Write a checkpoint (:mod:`msmtu_batch.model.checkpoint`) at the end of an epoch once
+    ``every_epochs`` epochs or ``every_minutes`` minutes have passed since the last one, and
+    resume from ``path`` when it holds a checkpoint of the same training."""
+
+    path: Path
+    every_epochs: int = 1
+    every_minutes: float | None = None
+
+
+ARCHITECTURE = ("ancillary", "hidden", "embed", "head_hidden")
+
+
+def inherit_architecture(cfg: TrainConfig, tuning: FineTuning) -> TrainConfig:
+    """``cfg`` with the parent's architecture; a setting given explicitly that differs is refused."""
+    parent = tuning.parent
+    sets = [name for name, names in ANCILLARY_SETS.items() if tuple(names) == tuple(parent.ancillary_names)]
+    if not sets:
+        raise MsmtuError(f"--init-from {tuning.path}: its ancillary variables {', '.join(parent.ancillary_names)} "
+                         f"are none of the sets {', '.join(ANCILLARY_SETS)}")
+    inherited = {"ancillary": sets[0], "hidden": parent.config.hidden, "embed": parent.config.embed,
+                 "head_hidden": parent.config.head_hidden}
+    for name in ARCHITECTURE:
+        if name in cfg.model_fields_set and getattr(cfg, name) != inherited[name]:
+            raise MsmtuError(f"--init-from {tuning.path}: {name} {getattr(cfg, name)} differs from the parent "
+                             f"model's {inherited[name]}; leave it out to keep the parent's")
+    return cfg.model_copy(update=inherited)
+
+
+def _load_parent_weights(model: BRITS, tuning: FineTuning, classes: tuple[str, ...]) -> list[str]:
+    """Copy the parent's weights into ``model``; returns the parameters that start afresh
+    (the last head layer of both directions when the classes differ)."""
+    parent = tuning.parent.model.state_dict()
+    if tuple(tuning.parent.classes) == tuple(classes):
+        model.load_state_dict(parent)
+        return []
+    last = len(model.forward_pass.head) - 1
+    fresh = [k for k in model.state_dict() if f".head.{last}." in k]
+    model.load_state_dict({k: v for k, v in parent.items() if k not in fresh}, strict=False)
+    return fresh
 
 
 def _batch(inputs: ModelInputs, target: np.ndarray, index: np.ndarray, device: torch.device
@@ -83,10 +143,16 @@ def training_device(name: str) -> torch.device:
 
 def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
           on_epoch: Callable[[dict], None] | None = None, source: str = "",
-          device: str | torch.device = "cpu") -> TrainResult:
+          device: str | torch.device = "cpu", init_from: FineTuning | None = None,
+          checkpointing: Checkpointing | None = None) -> TrainResult:
     """Train on ``pixels``' train partition, stop early on its validation partition, on
-    ``device`` (a GPU: ``"cuda"``); the artifact's model is on the CPU either way."""
+    ``device`` (a GPU: ``"cuda"``); the artifact's model is on the CPU either way. With
+    ``init_from``, start from a trained model (:class:`FineTuning`); with ``checkpointing``,
+    write checkpoints and resume from one of this same training (:class:`Checkpointing`):
+    on the CPU a resumed training ends with the same weights, bit for bit."""
     device = torch.device(device)
+    if init_from is not None:
+        cfg = inherit_architecture(cfg, init_from)
     names = ANCILLARY_SETS[cfg.ancillary]
     pixels = pixels.with_ancillary(names)
     train_set, val_set = pixels.split("train"), pixels.split("validation")
@@ -96,14 +162,22 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
-    band_stats = Standardizer.fit(train_set.values, train_set.masks)
-    ancillary_stats = Standardizer.fit(train_set.ancillary) if names else None
-    train_inputs = prepare_inputs(train_set.values, train_set.masks, train_set.ancillary, band_stats,
-                                  ancillary_stats)
-    val_inputs = prepare_inputs(val_set.values, val_set.masks, val_set.ancillary, band_stats,
-                                ancillary_stats)
+    if init_from is not None and not init_from.refit_statistics:  # the data converted to the parent's units
+        parent = init_from.parent
+        band_stats, ancillary_stats, units = parent.band_stats, parent.ancillary_stats, parent.ancillary_units
+        train_inputs, val_inputs = parent.inputs(train_set, source or "the training data"), parent.inputs(val_set)
+    else:
+        band_stats = Standardizer.fit(train_set.values, train_set.masks)
+        ancillary_stats = Standardizer.fit(train_set.ancillary) if names else None
+        units = pixels.ancillary_units
+        train_inputs = prepare_inputs(train_set.values, train_set.masks, train_set.ancillary, band_stats,
+                                      ancillary_stats)
+        val_inputs = prepare_inputs(val_set.values, val_set.masks, val_set.ancillary, band_stats,
+                                    ancillary_stats)
     model = BRITS(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names), hidden=cfg.hidden,
-                              embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout)).to(device)
+                              embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout))
+    fresh = _load_parent_weights(model, init_from, pixels.classes) if init_from is not None else []
+    model = model.to(device)
     # fused: one kernel for all parameters' updates (10 % of a CPU training step before)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -112,11 +186,35 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     weights = LossWeights(cfg.label_weight, cfg.impute_weight, cfg.consistency_weight)
     target = train_set.abundance.astype(np.float32)
 
+    parent_hash = init_from.parent_hash if init_from is not None else None
+    settings = cfg.model_dump() | {"refit_statistics": init_from.refit_statistics if init_from else None}
+    identity = training_identity(settings, level, {
+        "values": pixels.values, "masks": pixels.masks, "ancillary": pixels.ancillary,
+        "abundance": pixels.abundance, "partition": pixels.partition}, pixels.classes, parent_hash)
     history: list[dict] = []
     best_rmse, best_epoch, best_state, stale = math.inf, 0, None, 0
-    start = time.perf_counter()
     train_seconds = 0.0
-    for epoch in range(1, cfg.epochs + 1):
+    resumed_after = 0
+    if checkpointing is not None and checkpointing.path.exists():
+        state = load_checkpoint(checkpointing.path)
+        if state.identity != identity:
+            raise MsmtuError(f"{checkpointing.path}: a checkpoint of another training (settings, training data or "
+                             "parent model differ); delete it to start afresh")
+        model.load_state_dict(state.model)
+        optimiser.load_state_dict(state.optimiser)
+        schedule.load_state_dict(state.scheduler)
+        torch.set_rng_state(state.torch_rng)
+        if state.cuda_rng and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state.cuda_rng)
+        rng.bit_generator.state = state.numpy_rng
+        history, best_rmse, best_epoch, stale = state.history, state.best_rmse, state.best_epoch, state.stale
+        best_state = {k: v.to(device) for k, v in state.best_model.items()} if state.best_model else None
+        train_seconds, resumed_after = state.train_seconds, state.epoch
+    start = time.perf_counter()
+    last_checkpoint = (resumed_after, time.perf_counter())
+    for epoch in range(resumed_after + 1, cfg.epochs + 1):
+        if stale >= cfg.patience:  # a checkpoint written when early stopping had already decided
+            break
         model.train()
         epoch_start = time.perf_counter()
         totals = {name: torch.zeros((), dtype=torch.float64, device=device)
@@ -148,6 +246,16 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
+        if checkpointing is not None and (
+                epoch - last_checkpoint[0] >= checkpointing.every_epochs or
+                (checkpointing.every_minutes is not None and
+                 time.perf_counter() - last_checkpoint[1] >= 60 * checkpointing.every_minutes)):
+            save_checkpoint(TrainingState(
+                identity, epoch, history, best_rmse, best_epoch, stale, train_seconds, model.state_dict(),
+                best_state, optimiser.state_dict(), schedule.state_dict(), torch.get_rng_state(),
+                rng.bit_generator.state, torch.cuda.get_rng_state_all() if device.type == "cuda" else None),
+                checkpointing.path)
+            last_checkpoint = (epoch, time.perf_counter())
         if on_epoch:
             on_epoch({**record, "best_validation_rmse": best_rmse})
         if stale >= cfg.patience:
@@ -155,12 +263,14 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     model.load_state_dict(best_state)
     model.cpu().eval()
     seconds = time.perf_counter() - start
+    lineage = {} if init_from is None else {
+        "parent_model_hash": parent_hash, "parent_model": init_from.path,
+        "statistics": "refitted" if init_from.refit_statistics else "parent's", "fresh_parameters": fresh}
     artifact = ModelArtifact(
         model=model, level=level, classes=pixels.classes, ancillary_names=names, band_stats=band_stats,
-        ancillary_units=pixels.ancillary_units,
-        ancillary_stats=ancillary_stats,
+        ancillary_units=units, ancillary_stats=ancillary_stats,
         training={"source": source, "config": cfg.model_dump(), "train_pixels": len(train_set),
                   "validation_pixels": len(val_set), "epochs_run": len(history), "best_epoch": best_epoch,
-                  "validation_rmse": best_rmse})
+                  "validation_rmse": best_rmse, **lineage})
     return TrainResult(artifact, history, best_epoch, best_rmse, seconds,
-                       len(train_set) * len(history) / train_seconds)
+                       len(train_set) * len(history) / max(train_seconds, 1e-9), resumed_after)
