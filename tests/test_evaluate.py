@@ -89,6 +89,12 @@ def test_evaluation_report(trained, tmp_path):
     assert report["methods"]["brits"]["rmse"] < report["methods"]["train_mean"]["rmse"]
     text = (tmp_path / "report.md").read_text()
     assert "| brits |" in text and "| fcls |" in text and "![maps](maps.png)" in text
+    # the uncertainty layer against each test pixel's error: the figures and the reliability table
+    reliability = saved["uncertainty"]["reliability"]
+    assert sum(r["pixels"] for r in reliability) == len(test) and len(reliability) == 10
+    assert -1 <= saved["uncertainty"]["spearman_uncertainty_vs_pixel_rmse"] <= 1
+    assert f"`uncertainty` {saved['uncertainty']['spearman_uncertainty_vs_pixel_rmse']:.3f}" in text
+    assert f"| 10 | {reliability[-1]['uncertainty_min']:.3f}-" in text
 
 
 def test_training_is_reproducible_by_seed(region):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msmtu_batch.evaluation.metrics import abundance_metrics, masked_mae, rmse
+from msmtu_batch.evaluation.metrics import abundance_metrics, masked_mae, rmse, uncertainty_reliability
 
 TRUE = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.25, 0.75]])
 PRED = np.array([[0.8, 0.2], [0.5, 0.5], [0.2, 0.8], [0.75, 0.25]])
@@ -47,3 +47,31 @@ def test_constant_class_has_no_correlation_but_others_average():
 
 def test_masked_mae():
     assert masked_mae(np.array([1.0, 2.0, 3.0]), np.array([1.5, 0.0, 0.0]), np.array([1, 0, 1])) == 1.75
+
+
+def test_uncertainty_reliability_against_pandas_and_ranks():
+    """Spearman as the Pearson correlation of ranks; the deciles as pandas' qcut groups them."""
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    true = rng.dirichlet(np.ones(5), 1000)
+    noise = rng.uniform(0, 0.3, 1000)
+    pred = np.clip(true + noise[:, None] * rng.normal(size=(1000, 5)), 0, None)
+    uncertainty = noise + rng.normal(0, 0.05, 1000)  # related to the error, not equal to it
+    valid = rng.uniform(0, 1, 1000)
+    got = uncertainty_reliability(uncertainty, pred, true, valid)
+    errors = np.sqrt(((pred - true) ** 2).mean(axis=1))
+
+    def ranks(x):
+        return np.argsort(np.argsort(x))
+
+    assert got["spearman_uncertainty_vs_pixel_rmse"] == pytest.approx(np.corrcoef(ranks(uncertainty),
+                                                                                  ranks(errors))[0, 1])
+    assert got["spearman_valid_fraction_vs_pixel_rmse"] == pytest.approx(np.corrcoef(ranks(valid),
+                                                                                     ranks(errors))[0, 1])
+    groups = pd.Series(errors).groupby(pd.qcut(uncertainty, 10, labels=False))
+    table = got["reliability"]
+    assert [r["pixels"] for r in table] == list(groups.size()) == [100] * 10
+    np.testing.assert_allclose([r["mean_pixel_rmse"] for r in table], groups.mean().to_numpy())
+    assert table[0]["uncertainty_max"] <= table[1]["uncertainty_min"]
+    assert table[-1]["mean_pixel_rmse"] > table[0]["mean_pixel_rmse"]

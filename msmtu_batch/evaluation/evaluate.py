@@ -30,7 +30,7 @@ from scipy.optimize import nnls
 from sklearn.ensemble import RandomForestRegressor
 
 from msmtu_batch.errors import TrainingDataError
-from msmtu_batch.evaluation.metrics import abundance_metrics, masked_mae
+from msmtu_batch.evaluation.metrics import abundance_metrics, masked_mae, uncertainty_reliability
 from msmtu_batch.inputs.cube import ANCILLARY_SETS, BAND_NAMES
 from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, save_artifact
@@ -153,6 +153,8 @@ def evaluate(artifact: ModelArtifact, pixels: PixelSet, out_dir: str | Path, *, 
                   "inference_pixels_per_second": len(test) / max(seconds, 1e-9),
                   "mean_uncertainty": float(prediction["uncertainty"].mean())},
         "methods": methods,
+        "uncertainty": uncertainty_reliability(prediction["uncertainty"], prediction["abundance"], test.abundance,
+                                               test.masks.mean(axis=(1, 2))),
         "imputation": imputation_scores(artifact, test, seed),
     }
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -175,7 +177,7 @@ def comparison_table(methods: dict[str, dict]) -> str:
 
 def _markdown(report: dict, figures: Sequence[str]) -> str:
     brits = report["methods"]["brits"]
-    imp = report["imputation"]
+    imp, unc = report["imputation"], report["uncertainty"]
     lines = [
         f"# Evaluation: level {report['level']}, {report['split']} partition ({report['pixels']} pixels)",
         "", f"Data: {report['source']}  ",
@@ -185,6 +187,15 @@ def _markdown(report: dict, figures: Sequence[str]) -> str:
         "## BRITS per class", "", "| class | RMSE | MAE | Pearson r | R2 |", "|---|---|---|---|---|",
         *(f"| {k} | {v['rmse']:.4f} | {v['mae']:.4f} | {v['pearson_r']:.3f} | {v['r2']:.3f} |"
           for k, v in brits["per_class"].items()),
+        "",
+        "## Uncertainty: does it say where the abundances are wrong?", "",
+        f"Spearman rank correlation with each pixel's abundance RMSE: `uncertainty` "
+        f"{unc['spearman_uncertainty_vs_pixel_rmse']:.3f}, `valid_fraction` "
+        f"{unc['spearman_valid_fraction_vs_pixel_rmse']:.3f}. Reliability (pixels in ten equal groups by "
+        "uncertainty):", "",
+        "| decile | uncertainty | pixels | mean pixel RMSE |", "|---|---|---|---|",
+        *(f"| {r['decile']} | {r['uncertainty_min']:.3f}-{r['uncertainty_max']:.3f} | {r['pixels']} | "
+          f"{r['mean_pixel_rmse']:.4f} |" for r in unc["reliability"]),
         "",
         f"## Imputation ({imp['hidden_values']} observed values hidden, {imp['hidden_fraction']:.0%})", "",
         "| method | MAE (reflectance) |", "|---|---|",

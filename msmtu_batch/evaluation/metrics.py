@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import spearmanr
 from sklearn.metrics import f1_score
 
 
@@ -51,3 +52,26 @@ def masked_mae(pred: np.ndarray, true: np.ndarray, mask: np.ndarray) -> float:
     """Mean absolute error over the entries where ``mask`` is true."""
     mask = np.asarray(mask, bool)
     return float(np.mean(np.abs(np.asarray(pred, np.float64)[mask] - np.asarray(true, np.float64)[mask])))
+
+
+def pixel_rmse(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Each pixel's abundance RMSE over its classes (n,)."""
+    return np.sqrt(np.mean((np.asarray(pred, np.float64) - true) ** 2, axis=1))
+
+
+def uncertainty_reliability(uncertainty: np.ndarray, pred: np.ndarray, true: np.ndarray,
+                            valid_fraction: np.ndarray, bins: int = 10) -> dict:
+    """Does a per-pixel ``uncertainty`` say where the abundances are wrong? The Spearman rank
+    correlation between it and each pixel's abundance RMSE (and the same for the pixel's
+    ``valid_fraction``), and the reliability table: the pixels in ``bins`` groups of equal
+    size by uncertainty, each group's uncertainty range and mean pixel RMSE, the expected
+    error a user can read off a map's uncertainty."""
+    errors = pixel_rmse(pred, true)
+    uncertainty = np.asarray(uncertainty, np.float64)
+    groups = np.array_split(np.argsort(uncertainty, kind="stable"), bins)
+    table = [{"decile": i + 1, "pixels": len(g), "uncertainty_min": float(uncertainty[g].min()),
+              "uncertainty_max": float(uncertainty[g].max()), "mean_uncertainty": float(uncertainty[g].mean()),
+              "mean_pixel_rmse": float(errors[g].mean())} for i, g in enumerate(groups) if len(g)]
+    return {"spearman_uncertainty_vs_pixel_rmse": float(spearmanr(uncertainty, errors).statistic),
+            "spearman_valid_fraction_vs_pixel_rmse": float(spearmanr(valid_fraction, errors).statistic),
+            "reliability": table}
