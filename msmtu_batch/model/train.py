@@ -165,7 +165,8 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     if init_from is not None and not init_from.refit_statistics:  # the data converted to the parent's units
         parent = init_from.parent
         band_stats, ancillary_stats, units = parent.band_stats, parent.ancillary_stats, parent.ancillary_units
-        train_inputs, val_inputs = parent.inputs(train_set, source or "the training data"), parent.inputs(val_set)
+        where = source or "the training data"
+        train_inputs, val_inputs = parent.inputs(train_set, where), parent.inputs(val_set, where)
     else:
         band_stats = Standardizer.fit(train_set.values, train_set.masks)
         ancillary_stats = Standardizer.fit(train_set.ancillary) if names else None
