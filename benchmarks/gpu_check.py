@@ -102,8 +102,8 @@ def model_rates(artifact, inputs, device: str, pixels: int, batch_sizes: list[in
                                              batch_size=batch_size, device=device, precision=mode)
             rows.append({"precision": precision, "batch_size": batch_size, "pixels_per_second": rate,
                          "fraction_of_ceiling": rate * flops / gemm[precision]})
-            if device == "cpu" and precision == "fp32":
-                break  # the fused engine tiles by itself: one batch size
+            if device == "cpu":
+                break  # the fused engine (fp32 and bf16) tiles by itself: one batch size
     return rows
 
 

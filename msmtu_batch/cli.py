@@ -259,12 +259,19 @@ def train_command(
                     "resumes from it.")] = 1,
     checkpoint_minutes: Annotated[float | None, typer.Option(
         min=0, help="Also write one at the end of an epoch once this many minutes have passed.")] = None,
+    two_level: Annotated[bool, typer.Option(
+        help="One model for two levels: the --level classes, and their parents' abundances as their sums; the "
+             "loss on both. The hierarchy from --hierarchy, else the training data's (the reference store's "
+             "'hierarchy' attribute, an MSMTU folder's labels/hierarchy.json).")] = False,
+    hierarchy: Annotated[Path | None, typer.Option(
+        help="JSON object mapping each --level class to its parent class (implies --two-level).")] = None,
 ) -> None:
     """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput).
     Checkpoints at .OUT.checkpoint let a rerun of the same command (same settings and data)
     resume where a killed training stopped; it is deleted once the artifact is written."""
     from msmtu_batch.model.artifact import artifact_hash, load_artifact, save_artifact
     from msmtu_batch.model.checkpoint import checkpoint_path
+    from msmtu_batch.model.hierarchy import hierarchy_in_training_data, read_hierarchy_file
     from msmtu_batch.model.train import Checkpointing, FineTuning, inherit_architecture, train, training_device
     from msmtu_batch.products.palette import read_class_colors
 
@@ -281,10 +288,16 @@ def train_command(
             raise MsmtuError("--refit-statistics applies to --init-from only")
         pixels, source = _read_pixels(msmtu, cube, reference, level, ANCILLARY_SETS[cfg.ancillary])
         colors = read_class_colors(class_colors, pixels.classes) if class_colors else None  # before the epochs
+        levels = None
+        if hierarchy is not None:
+            levels = read_hierarchy_file(hierarchy, pixels.classes, level)
+        elif two_level:
+            levels = hierarchy_in_training_data(msmtu, reference, pixels.classes, level)
         checkpoint = checkpoint_path(out)
         with _epoch_progress(cfg.epochs) as on_epoch:
             result = train(pixels, level, cfg, on_epoch=on_epoch, source=source, device=on, init_from=tuning,
-                           checkpointing=Checkpointing(checkpoint, checkpoint_every, checkpoint_minutes))
+                           checkpointing=Checkpointing(checkpoint, checkpoint_every, checkpoint_minutes),
+                           hierarchy=levels)
         if colors:
             result.artifact.class_colors = colors
         save_artifact(result.artifact, out)
@@ -298,6 +311,37 @@ def train_command(
         print(f"wrote {out} and {metrics}: best validation RMSE {result.validation_rmse:.4f} at epoch "
               f"{result.best_epoch} of {len(result.history)}{resumed}, {result.train_pixels_per_second:,.0f} "
               f"training pixels/s, {result.seconds:.0f} s")
+
+
+@app.command("import-checkpoint")
+def import_checkpoint_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Research-code Lightning checkpoint (LitBRITS, .ckpt).")],
+    out: Annotated[Path, typer.Option("--out", help="Model artifact to write (.safetensors).")],
+    level: LevelOption,
+    classes: Annotated[str | None, typer.Option(
+        help="Class names in the output layer's order, comma-separated; default: the checkpoint's "
+             "hyper_parameters idx_to_class.")] = None,
+    ancillary: Annotated[str | None, typer.Option(
+        help="The model's ancillary variables in its input order, comma-separated; default: the research "
+             "default longitude,latitude,altitude,slope,evapotranspiration.")] = None,
+    research_backward_deltas: Annotated[bool, typer.Option(
+        help="Feed the backward pass the forward-order deltas, as the research loaders did when the model "
+             "learnt (--no-research-backward-deltas: each direction its own).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+) -> None:
+    """Turn a research-code checkpoint into a model artifact (read without unpickling code)."""
+    from msmtu_batch.model.artifact import save_artifact
+    from msmtu_batch.model.research_checkpoint import import_checkpoint
+
+    with _user_errors():
+        if out.exists() and not overwrite:
+            raise MsmtuError(f"{out} exists; pass --overwrite to replace it")
+        split = lambda text: [n.strip() for n in text.split(",") if n.strip()] if text is not None else None  # noqa: E731
+        artifact = import_checkpoint(checkpoint, level=level, classes=split(classes), ancillary=split(ancillary),
+                                     research_backward_deltas=research_backward_deltas)
+        save_artifact(artifact, out)
+        print(f"wrote {out}: {artifact.config.n_classes} classes ({', '.join(artifact.classes)}), ancillary "
+              f"{', '.join(artifact.ancillary_names) or 'none'}, the research normalisation constants")
 
 
 @app.command("evaluate")
@@ -457,8 +501,9 @@ def run_command(
              "pixels (quality_flag 2) and go on.")] = OutOfDistribution.stop,
     imputed: Annotated[bool, typer.Option(help="Also write imputed_reflectance(time, band, y, x).")] = False,
     precision: Annotated[Precision, typer.Option(
-        help="The model's matrix products: fp32, or bf16 / fp16 (torch.autocast; faster only on hardware "
-             "with those instructions, and the map changes a little: benchmarks/NOTES.md).")]
+        help="The model's matrix products: fp32; bf16 (the CPU engine's bf16 GEMMs, 1.5x on CPUs with "
+             "AVX512-BF16 or AMX; autocast on a GPU); fp16 (autocast, GPUs). The map changes a little: "
+             "benchmarks/NOTES.md.")]
         = Precision.fp32,
     zarr_format: ZarrFormatOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an output made from another model, input or "

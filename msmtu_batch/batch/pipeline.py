@@ -58,9 +58,9 @@ from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, load_artifa
 from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
 from msmtu_batch.products.blocks import (
     FLAG_TOO_FEW_OBSERVATIONS,
-    OUTPUT_FILLS,
     RunConfig,
     estimate_block,
+    output_fills,
     output_template,
     prepare_block,
     provenance_attrs,
@@ -396,7 +396,7 @@ def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity
         input_content=identity["input_content"], command=command))
     # the input's encodings (another Zarr format's codecs) stay behind
     out = for_zarr_format(project_store(out), config.zarr_format)
-    encoding = cube_encoding(out, config.chunk, OUTPUT_FILLS, config.zarr_format)
+    encoding = cube_encoding(out, config.chunk, output_fills(out), config.zarr_format)
     encoding["abundance"]["chunks"] = (len(artifact.classes), config.chunk, config.chunk)
     out.to_zarr(store, mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=config.zarr_format)
     zarr.open_group(store, mode="r+").create_group(DONE_GROUP)

@@ -157,12 +157,23 @@ def evaluate(artifact: ModelArtifact, pixels: PixelSet, out_dir: str | Path, *, 
                                                test.masks.mean(axis=(1, 2))),
         "imputation": imputation_scores(artifact, test, seed),
     }
+    if (levels := artifact.hierarchy) is not None:  # a two-level model: its coarse level, the sums of its classes
+        report["coarse_level"] = {"level": levels.level, "brits": abundance_metrics(
+            levels.coarse(prediction["abundance"]), levels.coarse(test.abundance), levels.classes)}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     figures = [_scatter_plot(predictions["brits"], test.abundance, artifact.classes, out_dir)]
     if test.grid_shape is not None:
         figures.append(_map_plot(predictions["brits"], test, artifact.classes, out_dir))
     (out_dir / "report.md").write_text(_markdown(report, figures))
     return report
+
+
+def _coarse_level_lines(coarse: dict | None) -> list[str]:
+    """A two-level model's coarse level in the report (nothing for a one-level model)."""
+    if coarse is None:
+        return []
+    return [f"## {coarse['level']} (sums of the model's classes)", "",
+            comparison_table({"brits": coarse["brits"]}), ""]
 
 
 def comparison_table(methods: dict[str, dict]) -> str:
@@ -187,7 +198,7 @@ def _markdown(report: dict, figures: Sequence[str]) -> str:
         "## BRITS per class", "", "| class | RMSE | MAE | Pearson r | R2 |", "|---|---|---|---|---|",
         *(f"| {k} | {v['rmse']:.4f} | {v['mae']:.4f} | {v['pearson_r']:.3f} | {v['r2']:.3f} |"
           for k, v in brits["per_class"].items()),
-        "",
+        "", *_coarse_level_lines(report.get("coarse_level")),
         "## Uncertainty: does it say where the abundances are wrong?", "",
         f"Spearman rank correlation with each pixel's abundance RMSE: `uncertainty` "
         f"{unc['spearman_uncertainty_vs_pixel_rmse']:.3f}, `valid_fraction` "

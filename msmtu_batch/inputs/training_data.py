@@ -151,15 +151,16 @@ def spatial_block_split(height: int, width: int, block: int,
 def write_msmtu_layout(root: Path, *, square_ids: np.ndarray, values: np.ndarray,
                        masks: np.ndarray, ancillary: pd.DataFrame,
                        labels: Mapping[str, pd.DataFrame], partition: np.ndarray,
-                       metadata: Sequence[Mapping] | None = None, ancillary_units: Mapping[str, str] | None = None
-                       ) -> None:
+                       metadata: Sequence[Mapping] | None = None, ancillary_units: Mapping[str, str] | None = None,
+                       hierarchy: Mapping[str, str] | None = None) -> None:
     """Write pixels in the Andalusia-MSMTU layout under ``root``.
 
     ``values`` (reflectance, 0-1) and ``masks`` are (n, 12, 7); the files hold the values
     as published, reflectance x 1e4 as integers; ``ancillary`` and each ``labels[level]`` have
     one row per pixel in ``square_ids`` order (labels: one abundance column per class);
     ``partition`` holds indices into :data:`PARTITIONS`. ``ancillary_units`` (variable -> CF
-    units) go to ``ancillary/units.json``, an addition of ours: the published table has none.
+    units) go to ``ancillary/units.json``, an addition of ours: the published table has none;
+    so does ``hierarchy`` (each finest-level class -> its parent) to ``labels/hierarchy.json``.
     """
     ts_dir = root / "ts_files"
     ts_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +188,8 @@ def write_msmtu_layout(root: Path, *, square_ids: np.ndarray, values: np.ndarray
         table.insert(0, "square_id", square_ids)
         for index, name in enumerate(PARTITIONS):
             table[partition == index].to_csv(part_dir / f"{name}.csv", index=False)
+    if hierarchy is not None:
+        (root / "labels" / "hierarchy.json").write_text(json.dumps(dict(hierarchy), indent=1))
 
 
 # --- Readers -------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
 from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.inputs.units import apply_conversions, conversions_to_model
-from msmtu_batch.model.brits import BRITS, BritsConfig
+from msmtu_batch.model.brits import BRITS, FORMULATION_OPTIONS, BritsConfig
+from msmtu_batch.model.hierarchy import ClassHierarchy, hierarchy_from_metadata
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
 from msmtu_batch.products.palette import class_colors, default_class_colors
 
@@ -56,6 +57,7 @@ class ModelArtifact:
     training: dict = field(default_factory=dict)
     ancillary_units: tuple[str, ...] = ()  # units of the ancillary statistics; default: the cube contract's
     class_colors: tuple[str, ...] = ()  # '#rrggbb' per class for maps; default: msmtu_batch.products.palette's
+    hierarchy: ClassHierarchy | None = None  # a two-level model's parent classes (msmtu_batch.model.hierarchy)
 
     def __post_init__(self) -> None:
         if not self.ancillary_units:
@@ -114,6 +116,8 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
         "ancillary_names": list(artifact.ancillary_names), "ancillary_units": list(artifact.ancillary_units),
         "training": artifact.training, "class_colors": list(artifact.class_colors),
     }
+    if artifact.hierarchy is not None:
+        metadata["hierarchy"] = artifact.hierarchy.to_dict()
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
     tmp.replace(path)
@@ -183,6 +187,12 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         colors = class_colors(classes, dict(zip(classes, colors or ())), str(path))
     except MsmtuError as exc:
         raise ArtifactError(str(exc)) from None
+    hierarchy = None
+    if "hierarchy" in meta:
+        try:
+            hierarchy = hierarchy_from_metadata(meta["hierarchy"], classes, str(path))
+        except MsmtuError as exc:
+            raise ArtifactError(str(exc)) from None
     ancillary_stats = None
     if ancillary:
         if stats.get("ancillary_mean", np.empty(0)).shape != (len(ancillary),):
@@ -194,7 +204,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
                                                  stats["band_std"] * np.float32(band_factor)),
                          ancillary_stats=ancillary_stats, band_names=tuple(meta["band_names"]),
                          software_version=meta["software_version"], training=meta.get("training", {}),
-                         ancillary_units=units, class_colors=colors)
+                         ancillary_units=units, class_colors=colors, hierarchy=hierarchy)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -228,6 +238,10 @@ def _check_metadata_meaning(path: Path, meta: dict) -> None:
     if not isinstance(sizes, dict):
         refuse("no hyperparameters")
     for key, value in sizes.items():
+        if key in FORMULATION_OPTIONS:
+            if value not in FORMULATION_OPTIONS[key]:
+                refuse(f"hyperparameter {key} = {value!r}: expected {' or '.join(FORMULATION_OPTIONS[key])}")
+            continue
         kind, least = (int | float, 0) if key == "dropout" else (int, 0 if key == "n_ancillary" else 1)
         if isinstance(value, bool) or not isinstance(value, kind) or value < least:
             refuse(f"hyperparameter {key} = {value!r} is not a valid size")

@@ -36,9 +36,29 @@ class BritsConfig:
     embed: int = 50
     head_hidden: int = 100
     dropout: float = 0.1
+    # How an imported research-code model computes (msmtu_batch.model.research_checkpoint):
+    # its combination weight alpha is the linear layer's output as is, and its loaders give the
+    # backward pass the forward-order deltas. Models trained here use a sigmoid and each
+    # direction's own deltas.
+    combine_activation: str = "sigmoid"  # or "identity"
+    backward_deltas: str = "reversed"  # or "forward_order"
+
+    def __post_init__(self) -> None:
+        for name, allowed in FORMULATION_OPTIONS.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected {' or '.join(allowed)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def formulation(self) -> dict[str, str]:
+        """The settings a fine-tuned child keeps from its parent besides the sizes."""
+        return {name: getattr(self, name) for name in FORMULATION_OPTIONS}
+
+
+FORMULATION_OPTIONS: dict[str, tuple[str, ...]] = {"combine_activation": ("sigmoid", "identity"),
+                                                   "backward_deltas": ("reversed", "forward_order")}
 
 
 class TemporalDecay(nn.Module):
@@ -160,6 +180,8 @@ class BRITS(nn.Module):
         operations make it faster (the research code's formulation, one direction and one small
         operation after another: ``msmtu_batch.bench.ResearchBRITS``)."""
         hidden = self.forward_pass.hidden
+        if self.cfg.backward_deltas == "forward_order":
+            deltas_backward = deltas_forward
         both = lambda series, reversed_series: torch.stack([series.transpose(0, 1),  # noqa: E731
                                                             reversed_series.transpose(0, 1)])
         masks_both = both(masks, masks.flip(1))  # (2, T, B, F), each in its direction's time order
@@ -167,7 +189,9 @@ class BRITS(nn.Module):
         deltas_both = both(deltas_forward, deltas_backward)
         decay_hidden = self._decay(deltas_both, lambda r: r.decay_hidden)
         decay_input = self._decay(deltas_both, lambda r: r.decay_input)
-        alpha = torch.sigmoid(self._linear(torch.cat([decay_input, masks_both], dim=3), lambda r: r.combine))
+        alpha = self._linear(torch.cat([decay_input, masks_both], dim=3), lambda r: r.combine)
+        if self.cfg.combine_activation == "sigmoid":
+            alpha = torch.sigmoid(alpha)
         # gates = [x_filled, mask, 1, h] @ W, the biases in W's row for the 1 (as in the fused
         # engine): one product per step, no bias to copy in; the gates in the order i, f, o, g,
         # so that one sigmoid covers three of them
@@ -225,17 +249,28 @@ class LossWeights:
     consistency: float = 0.1
 
 
-def brits_loss(out: BritsOutput, target: torch.Tensor, weights: LossWeights = LossWeights()
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def brits_loss(out: BritsOutput, target: torch.Tensor, weights: LossWeights = LossWeights(),
+               hierarchy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """label x squared error of abundances (summed over classes, mean over pixels, both
     directions) + impute x masked L1 + consistency x |forward - backward imputations|; the
-    parts detached, left on the device (reading them waits for a GPU's queue)."""
-    label = 0.5 * (((out.forward_abundance - target) ** 2).sum(dim=1).mean()
-                   + ((out.backward_abundance - target) ** 2).sum(dim=1).mean())
+    parts detached, left on the device (reading them waits for a GPU's queue). With a
+    ``hierarchy`` matrix (fine, coarse) the label term also holds the same error of the
+    coarse level's abundances (sums of the fine ones) against the sums of the target."""
+    def squared_error(matrix: torch.Tensor | None) -> torch.Tensor:
+        project = (lambda a: a) if matrix is None else (lambda a: a @ matrix)
+        wanted = project(target)
+        return 0.5 * (((project(out.forward_abundance) - wanted) ** 2).sum(dim=1).mean()
+                      + ((project(out.backward_abundance) - wanted) ** 2).sum(dim=1).mean())
+
+    label = squared_error(None)
+    parts = {"label": label.detach()}
+    if hierarchy is not None:
+        coarse = squared_error(hierarchy)
+        parts["label_coarse"] = coarse.detach()
+        label = label + coarse
     total = weights.label * label + weights.impute * out.impute_loss \
         + weights.consistency * out.consistency_loss
-    return total, {"label": label.detach(), "impute": out.impute_loss.detach(),
-                   "consistency": out.consistency_loss.detach()}
+    return total, parts | {"impute": out.impute_loss.detach(), "consistency": out.consistency_loss.detach()}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -18,6 +18,10 @@ Arrays are feature-major (feature, pixel), so every inner loop runs over contigu
 and vectorises; a tile of 1024 pixels per core keeps the state in cache. Measured on the
 2-core development VM: 2.7x the straightforward model at its best batch size, 53 % of the
 FLOP ceiling (benchmarks/NOTES.md). Training and GPUs use the model itself.
+
+``precision="bf16"`` multiplies in bfloat16 (the Numba pass keeps a bf16 copy of the GEMM
+input and reads bf16 gates), everything else in fp32: 1.5x the fp32 engine on a CPU with
+AVX512-BF16, the test RMSE within 1e-5 of fp32 (benchmarks/NOTES.md, 2026-12-02).
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
 
-from msmtu_batch.model.brits import BRITS, RITS, as_tensor
+from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
 from msmtu_batch.model.preprocess import ModelInputs
 
 PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
@@ -87,6 +94,48 @@ def decay_factor(z):
     return (q + p) / (q - p)
 
 
+# bf16 engine: the GEMM takes and gives bfloat16 (this CPU's oneDNN kernels; torch 2.13 has no
+# CPU product of bf16 inputs into fp32), everything between two GEMMs stays fp32. Numba has no
+# bfloat16, so the pointwise pass reads and writes its bits (uint16 views of torch's tensors).
+_I16, _I32 = ir.IntType(16), ir.IntType(32)
+
+
+@intrinsic
+def widen_bfloat16(typingctx, bits):
+    """float32 of a bfloat16's bits: its 16 bits become the high half (exact)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16)), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def round_to_bfloat16(typingctx, x):
+    """The bits of the bfloat16 nearest a float32 (ties to even, as torch rounds; finite inputs)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], _I32)
+        odd = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+        bits = builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), odd)
+        return builder.trunc(builder.lshr(bits, ir.Constant(_I32, 16)), _I16)
+    return types.uint16(types.float32), codegen
+
+
+def as_float32(x):
+    """A gate pre-activation as float32, whether stored as float32 or as bfloat16 bits."""
+
+
+@overload(as_float32, inline="always")
+def _as_float32(x):
+    if x == types.uint16:
+        return lambda x: widen_bfloat16(x)
+    return lambda x: x
+
+
 @numba.njit(inline="always", fastmath=True)
 def _accumulate(out, weights, rows, p0, p1):
     """out += sum_k weights[k] * rows[k, p0:p1]: one output row over the pixels p0:p1."""
@@ -105,8 +154,10 @@ def _affine(out, bias, weights, rows, p0, p1):
 
 
 @numba.njit(inline="always", fastmath=True)
-def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scratch):
-    """Fill ``gemm_input[:, p0:p1]`` for the coming step: gap-filled values, mask, 1, decayed h.
+def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scratch, gemm_operand, sigmoid_alpha):
+    """Fill ``gemm_input[:, p0:p1]`` for the coming step: gap-filled values, mask, 1, decayed h;
+    and its bfloat16 copy ``gemm_operand`` unless that is empty (the fp32 engine multiplies
+    ``gemm_input`` itself).
 
     Feature-major: every array is (feature, pixel) and every inner loop runs over a
     zero-based slice of contiguous pixels, the form LLVM vectorises."""
@@ -130,9 +181,10 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
         alpha = scratch[1, k, p0:p1]
         _affine(alpha, combine_bias[k], combine_weight[k, :n_features], scratch[0], p0, p1)
         _accumulate(alpha, combine_weight[k, n_features:], masks, p0, p1)
-        for p in range(width):
-            num, den = tanh_fraction(_HALF * alpha[p])
-            alpha[p] = (den + num) / (_TWO * den)
+        if sigmoid_alpha:  # else the research code's alpha: the linear layer as is
+            for p in range(width):
+                num, den = tanh_fraction(_HALF * alpha[p])
+                alpha[p] = (den + num) / (_TWO * den)
     # history regression from the decayed state; its gap-filled series feeds the feature regression
     for k in range(n_features):
         history, x, m, estimate = scratch[2, k, p0:p1], values[k, p0:p1], masks[k, p0:p1], gemm_input[k, p0:p1]
@@ -148,23 +200,30 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
     for k in range(n_features):
         gemm_input[k, p0:p1] = scratch[0, k, p0:p1]
         gemm_input[n_features + k, p0:p1] = masks[k, p0:p1]
+    if gemm_operand.shape[0]:
+        for r in range(gemm_input.shape[0]):
+            source, target = gemm_input[r, p0:p1], gemm_operand[r, p0:p1]
+            for p in range(width):
+                target[p] = round_to_bfloat16(source[p])
 
 
 BLOCK = 512  # pixels per parallel block (a multiple of the vector width)
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def _first_input(hidden, deltas, values, masks, weights, gemm_input, scratch):
+def _first_input(hidden, deltas, values, masks, weights, gemm_input, scratch, gemm_operand, sigmoid_alpha):
     n = hidden.shape[1]
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
         p0 = block * BLOCK
-        _next_input(p0, min(p0 + BLOCK, n), hidden, deltas, values, masks, weights, gemm_input, scratch)
+        _next_input(p0, min(p0 + BLOCK, n), hidden, deltas, values, masks, weights, gemm_input, scratch,
+                    gemm_operand, sigmoid_alpha)
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weights, gemm_input, scratch):
-    """LSTM cell update from the pre-activation ``gates`` (4H, B; PyTorch order i, f, g, o),
-    then, unless this was the ``last`` step, the next step's GEMM input."""
+def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weights, gemm_input, scratch,
+                          gemm_operand, sigmoid_alpha):
+    """LSTM cell update from the pre-activation ``gates`` (4H, B; PyTorch order i, f, g, o;
+    float32 or bfloat16 bits), then, unless this was the ``last`` step, the next step's GEMM input."""
     n_hidden, n = hidden.shape
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
         p0 = block * BLOCK
@@ -174,9 +233,19 @@ def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weig
                               gates[3 * n_hidden + j, p0:p1])
             c, h = cell[j, p0:p1], hidden[j, p0:p1]
             for p in range(p1 - p0):
-                c[p], h[p] = lstm_update(gi[p], gf[p], gg[p], go[p], c[p])
+                c[p], h[p] = lstm_update(as_float32(gi[p]), as_float32(gf[p]), as_float32(gg[p]),
+                                         as_float32(go[p]), c[p])
         if not last:
-            _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scratch)
+            _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scratch, gemm_operand,
+                        sigmoid_alpha)
+
+
+def _bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's memory as uint16 for the Numba pass; an empty array for other types
+    (the pass then skips its bfloat16 copy)."""
+    if tensor.dtype != torch.bfloat16:
+        return np.empty((0, 0), np.uint16)
+    return tensor.view(torch.int16).numpy().view(np.uint16)
 
 
 @dataclass(frozen=True)
@@ -185,11 +254,12 @@ class _Direction:
 
     gate_weight: torch.Tensor  # (4H, 2F + 1 + H): columns for x_filled, mask, bias, decayed hidden state
     step_weights: tuple[np.ndarray, ...]  # for _next_input; decay weights negated, hidden decay transposed
+    sigmoid_alpha: bool  # the combination weight through a sigmoid (models trained here) or as is
     embedding: tuple[torch.Tensor, torch.Tensor] | None
     head: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
     @classmethod
-    def of(cls, rits: RITS) -> _Direction:
+    def of(cls, rits: RITS, cfg: BritsConfig, gemm_dtype: torch.dtype = torch.float32) -> _Direction:
         cell = rits.cell
         gate_weight = torch.cat([cell.weight_ih, (cell.bias_ih + cell.bias_hh)[:, None], cell.weight_hh], dim=1)
         tensor = lambda p: p.detach().float().cpu().contiguous()  # noqa: E731
@@ -203,7 +273,7 @@ class _Direction:
             array(rits.feature_regression.bias))
         embedding = rits.ancillary_embedding
         hidden_layer, output_layer = rits.head[1], rits.head[3]
-        return cls(tensor(gate_weight), step_weights,
+        return cls(tensor(gate_weight).to(gemm_dtype), step_weights, cfg.combine_activation == "sigmoid",
                    None if embedding is None else (tensor(embedding[0].weight), tensor(embedding[0].bias)),
                    (tensor(hidden_layer.weight), tensor(hidden_layer.bias), tensor(output_layer.weight),
                     tensor(output_layer.bias)))
@@ -215,28 +285,34 @@ class _Direction:
         (T, F, B) when given."""
         steps, n_features, batch = values.shape
         n_hidden = self.gate_weight.shape[0] // 4
+        gemm_dtype = self.gate_weight.dtype
         # torch allocates 64-byte aligned buffers; MKL's results can depend on alignment, and a
         # resumed run must reproduce an uninterrupted one bit for bit
         gemm_input_t = torch.zeros(self.gate_weight.shape[1], batch)
         gemm_input = gemm_input_t.numpy()
         gemm_input[2 * n_features] = 1.0
-        gates = torch.empty(self.gate_weight.shape[0], batch)
+        # what the GEMM multiplies: the fp32 input itself, or the bf16 copy the Numba pass keeps
+        gemm_operand_t = gemm_input_t if gemm_dtype == torch.float32 else gemm_input_t.to(gemm_dtype)
+        gemm_operand = _bfloat16_bits(gemm_operand_t)
+        gates = torch.empty(self.gate_weight.shape[0], batch, dtype=gemm_dtype)
         hidden = np.zeros((n_hidden, batch), np.float32)
         cell = np.zeros_like(hidden)
         scratch = np.empty((3, n_features, batch), np.float32)
-        _first_input(hidden, deltas[0], values[0], masks[0], self.step_weights, gemm_input, scratch)
-        gates_np = gates.numpy()
+        _first_input(hidden, deltas[0], values[0], masks[0], self.step_weights, gemm_input, scratch, gemm_operand,
+                     self.sigmoid_alpha)
+        gates_np = gates.numpy() if gemm_dtype == torch.float32 else _bfloat16_bits(gates)
         recurrent_rows = 2 * n_features + 1
         for t in range(steps):
             if filled is not None:
                 filled[t] = gemm_input[:n_features]
             if t == 0:  # the state starts at zero: its part of the product would only add zeros
-                torch.mm(self.gate_weight[:, :recurrent_rows], gemm_input_t[:recurrent_rows], out=gates)
+                torch.mm(self.gate_weight[:, :recurrent_rows], gemm_operand_t[:recurrent_rows], out=gates)
             else:
-                torch.mm(self.gate_weight, gemm_input_t, out=gates)
+                torch.mm(self.gate_weight, gemm_operand_t, out=gates)
             following = min(t + 1, steps - 1)
             _cell_then_next_input(gates_np, cell, hidden, t == steps - 1, deltas[following], values[following],
-                                  masks[following], self.step_weights, gemm_input, scratch)
+                                  masks[following], self.step_weights, gemm_input, scratch, gemm_operand,
+                                  self.sigmoid_alpha)
         features = torch.from_numpy(hidden).t()
         if self.embedding is not None:
             features = torch.cat([features, F.relu(F.linear(torch.from_numpy(ancillary), *self.embedding))], dim=1)
@@ -244,13 +320,25 @@ class _Direction:
         return F.linear(F.relu(F.linear(features, w1, b1)), w2, b2)
 
 
-class FusedBrits:
-    """A trained :class:`BRITS` for CPU inference (weights copied; the model is not changed)."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FUSED_PRECISIONS = ("fp32", "bf16")  # fp16 has no fast CPU matrix product (measured: 20x slower than fp32)
 
-    def __init__(self, model: BRITS) -> None:
+
+class FusedBrits:
+    """A trained :class:`BRITS` for CPU inference (weights copied; the model is not changed).
+
+    ``precision`` bf16 multiplies in bfloat16 (weights and each step's GEMM input rounded,
+    gates returned in bfloat16); the state, the decays, the regressions and the head stay
+    float32. Fast only on CPUs with bf16 instructions (AVX512-BF16, AMX)."""
+
+    def __init__(self, model: BRITS, precision: str = "fp32") -> None:
+        if precision not in FUSED_PRECISIONS:
+            raise ValueError(f"precision {precision!r}: the CPU engine runs {' or '.join(FUSED_PRECISIONS)}")
         self.config = model.cfg
-        self.forward_pass = _Direction.of(model.forward_pass)
-        self.backward_pass = _Direction.of(model.backward_pass)
+        self.precision = precision
+        gemm_dtype = PRECISIONS[precision] or torch.float32
+        self.forward_pass = _Direction.of(model.forward_pass, model.cfg, gemm_dtype)
+        self.backward_pass = _Direction.of(model.backward_pass, model.cfg, gemm_dtype)
 
     def __call__(self, values: np.ndarray, masks: np.ndarray, deltas_forward: np.ndarray,
                  deltas_backward: np.ndarray, ancillary: np.ndarray | None = None, *, imputed: bool = True,
@@ -263,6 +351,8 @@ class FusedBrits:
         on two cores that is 10 % faster than splitting every tile's GEMM and Numba pass
         (two OpenMP runtimes hand the cores back and forth 48 times per tile)."""
         n, steps, n_features = values.shape
+        if self.config.backward_deltas == "forward_order":  # an imported research model's input (BritsConfig)
+            deltas_backward = deltas_forward
         if ancillary is None:
             ancillary = np.zeros((n, 0), np.float32)
         threads = threads or torch.get_num_threads()
@@ -319,22 +409,19 @@ class FusedBrits:
         return out
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def predict(model: BRITS, inputs: ModelInputs, batch_size: int = 8192, device: torch.device | str = "cpu", *,
             imputed: bool = True, fused: bool = True, precision: str = "fp32") -> dict[str, np.ndarray]:
     """Abundances (n, K), uncertainty (n,) and, if ``imputed``, the imputed series (n, T, F;
     standardised units). On a CPU the :class:`FusedBrits` engine runs (unless ``fused`` is
     False); elsewhere, or unfused, the model itself in batches of ``batch_size``.
-    ``precision`` bf16 or fp16 runs the model under ``torch.autocast`` (its matrix products in
-    that type; the fused engine is fp32 only); results are float32."""
+    ``precision`` bf16 on a CPU runs the engine's bfloat16 GEMMs; elsewhere, and fp16, the model
+    under ``torch.autocast`` (its matrix products in that type); results are float32."""
     model.eval()
     device = torch.device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if fused and device.type == "cpu" and precision == "fp32":
-        out = FusedBrits(model)(inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
+    if fused and device.type == "cpu" and precision in FUSED_PRECISIONS:
+        out = FusedBrits(model, precision)(inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
                                 inputs.ancillary, imputed=imputed)
         return {name: out[name] for name in ("abundance", "uncertainty", "imputed") if name in out}
     parts: dict[str, list[np.ndarray]] = {"abundance": [], "uncertainty": [], "imputed": []}
@@ -355,3 +442,11 @@ def predict(model: BRITS, inputs: ModelInputs, batch_size: int = 8192, device: t
     empty = {"abundance": (0, n_classes), "uncertainty": (0,), "imputed": (0, steps, n_features)}
     return {k: np.concatenate(v) if v else np.zeros(empty[k], np.float32) for k, v in parts.items()
             if imputed or k != "imputed"}
+
+
+@numba.njit(fastmath=True, cache=True)
+def bfloat16_round_trip(values, bits, widened):
+    """The engine's conversions over an array (for the tests): float32 -> bfloat16 bits -> float32."""
+    for i in range(values.shape[0]):
+        bits[i] = round_to_bfloat16(values[i])
+        widened[i] = widen_bfloat16(bits[i])

@@ -21,6 +21,7 @@ from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.model.artifact import ModelArtifact
 from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.model.checkpoint import TrainingState, load_checkpoint, save_checkpoint, training_identity
+from msmtu_batch.model.hierarchy import ClassHierarchy
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
 
@@ -117,6 +118,18 @@ def _load_parent_weights(model: BRITS, tuning: FineTuning, classes: tuple[str, .
     return fresh
 
 
+def validation_rmse(model: BRITS, inputs: ModelInputs, truth: np.ndarray, level: str,
+                    hierarchy: ClassHierarchy | None, device: torch.device) -> tuple[float, dict[str, float]]:
+    """The early-stopping criterion: the abundance RMSE, or with a hierarchy the mean of both
+    levels' (each level's also returned, by name, for the history)."""
+    abundance = predict(model, inputs, device=device, imputed=False)["abundance"]
+    fine = rmse(abundance, truth)
+    if hierarchy is None:
+        return fine, {}
+    coarse = rmse(hierarchy.coarse(abundance), hierarchy.coarse(truth))
+    return 0.5 * (fine + coarse), {f"validation_rmse_{level}": fine, f"validation_rmse_{hierarchy.level}": coarse}
+
+
 def _batch(inputs: ModelInputs, target: np.ndarray, index: np.ndarray, device: torch.device
            ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     series = [torch.from_numpy(a[index]).to(device) for a in
@@ -144,12 +157,14 @@ def training_device(name: str) -> torch.device:
 def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
           on_epoch: Callable[[dict], None] | None = None, source: str = "",
           device: str | torch.device = "cpu", init_from: FineTuning | None = None,
-          checkpointing: Checkpointing | None = None) -> TrainResult:
+          checkpointing: Checkpointing | None = None, hierarchy: ClassHierarchy | None = None) -> TrainResult:
     """Train on ``pixels``' train partition, stop early on its validation partition, on
     ``device`` (a GPU: ``"cuda"``); the artifact's model is on the CPU either way. With
     ``init_from``, start from a trained model (:class:`FineTuning`); with ``checkpointing``,
     write checkpoints and resume from one of this same training (:class:`Checkpointing`):
-    on the CPU a resumed training ends with the same weights, bit for bit."""
+    on the CPU a resumed training ends with the same weights, bit for bit. With ``hierarchy``,
+    one model for two levels: the loss and the validation RMSE (early stopping) on both, the
+    coarse level's abundances the sums of the fine level's (:mod:`msmtu_batch.model.hierarchy`)."""
     device = torch.device(device)
     if init_from is not None:
         cfg = inherit_architecture(cfg, init_from)
@@ -176,7 +191,8 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         val_inputs = prepare_inputs(val_set.values, val_set.masks, val_set.ancillary, band_stats,
                                     ancillary_stats)
     model = BRITS(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names), hidden=cfg.hidden,
-                              embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout))
+                              embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout,
+                              **(init_from.parent.config.formulation if init_from is not None else {})))
     fresh = _load_parent_weights(model, init_from, pixels.classes) if init_from is not None else []
     model = model.to(device)
     # fused: one kernel for all parameters' updates (10 % of a CPU training step before)
@@ -189,6 +205,9 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
 
     parent_hash = init_from.parent_hash if init_from is not None else None
     settings = cfg.model_dump() | {"refit_statistics": init_from.refit_statistics if init_from else None}
+    if hierarchy is not None:  # added only when set: checkpoints of one-level trainings keep their identity
+        settings["hierarchy"] = hierarchy.to_dict()
+    hierarchy_matrix = torch.from_numpy(hierarchy.matrix()).to(device) if hierarchy is not None else None
     identity = training_identity(settings, level, {
         "values": pixels.values, "masks": pixels.masks, "ancillary": pixels.ancillary,
         "abundance": pixels.abundance, "partition": pixels.partition}, pixels.classes, parent_hash)
@@ -219,12 +238,12 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         model.train()
         epoch_start = time.perf_counter()
         totals = {name: torch.zeros((), dtype=torch.float64, device=device)
-                  for name in ("loss", "label", "impute", "consistency")}
+                  for name in ("loss", "label", "impute", "consistency", *(("label_coarse",) if hierarchy else ()))}
         order = rng.permutation(len(train_set))
         for step in range(steps_per_epoch):
             inputs, y = _batch(train_inputs, target, order[step * cfg.batch_size:(step + 1) * cfg.batch_size],
                                device)
-            loss, parts = brits_loss(model(*inputs), y, weights)
+            loss, parts = brits_loss(model(*inputs), y, weights, hierarchy_matrix)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -235,12 +254,12 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
                 totals[k] += v
         means = {k: v.item() / steps_per_epoch for k, v in totals.items()}  # waits for a GPU's queue
         train_seconds += time.perf_counter() - epoch_start
-        val_rmse = rmse(predict(model, val_inputs, device=device)["abundance"], val_set.abundance)
+        val_rmse, by_level = validation_rmse(model, val_inputs, val_set.abundance, level, hierarchy, device)
         if not math.isfinite(val_rmse):
             raise MsmtuError(f"training diverged at epoch {epoch} (validation RMSE {val_rmse}); "
                              "lower the learning rate")
-        record = {"epoch": epoch, **means,
-                  "validation_rmse": val_rmse, "learning_rate": schedule.get_last_lr()[0]}
+        record = {"epoch": epoch, **means, "validation_rmse": val_rmse, **by_level,
+                  "learning_rate": schedule.get_last_lr()[0]}
         history.append(record)
         if val_rmse < best_rmse - 1e-6:
             best_rmse, best_epoch, stale = val_rmse, epoch, 0
@@ -269,7 +288,7 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         "statistics": "refitted" if init_from.refit_statistics else "parent's", "fresh_parameters": fresh}
     artifact = ModelArtifact(
         model=model, level=level, classes=pixels.classes, ancillary_names=names, band_stats=band_stats,
-        ancillary_units=units, ancillary_stats=ancillary_stats,
+        ancillary_units=units, ancillary_stats=ancillary_stats, hierarchy=hierarchy,
         training={"source": source, "config": cfg.model_dump(), "train_pixels": len(train_set),
                   "validation_pixels": len(val_set), "epochs_run": len(history), "best_epoch": best_epoch,
                   "validation_rmse": best_rmse, **lineage})

@@ -35,13 +35,28 @@ from msmtu_batch.inputs.cube import (
 )
 from msmtu_batch.inputs.units import apply_conversions
 from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, load_artifact
+from msmtu_batch.model.hierarchy import ClassHierarchy
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.kernels import prepare_chunk
 from msmtu_batch.model.preprocess import ModelInputs
+from msmtu_batch.products.palette import default_class_colors
 
 FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS, FLAG_UNLIKE_TRAINING = 0, 1, 2
 DOMINANT_FILL = 255  # dominant_class is a byte raster: classes 0..254, 255 = no estimate
 OUTPUT_FILLS: dict[str, int | float] = {"dominant_class": DOMINANT_FILL, "imputed_reflectance": REFLECTANCE_FILL}
+
+
+def output_fills(ds: xr.Dataset) -> dict[str, int | float]:
+    """The integer products' fill values (:data:`OUTPUT_FILLS`, a two-level model's
+    ``dominant_class_<level>`` too); floats are NaN."""
+    return {name: OUTPUT_FILLS["dominant_class" if name.startswith("dominant_class") else name]
+            for name in ds.data_vars if name in OUTPUT_FILLS or name.startswith("dominant_class")}
+
+
+def coarse_level_names(hierarchy: ClassHierarchy) -> tuple[str, str, str]:
+    """A two-level model's coarse level in an output: its class dimension, abundance and
+    dominant-class variables (``lulc_class_level1``, ``abundance_level1``, ``dominant_class_level1``)."""
+    return f"{CLASS_DIM}_{hierarchy.level}", f"abundance_{hierarchy.level}", f"dominant_class_{hierarchy.level}"
 REFERENCES = ("Rodriguez-Ortega, Khaldi, Alcaraz-Segura, Tabik (2024): Bidirectional recurrent imputation and "
               "abundance estimation of LULC classes with MODIS multispectral time series and geo-topographic and "
               "climatic data. IEEE JSTARS 17. Training data: Andalusia-MSMTU, https://zenodo.org/records/7752348")
@@ -69,11 +84,12 @@ class RunConfig(BaseModel):
         "stop", description="past a limit: stop naming the chunk, or flag its pixels (quality_flag 2)")
     zarr_format: Literal[2, 3] = Field(
         3, description="Zarr format of the output: 3, or 2 for zarr-python 2 and GDAL before 3.8")
-    # Reduced precision changes the map (benchmarks/NOTES.md: the precision table of `bench`);
-    # fp32 stays the default until a measurement shows it keeps the map where it is faster
+    # Reduced precision changes the map a little (benchmarks/NOTES.md: the precision table of
+    # `bench`); bf16 keeps it and is faster on CPUs with bf16 instructions, but fp32 stays the
+    # default: the same bytes whatever kind of CPU a chunk lands on
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="the model's matrix products: fp32, or bf16 / fp16 through torch.autocast "
-                            "(the CPU engine is fp32 only)")
+        "fp32", description="the model's matrix products: fp32; bf16 (the CPU engine's bf16 GEMMs, autocast on "
+                            "a GPU); fp16 (autocast)")
 
 
 # --- schema ----------------------------------------------------------------------------------
@@ -124,14 +140,18 @@ def output_template(grid: xr.Dataset, artifact: ModelArtifact, config: RunConfig
                     chunks: Mapping[str, int | tuple[int, ...]] | None = None) -> xr.Dataset:
     """The output products on ``grid`` (an input cube: its y, x, CRS and months), as lazy arrays
     of their fill values in their stored dtypes, with their CF attributes; ``chunks`` (y and x)
-    default to ``config.chunk``. Fill values are in :data:`OUTPUT_FILLS` (NaN for floats)."""
+    default to ``config.chunk``. Fill values are in :func:`output_fills` (NaN for floats). A
+    two-level model's coarse level adds its abundance and dominant class (:func:`coarse_level_names`)."""
     height, width, k = grid.sizes["y"], grid.sizes["x"], len(artifact.classes)
+    levels = artifact.hierarchy
+    coarse_dim, coarse_abundance, coarse_dominant = coarse_level_names(levels) if levels else (None, None, None)
     if k > DOMINANT_FILL:
         raise MsmtuError(f"the model has {k} classes; dominant_class holds at most {DOMINANT_FILL}")
     chunks = dict(chunks or {"y": config.chunk, "x": config.chunk})
 
     def filled(dims: tuple[str, ...], dtype, fill) -> tuple:
-        sizes = {"y": height, "x": width, CLASS_DIM: k, "time": grid.sizes.get("time"), "band": len(BAND_NAMES)}
+        sizes = {"y": height, "x": width, CLASS_DIM: k, "time": grid.sizes.get("time"), "band": len(BAND_NAMES),
+                 coarse_dim: len(levels.classes) if levels else None}
         data = xr.DataArray(np.broadcast_to(np.array(fill, dtype), tuple(sizes[d] for d in dims)), dims=dims)
         return dims, data.chunk({d: chunks.get(d, -1) for d in dims}).data
 
@@ -146,6 +166,21 @@ def output_template(grid: xr.Dataset, artifact: ModelArtifact, config: RunConfig
     out["dominant_class"].attrs.update(
         long_name="class of largest abundance", flag_values=list(range(k)), flag_meanings=" ".join(artifact.classes),
         flag_colors=" ".join(artifact.class_colors), comment=f"{DOMINANT_FILL}: no estimate (see quality_flag)")
+    if levels is not None:
+        out = out.assign_coords({coarse_dim: xr.Variable(coarse_dim, np.array(levels.classes, dtype=object), {
+            "standard_name": "area_type", "long_name": f"LULC class ({levels.level})"})})
+        out[coarse_abundance] = filled((coarse_dim, "y", "x"), np.float32, np.nan)
+        out[coarse_abundance].attrs.update(
+            standard_name="area_fraction", long_name=f"{levels.level} LULC abundance", units="1",
+            valid_range=[0.0, 1.0],
+            comment=f"sum of the {artifact.level} abundances of each class's children ("
+                    + "; ".join(f"{c}: {', '.join(f for f, p in zip(artifact.classes, levels.parents) if p == c)}"
+                                for c in levels.classes) + ")")
+        out[coarse_dominant] = filled(("y", "x"), np.uint8, DOMINANT_FILL)
+        out[coarse_dominant].attrs.update(
+            long_name=f"{levels.level} class of largest abundance", flag_values=list(range(len(levels.classes))),
+            flag_meanings=" ".join(levels.classes), flag_colors=" ".join(default_class_colors(levels.classes)),
+            comment=f"{DOMINANT_FILL}: no estimate (see quality_flag)")
     out["uncertainty"] = filled(("y", "x"), np.float32, np.nan)
     out["uncertainty"].attrs.update(long_name="disagreement of the forward and backward passes", units="1",
                                     comment="total-variation distance between their abundance vectors")
@@ -256,6 +291,13 @@ def estimate_block(inputs: ModelInputs, observed: np.ndarray, artifact: ModelArt
         "valid_fraction": (observed / (steps * bands)).astype(np.float32).reshape(height, width),
         "quality_flag": np.where(valid, FLAG_UNLIKE_TRAINING if unlike else FLAG_ESTIMATED,
                                  FLAG_TOO_FEW_OBSERVATIONS).astype(np.uint8).reshape(height, width)}
+    if (levels := artifact.hierarchy) is not None:  # the coarse level: sums of the fine level's abundances
+        _, coarse_abundance, coarse_dominant = coarse_level_names(levels)
+        coarse = levels.coarse(prediction["abundance"])
+        products[coarse_abundance] = np.where(valid[:, None], coarse, np.float32(np.nan)).T.reshape(
+            len(levels.classes), height, width)
+        products[coarse_dominant] = np.where(valid, coarse.argmax(axis=1), DOMINANT_FILL).astype(np.uint8).reshape(
+            height, width)
     if config.imputed:
         reflectance_units = artifact.band_stats.invert(prediction["imputed"]) / REFLECTANCE_SCALE
         imputed = np.where(valid[:, None, None], np.clip(np.rint(np.nan_to_num(reflectance_units)), -32767, 32767),
@@ -319,9 +361,8 @@ def unmix(ds: xr.Dataset, model: ModelArtifact | str | os.PathLike, config: RunC
         return result
 
     raw = xr.map_blocks(block, inputs, template=template)
-    for name, fill in OUTPUT_FILLS.items():
-        if name in raw:
-            raw[name].attrs["_FillValue"] = fill
+    for name, fill in output_fills(raw).items():
+        raw[name].attrs["_FillValue"] = fill
     return xr.decode_cf(raw, decode_coords="all")
 
 

@@ -27,7 +27,7 @@ from rasterio.warp import transform_bounds
 from msmtu_batch.batch.outputs import write_text_durably
 from msmtu_batch.inputs.cube import CLASS_DIM
 from msmtu_batch.products.archive import archive_stores
-from msmtu_batch.products.export import PRODUCTS, product_stem
+from msmtu_batch.products.export import PRODUCTS, output_products, product_stem
 
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
 QML_MEDIA_TYPE = "application/xml"
@@ -74,24 +74,24 @@ def _item(store: Path, collection_id: str) -> pystac.Item:
     folder = store.parent
     item.add_asset("zarr", pystac.Asset(href=str(store), media_type=ZARR_MEDIA_TYPE, roles=["data"],
                                         title="every product (Zarr)"))
-    classes = [str(c) for c in ds[CLASS_DIM].values]
-    colors = str(ds["dominant_class"].attrs.get("flag_colors", "")).split()
     resolution = abs(transform.a)
-    for name, settings in PRODUCTS.items():
-        nodata = settings.nodata
+    for name, (kind, suffix) in output_products(ds).items():
+        nodata = PRODUCTS[kind].nodata
+        classes = [str(c) for c in ds[f"{CLASS_DIM}{suffix}"].values]
+        colors = str(ds[f"dominant_class{suffix}"].attrs.get("flag_colors", "")).split()
         cog = folder / "cog" / f"{product_stem(name, ds.attrs)}.tif"
-        if name not in ds or not cog.is_file():
+        if not cog.is_file():
             continue
         asset = pystac.Asset(href=str(cog), media_type=pystac.MediaType.COG, roles=["data"],
-                             title=f"{name} ({', '.join(classes)})" if name == "abundance" else name,
+                             title=f"{name} ({', '.join(classes)})" if kind == "abundance" else name,
                              description=ds[name].attrs.get("long_name"))
         item.add_asset(name, asset)
         band = RasterBand.create(nodata=None if nodata is None else ("nan" if np.isnan(nodata) else nodata),
                                  data_type=_DATA_TYPES[str(ds[name].dtype)], spatial_resolution=resolution,
                                  unit=ds[name].attrs.get("units"))
         RasterExtension.ext(asset, add_if_missing=True).apply(
-            bands=[band] * (len(classes) if CLASS_DIM in ds[name].dims else 1))
-        if name == "dominant_class":
+            bands=[band] * (len(classes) if f"{CLASS_DIM}{suffix}" in ds[name].dims else 1))
+        if kind == "dominant_class":
             ClassificationExtension.ext(asset, add_if_missing=True).apply(classes=[
                 Classification.create(value=i, name=n, description=n, color_hint=c.lstrip("#").upper())
                 for i, (n, c) in enumerate(zip(classes, colors))])

@@ -60,6 +60,19 @@ PROVENANCE_TAGS = ("title", "level", "time_coverage_start", "time_coverage_end",
                    "references", "software_version", "model", "model_hash", "input_store", "input_content", "run_id")
 
 
+def output_products(ds: xr.Dataset) -> dict[str, tuple[str, str]]:
+    """The products of an output, each with its kind (a key of :data:`PRODUCTS`) and its level's
+    suffix: ``""`` for the model's level, ``"_level1"`` for a two-level model's coarse level
+    (``abundance_level1``, ``dominant_class_level1`` over ``lulc_class_level1``)."""
+    found = {name: (name, "") for name in PRODUCTS if name in ds}
+    for name in ds.data_vars:
+        for kind in ("abundance", "dominant_class"):
+            suffix = str(name).removeprefix(kind)
+            if name != kind and suffix.startswith("_") and f"{CLASS_DIM}{suffix}" in ds.coords:
+                found[str(name)] = (kind, suffix)
+    return found
+
+
 def _overview_levels(height: int, width: int) -> int:
     """Halvings until the smaller side is about 32 pixels (at least one; none for a raster
     one pixel wide or high, which cannot be halved)."""
@@ -81,22 +94,24 @@ def export_cogs(store: str | Path, cog_dir: str | Path, parallel: int = 2) -> li
     ds = xr.open_zarr(store, decode_coords="all", mask_and_scale=False)
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
-    names = [name for name in PRODUCTS if name in ds]
+    products = output_products(ds)
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        return [path for paths in pool.map(lambda name: _export_product(ds, name, cog_dir), names) for path in paths]
+        return [path for paths in pool.map(lambda name: _export_product(ds, name, *products[name], cog_dir), products)
+                for path in paths]
 
 
-def _export_product(ds: xr.Dataset, name: str, cog_dir: Path) -> list[Path]:
+def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: Path) -> list[Path]:
     """One product's COG (written aside, validated, renamed), its QGIS style and, for the
-    categorical ones, its category names."""
-    nodata, resampling, predictor = PRODUCTS[name]
-    classes = [str(c) for c in ds[CLASS_DIM].values]
-    colors = str(ds["dominant_class"].attrs.get("flag_colors", "")).split()
+    categorical ones, its category names; ``kind`` and ``suffix`` as :func:`output_products` gives."""
+    nodata, resampling, predictor = PRODUCTS[kind]
+    class_dim = f"{CLASS_DIM}{suffix}"
+    classes = [str(c) for c in ds[class_dim].values]
+    colors = str(ds[f"dominant_class{suffix}"].attrs.get("flag_colors", "")).split()
     tags = {k: str(ds.attrs[k]) for k in PROVENANCE_TAGS if k in ds.attrs}
     stem = product_stem(name, ds.attrs)
     data = ds[name].load()
-    descriptions = classes if CLASS_DIM in data.dims else [name]
-    data = data.expand_dims("band", 0) if data.ndim == 2 else data.rename({CLASS_DIM: "band"})
+    descriptions = classes if class_dim in data.dims else [name]
+    data = data.expand_dims("band", 0) if data.ndim == 2 else data.rename({class_dim: "band"})
     data = data.drop_vars([c for c in data.coords if c not in ("x", "y", "spatial_ref")])
     data.attrs = {}
     if nodata is not None:
@@ -106,9 +121,9 @@ def _export_product(ds: xr.Dataset, name: str, cog_dir: Path) -> list[Path]:
     plain = cog_dir / f".{stem}.{os.getpid()}.plain.tif"
     partial = cog_dir / f".{stem}.{os.getpid()}.partial.tif"
     colormap = None
-    if name == "dominant_class" and len(colors) == len(classes):
+    if kind == "dominant_class" and len(colors) == len(classes):
         colormap = {i: (*rgb(c), 255) for i, c in enumerate(colors)} | {DOMINANT_FILL: (0, 0, 0, 0)}
-    elif name == "quality_flag":
+    elif kind == "quality_flag":
         colormap = {i: (*rgb(c), 255) for i, c in enumerate(QUALITY_COLORS)}
     data.rio.to_raster(plain, tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
     with rasterio.open(plain, "r+") as raster:
@@ -127,9 +142,9 @@ def _export_product(ds: xr.Dataset, name: str, cog_dir: Path) -> list[Path]:
     valid, errors, _ = cog_validate(partial)
     if not valid:
         raise MsmtuError(f"{final}: not a valid COG ({'; '.join(errors)})")
-    write_text_durably(cog_dir / f"{stem}.qml", _qml(name, classes, colors))
-    if name in ("dominant_class", "quality_flag"):
-        names = classes if name == "dominant_class" else str(ds["quality_flag"].attrs.get("flag_meanings", "")).split()
+    write_text_durably(cog_dir / f"{stem}.qml", _qml(kind, classes, colors))
+    if kind in ("dominant_class", "quality_flag"):
+        names = classes if kind == "dominant_class" else str(ds["quality_flag"].attrs.get("flag_meanings", "")).split()
         write_text_durably(cog_dir / f"{stem}.tif.aux.xml", _category_names(names))
     partial.replace(final)
     return [final, cog_dir / f"{stem}.qml"]
@@ -145,12 +160,12 @@ def _category_names(names: list[str]) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _qml(name: str, classes: list[str], colors: list[str]) -> str:
+def _qml(kind: str, classes: list[str], colors: list[str]) -> str:
     """A QGIS layer style: a palette for the categorical products, a 0-1 ramp for the others."""
     root = ET.Element("qgis", version="3.28", styleCategories="Symbology")
     pipe = ET.SubElement(root, "pipe")
-    if name in ("dominant_class", "quality_flag"):
-        entries = list(zip(classes, colors)) if name == "dominant_class" else \
+    if kind in ("dominant_class", "quality_flag"):
+        entries = list(zip(classes, colors)) if kind == "dominant_class" else \
             list(zip(("estimated", "too few observations", "input unlike training data"), QUALITY_COLORS))
         renderer = ET.SubElement(pipe, "rasterrenderer", type="paletted", band="1", opacity="1", alphaBand="-1")
         palette = ET.SubElement(renderer, "colorPalette")

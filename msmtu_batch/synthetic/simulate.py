@@ -561,6 +561,7 @@ def _write_sample(root: Path, landscape: SyntheticAndalusia, pixels: np.ndarray,
                    "y": float(landscape.y_coords()[r]), "crs": c.crs}
                   for r, q in zip(rows, columns)],
         ancillary_units=ANCILLARY_UNITS,
+        hierarchy=dict(CLASS_HIERARCHY),
     )
 
 
