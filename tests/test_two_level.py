@@ -184,3 +184,55 @@ def test_run_writes_both_levels_consistent_by_construction(region, two_level, tm
         assert cog.count == 1 and len(cog.colormap(1)) >= len(LEVEL1_CLASSES)
         np.testing.assert_array_equal(cog.read(1)[estimated], dominant[estimated])
     assert (tmp_path / "cog" / f"dominant_class_level1_{year}.tif.aux.xml").read_text().count("<Category>") == 5
+
+
+# --- the research code's label options: class weights and hard labels (issue 15, part 6) ---------
+
+def test_balanced_class_weights_are_inverse_shares_capped_at_ten_times_the_smallest():
+    from msmtu_batch.model.train import balanced_class_weights
+
+    target = np.array([[0.6, 0.3, 0.1, 0.0], [0.4, 0.5, 0.05, 0.05]], np.float32)  # shares .5 .4 .075 .025
+    # by hand: 1/share = 2, 2.5, 13.33, 40 -> capped at 10 x 2 = 20 -> 2, 2.5, 13.33, 20; mean 9.4583
+    expected = np.array([2.0, 2.5, 40 / 3, 20.0]) / np.mean([2.0, 2.5, 40 / 3, 20.0])
+    np.testing.assert_allclose(balanced_class_weights(target), expected, rtol=1e-6)
+
+
+def test_hard_labels_are_the_dominant_class_one_hot():
+    from msmtu_batch.model.train import label_targets
+
+    abundance = np.random.default_rng(0).dirichlet(np.ones(5), size=50).astype(np.float32)
+    hard = label_targets(abundance, soft=False)
+    frame = pd.DataFrame(abundance, columns=list("abcde"))
+    expected = pd.get_dummies(frame.idxmax(axis=1)).reindex(columns=list("abcde"), fill_value=False)
+    np.testing.assert_array_equal(hard, expected.to_numpy(np.float32))
+    assert label_targets(abundance, soft=True) is not abundance and np.array_equal(
+        label_targets(abundance, soft=True), abundance)
+
+
+def test_class_weights_weight_each_classes_squared_error():
+    from msmtu_batch.model.brits import BritsOutput
+
+    torch.manual_seed(1)
+    p_f, p_b = torch.softmax(torch.randn(6, 3), 1), torch.softmax(torch.randn(6, 3), 1)
+    target = torch.softmax(torch.randn(6, 3), 1)
+    out = BritsOutput(0.5 * (p_f + p_b), p_f, p_b, torch.zeros(6, 1, 1), torch.zeros(()), torch.zeros(()))
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    _, parts = brits_loss(out, target, class_weights=weights)
+    by_hand = sum(0.5 * float(((p[:, k] - target[:, k]) ** 2).mean()) * float(weights[k])
+                  for p in (p_f, p_b) for k in range(3))
+    assert parts["label"].item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_a_training_with_the_research_label_options_records_them(region, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("train:\n  class_weight: balanced\n  soft_labels: false\n")
+    out = tmp_path / "m.safetensors"
+    done = cli("train", "--cube", region.cube, "--reference", region.reference, "--level", "level2", "--out", out,
+               "--hidden", "16", "--epochs", "1", "--device", "cpu", "--config", config)
+    assert done.returncode == 0, done.stderr
+    recorded = load_artifact(out).training["config"]
+    assert recorded["class_weight"] == "balanced" and recorded["soft_labels"] is False
+    config.write_text("train:\n  class_weight: heavy\n")
+    message = one_line_error(cli("train", "--cube", region.cube, "--reference", region.reference, "--level",
+                                 "level2", "--out", tmp_path / "n.safetensors", "--config", config))
+    assert message.startswith("invalid configuration: class_weight: Input should be 'none' or 'balanced'")

@@ -250,19 +250,21 @@ class LossWeights:
 
 
 def brits_loss(out: BritsOutput, target: torch.Tensor, weights: LossWeights = LossWeights(),
-               hierarchy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               hierarchy: torch.Tensor | None = None, class_weights: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """label x squared error of abundances (summed over classes, mean over pixels, both
     directions) + impute x masked L1 + consistency x |forward - backward imputations|; the
     parts detached, left on the device (reading them waits for a GPU's queue). With a
     ``hierarchy`` matrix (fine, coarse) the label term also holds the same error of the
-    coarse level's abundances (sums of the fine ones) against the sums of the target."""
-    def squared_error(matrix: torch.Tensor | None) -> torch.Tensor:
+    coarse level's abundances (sums of the fine ones) against the sums of the target; with
+    ``class_weights`` (K,) each class's squared error is weighted (the fine level's only)."""
+    def squared_error(matrix: torch.Tensor | None, weight: torch.Tensor | float = 1.0) -> torch.Tensor:
         project = (lambda a: a) if matrix is None else (lambda a: a @ matrix)
         wanted = project(target)
-        return 0.5 * (((project(out.forward_abundance) - wanted) ** 2).sum(dim=1).mean()
-                      + ((project(out.backward_abundance) - wanted) ** 2).sum(dim=1).mean())
+        return 0.5 * ((weight * (project(out.forward_abundance) - wanted) ** 2).sum(dim=1).mean()
+                      + (weight * (project(out.backward_abundance) - wanted) ** 2).sum(dim=1).mean())
 
-    label = squared_error(None)
+    label = squared_error(None, 1.0 if class_weights is None else class_weights)
     parts = {"label": label.detach()}
     if hierarchy is not None:
         coarse = squared_error(hierarchy)

@@ -48,6 +48,11 @@ class TrainConfig(BaseModel):
     label_weight: float = 0.75
     impute_weight: float = 0.25
     consistency_weight: float = 0.1
+    # The research code's options (measured on rare classes: benchmarks/NOTES.md, 2026-12-02)
+    class_weight: Literal["none", "balanced"] = Field(
+        "none", description="per-class weights of the label loss: none, or balanced (each class's weight the "
+                            "inverse of its mean training abundance, at most 10 times the smallest, mean 1)")
+    soft_labels: bool = Field(True, description="learn the abundances (soft labels), or one-hot dominant classes")
 
 
 @dataclass
@@ -116,6 +121,27 @@ def _load_parent_weights(model: BRITS, tuning: FineTuning, classes: tuple[str, .
     fresh = [k for k in model.state_dict() if f".head.{last}." in k]
     model.load_state_dict({k: v for k, v in parent.items() if k not in fresh}, strict=False)
     return fresh
+
+
+def label_targets(abundance: np.ndarray, soft: bool) -> np.ndarray:
+    """What the label loss compares with: the abundances, or (``soft`` False, as the research
+    code can) a one-hot vector of each pixel's dominant class."""
+    if soft:
+        return abundance.astype(np.float32)
+    return np.eye(abundance.shape[1], dtype=np.float32)[abundance.argmax(axis=1)]
+
+
+MAX_CLASS_WEIGHT_RATIO = 10.0
+
+
+def balanced_class_weights(target: np.ndarray) -> np.ndarray:
+    """Per-class weights inverse to each class's mean training target, the largest at most
+    :data:`MAX_CLASS_WEIGHT_RATIO` times the smallest (a class almost absent would otherwise
+    dominate the loss), scaled to mean 1."""
+    share = np.maximum(target.mean(axis=0, dtype=np.float64), 1e-12)
+    weights = 1.0 / share
+    weights = np.minimum(weights, weights.min() * MAX_CLASS_WEIGHT_RATIO)
+    return (weights / weights.mean()).astype(np.float32)
 
 
 def validation_rmse(model: BRITS, inputs: ModelInputs, truth: np.ndarray, level: str,
@@ -201,7 +227,9 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.learning_rate * 0.01)
     weights = LossWeights(cfg.label_weight, cfg.impute_weight, cfg.consistency_weight)
-    target = train_set.abundance.astype(np.float32)
+    target = label_targets(train_set.abundance, cfg.soft_labels)
+    class_weights = (torch.from_numpy(balanced_class_weights(target)).to(device) if cfg.class_weight == "balanced"
+                     else None)
 
     parent_hash = init_from.parent_hash if init_from is not None else None
     settings = cfg.model_dump() | {"refit_statistics": init_from.refit_statistics if init_from else None}
@@ -243,7 +271,7 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         for step in range(steps_per_epoch):
             inputs, y = _batch(train_inputs, target, order[step * cfg.batch_size:(step + 1) * cfg.batch_size],
                                device)
-            loss, parts = brits_loss(model(*inputs), y, weights, hierarchy_matrix)
+            loss, parts = brits_loss(model(*inputs), y, weights, hierarchy_matrix, class_weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
