@@ -10,13 +10,12 @@ training abundance and test RMSE per model, and the overall test RMSE.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from msmtu_batch.bench import over_seeded_regions
 from msmtu_batch.evaluation.metrics import rmse
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.inference import predict
@@ -47,17 +46,7 @@ def measure(folder: Path, seed: int, epochs: int, size: tuple[int, int] | None) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--size", type=int, nargs=2, default=None, help="rows and columns (default: simulate's)")
-    args = parser.parse_args()
-    rows = []
-    for seed in args.seeds:
-        folder = args.out / f"seed{seed}"
-        rows += measure(folder, seed, args.epochs, args.size)
-        shutil.rmtree(folder)
+    args, rows = over_seeded_regions(__doc__.splitlines()[0], measure)
     print("| seed | labels | test RMSE | " + " | ".join(f"{c} RMSE (share)" for c in RARE) + " |")
     print("|---|---|---|" + "---|" * len(RARE))
     for r in rows:

@@ -11,12 +11,11 @@ are consistent as well, without the level-1 loss.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
+from msmtu_batch.bench import over_seeded_regions
 from msmtu_batch.evaluation.metrics import rmse
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.hierarchy import hierarchy_in_training_data
@@ -52,17 +51,7 @@ def measure(folder: Path, seed: int, epochs: int, size: tuple[int, int] | None) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--size", type=int, nargs=2, default=None, help="rows and columns (default: simulate's)")
-    args = parser.parse_args()
-    rows = []
-    for seed in args.seeds:
-        folder = args.out / f"seed{seed}"
-        rows += measure(folder, seed, args.epochs, args.size)
-        shutil.rmtree(folder)
+    args, rows = over_seeded_regions(__doc__.splitlines()[0], measure)
     print("| seed | model | epochs (best) | test RMSE level 2 | test RMSE level 1 |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -3,9 +3,11 @@ research-code way of feeding it (one JSON file per pixel through a DataLoader)."
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +256,25 @@ def precision_table(out: Path, epochs: int, size: tuple[int, int], seeds: tuple[
     for row in rows:
         row["keeps_the_map"] = abs(row["rmse_change"]) < PRECISION_RMSE_TOLERANCE
     return rows
+
+
+def over_seeded_regions(description: str, measure: Callable[[Path, int, int, tuple[int, int] | None], list[dict]],
+                        argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[dict]]:
+    """The command line of a benchmark that measures models on simulated regions of several
+    seeds (``--out``, ``--seeds``, ``--epochs``, ``--size``): ``measure(folder, seed, epochs,
+    size)`` per seed, each region deleted after; returns the arguments and every row."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--size", type=int, nargs=2, default=None, help="rows and columns (default: simulate's)")
+    args = parser.parse_args(argv)
+    rows = []
+    for seed in args.seeds:
+        folder = args.out / f"seed{seed}"
+        rows += measure(folder, seed, args.epochs, args.size)
+        shutil.rmtree(folder)
+    return args, rows
 
 
 def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: int = 256,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,25 @@ def test_restructured_model_equals_the_research_formulation():
     loss_b.backward()
     for (name, p), (_, q) in zip(ours.named_parameters(), research.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("script", "models"), [
+    ("two_level.py", ["level 2 only", "level 1 only", "two-level"]),
+    ("class_weights.py", ["soft, no weights (default)", "soft, balanced weights", "hard labels"])])
+def test_the_model_comparison_benchmarks_run(tmp_path, script, models):
+    """benchmarks/two_level.py and class_weights.py at toy sizes: every model is trained and
+    scored, the table printed, the rows written, the simulated regions removed."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--out", str(tmp_path), "--seeds", "3",
+                           "--epochs", "1", "--size", "24", "32"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / script.replace(".py", ".json")).read_text())
+    key = "model" if script == "two_level.py" else "options"
+    assert [r[key] for r in rows] == models and all(r["seed"] == 3 for r in rows)
+    assert all(0 < value < 1 for r in rows for name, value in r.items() if name.startswith("test_rmse"))
+    assert sum(line.startswith("| 3 | ") for line in done.stdout.splitlines()) == 3
+    assert not (tmp_path / "seed3").exists()
