@@ -193,7 +193,7 @@ def test_refusals_name_the_file_and_the_reason(tmp_path):
     assert one_line_error(cli("import-checkpoint", odd, "--out", out, "--level", "level2")) == (
         f"{odd}: model.rits_f.feat_reg.m is not the ones minus identity the research layers use")
 
-    good = write_checkpoint(tmp_path / "good.ckpt", model, hyper_parameters={})
+    good = write_checkpoint(tmp_path / "good.ckpt", model, hyper_parameters=["not", "a", "mapping"])
     assert one_line_error(cli("import-checkpoint", good, "--out", out, "--level", "level2")) == (
         f"{good}: no hyper_parameters['idx_to_class'] to give the class order; pass --classes")
     assert one_line_error(cli("import-checkpoint", good, "--out", out, "--level", "level2", "--classes", "a,b")) == (

@@ -108,11 +108,17 @@ def _research_state(path: Path, content: dict) -> dict[str, torch.Tensor]:
     return state
 
 
+def _hyper_parameters(content: dict) -> dict:
+    """The checkpoint's hyper_parameters, or nothing when it has none (or not as a mapping)."""
+    hyper = content.get("hyper_parameters")
+    return hyper if isinstance(hyper, dict) else {}
+
+
 def _classes(path: Path, content: dict, n_classes: int, given: Sequence[str] | None) -> tuple[str, ...]:
     if given:
         classes = tuple(given)
     else:
-        mapping = (content.get("hyper_parameters") or {}).get("idx_to_class")
+        mapping = _hyper_parameters(content).get("idx_to_class")
         if not isinstance(mapping, dict) or not mapping:
             raise ResearchCheckpointError(f"{path}: no hyper_parameters['idx_to_class'] to give the class "
                                           "order; pass --classes")
@@ -179,7 +185,7 @@ def import_checkpoint(path: str | Path, *, level: str, classes: Sequence[str] | 
     hidden, n_features = gates // 4, features_and_masks // 2
     head_hidden, n_classes = shape("concat.weight")[0], shape("out.weight")[0]
     embed, n_ancillary = shapes.get("rits_f.ancillary_embed.weight", (0, 0))
-    hyper = content.get("hyper_parameters") or {}
+    hyper = _hyper_parameters(content)
     steps = hyper.get("seq_len", 12)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ResearchCheckpointError(f"{path}: hyper_parameters seq_len {steps!r} is not a number of steps")
