@@ -205,7 +205,10 @@ def test_refusals_name_the_file_and_the_reason(tmp_path):
                               ",".join(CLASSES), "--ancillary", "longitude,latitude,altitude,slope,rain")) == (
         "--ancillary: unknown variable(s) rain (known: longitude, latitude, altitude, slope, precipitation, "
         "evapotranspiration, temperature_ave, temperature_max, temperature_min)")
-    assert not out.exists()
+    assert one_line_error(cli("import-checkpoint", good, "--out", out, "--level", "../level2", "--classes",
+                              ",".join(CLASSES))) == (
+        f"{out}: level '../level2' is not a safe name (letters, digits, _ . -; at most 64 characters)")
+    assert not out.exists() and not list(tmp_path.glob(".m.safetensors*")), "nothing half-written"
     out.write_text("someone's model")
     assert one_line_error(cli("import-checkpoint", good, "--out", out, "--level", "level2", "--classes",
                               ",".join(CLASSES))) == f"{out} exists; pass --overwrite to replace it"

@@ -118,6 +118,7 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
     }
     if artifact.hierarchy is not None:
         metadata["hierarchy"] = artifact.hierarchy.to_dict()
+    _check_metadata_meaning(path, metadata)  # what load_artifact would refuse is never written
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
     tmp.replace(path)
