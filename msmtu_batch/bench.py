@@ -200,10 +200,12 @@ def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, b
 
 def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifact_path: Path | None = None):
     """Simulate a region; return its folder and the model artifact (an untrained model of the
-    default size with statistics fitted to the region: speed does not depend on the weights)."""
+    default size with statistics fitted to the region, and an error head fitted to its errors,
+    as a trained model has: speed does not depend on the weights)."""
     from msmtu_batch.inputs.cube import ANCILLARY_NAMES
     from msmtu_batch.inputs.training_data import read_msmtu
     from msmtu_batch.model.artifact import ModelArtifact, save_artifact
+    from msmtu_batch.model.train import fit_error_head
     from msmtu_batch.synthetic.simulate import LEVEL2_CLASSES, SimulationConfig, simulate
 
     simulate(SimulationConfig(height=size[0], width=size[1], msmtu_pixels=research_pixels), out, overwrite=True)
@@ -215,6 +217,8 @@ def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifa
     artifact = ModelArtifact(model=BRITS(cfg).eval(), level="level2", classes=LEVEL2_CLASSES,
                              ancillary_names=ANCILLARY_NAMES, band_stats=Standardizer.fit(pixels.values, pixels.masks),
                              ancillary_stats=Standardizer.fit(pixels.ancillary))
+    subsets = tuple((artifact.inputs(part), part) for part in (pixels.split("train"), pixels.split("validation")))
+    artifact.error_head = fit_error_head(artifact.model, subsets, torch.device("cpu"), seed=0)
     return out, save_artifact(artifact, out / "bench-model.safetensors")
 
 

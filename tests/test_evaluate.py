@@ -95,6 +95,16 @@ def test_evaluation_report(trained, tmp_path):
     assert -1 <= saved["uncertainty"]["spearman_uncertainty_vs_pixel_rmse"] <= 1
     assert f"`uncertainty` {saved['uncertainty']['spearman_uncertainty_vs_pixel_rmse']:.3f}" in text
     assert f"| 10 | {reliability[-1]['uncertainty_min']:.3f}-" in text
+    # the expected-error layer against the same errors: its own correlation and table
+    expected = saved["expected_error"]
+    assert expected["mean_pixel_rmse"] == pytest.approx(np.mean(np.sqrt(np.mean(
+        (predict(artifact.model, artifact.inputs(test))["abundance"] - test.abundance) ** 2, axis=1))), rel=1e-5)
+    assert [r["pixels"] for r in expected["reliability"]] == [r["pixels"] for r in reliability]
+    means = [r["mean_expected_error"] for r in expected["reliability"]]
+    assert means == sorted(means) and expected["mean_expected_error"] == pytest.approx(
+        sum(r["mean_expected_error"] * r["pixels"] for r in expected["reliability"]) / len(test))
+    assert f"Spearman rank correlation with each pixel's abundance RMSE: " \
+           f"{expected['spearman_expected_error_vs_pixel_rmse']:.3f}; mean expected" in text
 
 
 def test_training_is_reproducible_by_seed(region):

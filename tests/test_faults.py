@@ -385,7 +385,8 @@ def test_second_run_on_the_same_output_stops_and_a_dead_runs_lock_is_taken_over(
     assert not (tmp_path / ".out.zarr.lock").exists(), "the lock is released at the end"
     assert sorted(p.name for p in (tmp_path / "cogs").iterdir()) == [
         "abundance_2013.qml", "abundance_2013.tif", "dominant_class_2013.qml", "dominant_class_2013.tif",
-        "dominant_class_2013.tif.aux.xml", "quality_flag_2013.qml", "quality_flag_2013.tif",
+        "dominant_class_2013.tif.aux.xml", "expected_error_2013.qml", "expected_error_2013.tif",
+        "quality_flag_2013.qml", "quality_flag_2013.tif",
         "quality_flag_2013.tif.aux.xml", "uncertainty_2013.qml", "uncertainty_2013.tif", "valid_fraction_2013.qml",
         "valid_fraction_2013.tif"]
 

@@ -65,6 +65,8 @@ def test_output_contract(region, cube, clean_run):
     np.testing.assert_allclose(a[:, estimated].sum(axis=0), 1.0, atol=1e-5)
     assert (a[:, estimated] >= 0).all() and (a[:, estimated] <= 1).all()
     assert np.isnan(a[:, ~estimated]).all() and np.isnan(ds["uncertainty"].values[~estimated]).all()
+    expected_error = ds["expected_error"].values
+    assert np.isnan(expected_error[~estimated]).all() and (expected_error[estimated] > 0).all()
     np.testing.assert_array_equal(ds["dominant_class"].values[estimated], a[:, estimated].argmax(axis=0))
     usable = observed_mask(cube["reflectance"].values, cube["state_qa"].values)
     np.testing.assert_allclose(ds["valid_fraction"].values, usable.mean(axis=(0, 1)), atol=1e-6)
@@ -85,10 +87,18 @@ def test_values_equal_the_numpy_path(region, model, clean_run):
     out, _ = clean_run
     artifact = load_artifact(model)
     pixels = read_cube_reference(region.cube, region.reference, "level2")
-    expected = predict(artifact.model, artifact.inputs(pixels))["abundance"]  # (n, K), row-major pixels
-    got = open_output(out)["abundance"].values.reshape(len(artifact.classes), -1).T
-    estimated = open_output(out)["quality_flag"].values.ravel() == 0
+    inputs = artifact.inputs(pixels)
+    prediction = predict(artifact.model, inputs)
+    expected = prediction["abundance"]  # (n, K), row-major pixels
+    output = open_output(out)
+    got = output["abundance"].values.reshape(len(artifact.classes), -1).T
+    estimated = output["quality_flag"].values.ravel() == 0
     np.testing.assert_allclose(got[estimated], expected[estimated], atol=2e-5)
+    # the expected error from the training data's masks, not the chunk kernel's counts
+    expected_error = artifact.error_head.expected_error(expected, prediction["uncertainty"],
+                                                        pixels.masks.mean(axis=(1, 2)), inputs.ancillary)
+    np.testing.assert_allclose(output["expected_error"].values.ravel()[estimated], expected_error[estimated],
+                               rtol=1e-4)
 
 
 def test_model_is_loaded_once_per_process(clean_run):
@@ -249,7 +259,7 @@ def test_cogs_are_valid_and_match_the_zarr_output(region, model, clean_run, tmp_
     assert summary.already_complete, "an existing complete output is only exported"
     ds = open_output(out).load()
     classes = [str(c) for c in ds["lulc_class"].values]
-    for name in ("abundance", "dominant_class", "uncertainty", "valid_fraction", "quality_flag"):
+    for name in ("abundance", "dominant_class", "uncertainty", "expected_error", "valid_fraction", "quality_flag"):
         path = tmp_path / "cogs" / f"{name}_2013.tif"
         valid, errors, _ = cog_validate(path)
         assert valid, errors
@@ -260,7 +270,7 @@ def test_cogs_are_valid_and_match_the_zarr_output(region, model, clean_run, tmp_
             assert raster.compression.name == "deflate"
             # the floating-point predictor where it makes files smaller (benchmarks/NOTES.md)
             assert raster.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR", "1") == \
-                ("3" if name in ("abundance", "uncertainty") else "1")
+                ("3" if name in ("abundance", "uncertainty", "expected_error") else "1")
             values = raster.read()
         expected = ds[name].values if name == "abundance" else ds[name].values[None]
         if name == "dominant_class":

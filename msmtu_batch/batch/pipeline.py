@@ -398,9 +398,15 @@ def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity
     out = for_zarr_format(project_store(out), config.zarr_format)
     encoding = cube_encoding(out, config.chunk, output_fills(out), config.zarr_format)
     encoding["abundance"]["chunks"] = (len(artifact.classes), config.chunk, config.chunk)
-    out.to_zarr(store, mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=config.zarr_format)
-    zarr.open_group(store, mode="r+").create_group(DONE_GROUP)
-    _write_manifest(store, {**identity, "run_id": run_id, "complete": False})
+    try:
+        out.to_zarr(store, mode="w", compute=False, encoding=encoding, consolidated=False,
+                    zarr_format=config.zarr_format)
+        zarr.open_group(store, mode="r+").create_group(DONE_GROUP)
+        _write_manifest(store, {**identity, "run_id": run_id, "complete": False})
+    except OSError as exc:  # zarr's writes of metadata (a full disk, say) name no file: name the store
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(store)) from exc
 
 
 def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[ChunkWindow], overwrite: bool) -> bool:

@@ -30,7 +30,12 @@ from scipy.optimize import nnls
 from sklearn.ensemble import RandomForestRegressor
 
 from msmtu_batch.errors import TrainingDataError
-from msmtu_batch.evaluation.metrics import abundance_metrics, masked_mae, uncertainty_reliability
+from msmtu_batch.evaluation.metrics import (
+    abundance_metrics,
+    expected_error_reliability,
+    masked_mae,
+    uncertainty_reliability,
+)
 from msmtu_batch.inputs.cube import ANCILLARY_SETS, BAND_NAMES
 from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, save_artifact
@@ -157,6 +162,10 @@ def evaluate(artifact: ModelArtifact, pixels: PixelSet, out_dir: str | Path, *, 
                                                test.masks.mean(axis=(1, 2))),
         "imputation": imputation_scores(artifact, test, seed),
     }
+    if artifact.error_head is not None:
+        expected = artifact.error_head.expected_error(prediction["abundance"], prediction["uncertainty"],
+                                                      test.masks.mean(axis=(1, 2)), inputs.ancillary)
+        report["expected_error"] = expected_error_reliability(expected, prediction["abundance"], test.abundance)
     if (levels := artifact.hierarchy) is not None:  # a two-level model: its coarse level, the sums of its classes
         report["coarse_level"] = {"level": levels.level, "brits": abundance_metrics(
             levels.coarse(prediction["abundance"]), levels.coarse(test.abundance), levels.classes)}
@@ -174,6 +183,20 @@ def _coarse_level_lines(coarse: dict | None) -> list[str]:
         return []
     return [f"## {coarse['level']} (sums of the model's classes)", "",
             comparison_table({"brits": coarse["brits"]}), ""]
+
+
+def _expected_error_lines(expected: dict | None) -> list[str]:
+    """The ``expected_error`` layer against the actual error (nothing for a model without one)."""
+    if expected is None:
+        return []
+    return ["## Expected error: the model's estimate of each pixel's abundance RMSE", "",
+            f"Spearman rank correlation with each pixel's abundance RMSE: "
+            f"{expected['spearman_expected_error_vs_pixel_rmse']:.3f}; mean expected "
+            f"{expected['mean_expected_error']:.4f}, mean actual {expected['mean_pixel_rmse']:.4f}. "
+            "Reliability (ten equal groups by expected error):", "",
+            "| decile | expected error | pixels | mean expected | mean pixel RMSE |", "|---|---|---|---|---|",
+            *(f"| {r['decile']} | {r['expected_error_min']:.3f}-{r['expected_error_max']:.3f} | {r['pixels']} | "
+              f"{r['mean_expected_error']:.4f} | {r['mean_pixel_rmse']:.4f} |" for r in expected["reliability"]), ""]
 
 
 def comparison_table(methods: dict[str, dict]) -> str:
@@ -207,7 +230,7 @@ def _markdown(report: dict, figures: Sequence[str]) -> str:
         "| decile | uncertainty | pixels | mean pixel RMSE |", "|---|---|---|---|",
         *(f"| {r['decile']} | {r['uncertainty_min']:.3f}-{r['uncertainty_max']:.3f} | {r['pixels']} | "
           f"{r['mean_pixel_rmse']:.4f} |" for r in unc["reliability"]),
-        "",
+        "", *_expected_error_lines(report.get("expected_error")),
         f"## Imputation ({imp['hidden_values']} observed values hidden, {imp['hidden_fraction']:.0%})", "",
         "| method | MAE (reflectance) |", "|---|---|",
         f"| BRITS | {imp['brits_mae']:.5f} |", f"| linear interpolation over time | "

@@ -59,19 +59,32 @@ def pixel_rmse(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean((np.asarray(pred, np.float64) - true) ** 2, axis=1))
 
 
+def reliability_table(estimate: np.ndarray, errors: np.ndarray, name: str, bins: int = 10) -> list[dict]:
+    """The pixels in ``bins`` groups of equal size by ``estimate`` (a per-pixel error estimate
+    called ``name``): each group's range and mean of it, and its mean pixel RMSE (``errors``)."""
+    estimate = np.asarray(estimate, np.float64)
+    groups = np.array_split(np.argsort(estimate, kind="stable"), bins)
+    return [{"decile": i + 1, "pixels": len(g), f"{name}_min": float(estimate[g].min()),
+             f"{name}_max": float(estimate[g].max()), f"mean_{name}": float(estimate[g].mean()),
+             "mean_pixel_rmse": float(errors[g].mean())} for i, g in enumerate(groups) if len(g)]
+
+
 def uncertainty_reliability(uncertainty: np.ndarray, pred: np.ndarray, true: np.ndarray,
                             valid_fraction: np.ndarray, bins: int = 10) -> dict:
     """Does a per-pixel ``uncertainty`` say where the abundances are wrong? The Spearman rank
     correlation between it and each pixel's abundance RMSE (and the same for the pixel's
-    ``valid_fraction``), and the reliability table: the pixels in ``bins`` groups of equal
-    size by uncertainty, each group's uncertainty range and mean pixel RMSE, the expected
+    ``valid_fraction``), and the reliability table (:func:`reliability_table`): the expected
     error a user can read off a map's uncertainty."""
     errors = pixel_rmse(pred, true)
-    uncertainty = np.asarray(uncertainty, np.float64)
-    groups = np.array_split(np.argsort(uncertainty, kind="stable"), bins)
-    table = [{"decile": i + 1, "pixels": len(g), "uncertainty_min": float(uncertainty[g].min()),
-              "uncertainty_max": float(uncertainty[g].max()), "mean_uncertainty": float(uncertainty[g].mean()),
-              "mean_pixel_rmse": float(errors[g].mean())} for i, g in enumerate(groups) if len(g)]
     return {"spearman_uncertainty_vs_pixel_rmse": float(spearmanr(uncertainty, errors).statistic),
             "spearman_valid_fraction_vs_pixel_rmse": float(spearmanr(valid_fraction, errors).statistic),
-            "reliability": table}
+            "reliability": reliability_table(uncertainty, errors, "uncertainty", bins)}
+
+
+def expected_error_reliability(expected: np.ndarray, pred: np.ndarray, true: np.ndarray, bins: int = 10) -> dict:
+    """The ``expected_error`` layer against each pixel's actual abundance RMSE: their Spearman
+    rank correlation, both means and the reliability table (expected against actual per group)."""
+    errors = pixel_rmse(pred, true)
+    return {"spearman_expected_error_vs_pixel_rmse": float(spearmanr(expected, errors).statistic),
+            "mean_expected_error": float(np.mean(expected)), "mean_pixel_rmse": float(errors.mean()),
+            "reliability": reliability_table(expected, errors, "expected_error", bins)}

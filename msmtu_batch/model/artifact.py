@@ -27,6 +27,7 @@ from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
 from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.inputs.units import apply_conversions, conversions_to_model
 from msmtu_batch.model.brits import BRITS, FORMULATION_OPTIONS, BritsConfig
+from msmtu_batch.model.error_head import FEATURES, ErrorHead
 from msmtu_batch.model.hierarchy import ClassHierarchy, hierarchy_from_metadata
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
 from msmtu_batch.products.palette import class_colors, default_class_colors
@@ -58,6 +59,7 @@ class ModelArtifact:
     ancillary_units: tuple[str, ...] = ()  # units of the ancillary statistics; default: the cube contract's
     class_colors: tuple[str, ...] = ()  # '#rrggbb' per class for maps; default: msmtu_batch.products.palette's
     hierarchy: ClassHierarchy | None = None  # a two-level model's parent classes (msmtu_batch.model.hierarchy)
+    error_head: ErrorHead | None = None  # expected abundance RMSE per pixel (msmtu_batch.model.error_head)
 
     def __post_init__(self) -> None:
         if not self.ancillary_units:
@@ -118,6 +120,9 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
     }
     if artifact.hierarchy is not None:
         metadata["hierarchy"] = artifact.hierarchy.to_dict()
+    if artifact.error_head is not None:
+        tensors |= artifact.error_head.tensors()
+        metadata["error_head"] = artifact.error_head.metadata()
     _check_metadata_meaning(path, metadata)  # what load_artifact would refuse is never written
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
@@ -194,6 +199,13 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
             hierarchy = hierarchy_from_metadata(meta["hierarchy"], classes, str(path))
         except MsmtuError as exc:
             raise ArtifactError(str(exc)) from None
+    error_head = None
+    if "error_head" in meta:
+        n_features = len(FEATURES) + len(classes) + len(ancillary)
+        try:
+            error_head = ErrorHead.from_artifact(tensors, meta["error_head"], n_features, str(path))
+        except MsmtuError as exc:
+            raise ArtifactError(str(exc)) from None
     ancillary_stats = None
     if ancillary:
         if stats.get("ancillary_mean", np.empty(0)).shape != (len(ancillary),):
@@ -205,7 +217,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
                                                  stats["band_std"] * np.float32(band_factor)),
                          ancillary_stats=ancillary_stats, band_names=tuple(meta["band_names"]),
                          software_version=meta["software_version"], training=meta.get("training", {}),
-                         ancillary_units=units, class_colors=colors, hierarchy=hierarchy)
+                         ancillary_units=units, class_colors=colors, hierarchy=hierarchy, error_head=error_head)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

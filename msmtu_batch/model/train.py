@@ -15,12 +15,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from msmtu_batch.errors import MsmtuError, TrainingDataError
-from msmtu_batch.evaluation.metrics import rmse
+from msmtu_batch.evaluation.metrics import pixel_rmse, rmse
 from msmtu_batch.inputs.cube import ANCILLARY_SETS
 from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.model.artifact import ModelArtifact
 from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.model.checkpoint import TrainingState, load_checkpoint, save_checkpoint, training_identity
+from msmtu_batch.model.error_head import ErrorHead, error_features
 from msmtu_batch.model.hierarchy import ClassHierarchy
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
@@ -53,6 +54,8 @@ class TrainConfig(BaseModel):
         "none", description="per-class weights of the label loss: none, or balanced (each class's weight the "
                             "inverse of its mean training abundance, at most 10 times the smallest, mean 1)")
     soft_labels: bool = Field(True, description="learn the abundances (soft labels), or one-hot dominant classes")
+    error_head: bool = Field(True, description="after training, learn each pixel's expected abundance RMSE from "
+                                               "the model's outputs (the run's expected_error layer)")
 
 
 @dataclass
@@ -154,6 +157,21 @@ def validation_rmse(model: BRITS, inputs: ModelInputs, truth: np.ndarray, level:
         return fine, {}
     coarse = rmse(hierarchy.coarse(abundance), hierarchy.coarse(truth))
     return 0.5 * (fine + coarse), {f"validation_rmse_{level}": fine, f"validation_rmse_{hierarchy.level}": coarse}
+
+
+def fit_error_head(model: BRITS, subsets: tuple[tuple[ModelInputs, PixelSet], ...], device: torch.device,
+                   seed: int) -> ErrorHead:
+    """The expected-error head (:mod:`msmtu_batch.model.error_head`) of a trained ``model``, from
+    its outputs and errors on ``subsets`` (the training pixels, then the validation pixels, on
+    which alone the head is calibrated)."""
+    features, errors, calibration = [], [], []
+    for number, (inputs, pixels) in enumerate(subsets):
+        out = predict(model, inputs, device=device, imputed=False)
+        features.append(error_features(out["abundance"], out["uncertainty"], pixels.masks.mean(axis=(1, 2)),
+                                       inputs.ancillary))
+        errors.append(pixel_rmse(out["abundance"], pixels.abundance))
+        calibration.append(np.full(len(pixels), number == len(subsets) - 1))
+    return ErrorHead.fit(np.concatenate(features), np.concatenate(errors), np.concatenate(calibration), seed)
 
 
 def _batch(inputs: ModelInputs, target: np.ndarray, index: np.ndarray, device: torch.device
@@ -309,6 +327,8 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         if stale >= cfg.patience:
             break
     model.load_state_dict(best_state)
+    error_head = (fit_error_head(model, ((train_inputs, train_set), (val_inputs, val_set)), device, cfg.seed)
+                  if cfg.error_head else None)
     model.cpu().eval()
     seconds = time.perf_counter() - start
     lineage = {} if init_from is None else {
@@ -316,7 +336,7 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         "statistics": "refitted" if init_from.refit_statistics else "parent's", "fresh_parameters": fresh}
     artifact = ModelArtifact(
         model=model, level=level, classes=pixels.classes, ancillary_names=names, band_stats=band_stats,
-        ancillary_units=units, ancillary_stats=ancillary_stats, hierarchy=hierarchy,
+        ancillary_units=units, ancillary_stats=ancillary_stats, hierarchy=hierarchy, error_head=error_head,
         training={"source": source, "config": cfg.model_dump(), "train_pixels": len(train_set),
                   "validation_pixels": len(val_set), "epochs_run": len(history), "best_epoch": best_epoch,
                   "validation_rmse": best_rmse, **lineage})

@@ -184,6 +184,14 @@ def output_template(grid: xr.Dataset, artifact: ModelArtifact, config: RunConfig
     out["uncertainty"] = filled(("y", "x"), np.float32, np.nan)
     out["uncertainty"].attrs.update(long_name="disagreement of the forward and backward passes", units="1",
                                     comment="total-variation distance between their abundance vectors")
+    if artifact.error_head is not None:
+        out["expected_error"] = filled(("y", "x"), np.float32, np.nan)
+        out["expected_error"].attrs.update(
+            long_name="expected abundance error of the pixel", units="1",
+            comment="the root mean square, over the classes, of the difference between the pixel's abundances and "
+                    "the truth to expect here: learnt from the model's errors on its training and validation pixels "
+                    "(from the uncertainty, the abundances, their entropy, the valid fraction and the ancillary "
+                    "values), calibrated on the validation pixels")
     out["valid_fraction"] = filled(("y", "x"), np.float32, np.nan)
     out["valid_fraction"].attrs.update(long_name="share of observed values (12 months x 7 bands)", units="1")
     out["quality_flag"] = filled(("y", "x"), np.uint8, FLAG_TOO_FEW_OBSERVATIONS)
@@ -284,13 +292,18 @@ def estimate_block(inputs: ModelInputs, observed: np.ndarray, artifact: ModelArt
     uncertainty = np.where(valid, prediction["uncertainty"], np.float32(np.nan))
     dominant = np.where(valid, prediction["abundance"].argmax(axis=1), DOMINANT_FILL).astype(np.uint8)
     steps, bands = inputs.masks.shape[1:]
+    valid_fraction = (observed / (steps * bands)).astype(np.float32)
     products = {
         "abundance": abundance.T.reshape(k, height, width),
         "dominant_class": dominant.reshape(height, width),
         "uncertainty": uncertainty.reshape(height, width),
-        "valid_fraction": (observed / (steps * bands)).astype(np.float32).reshape(height, width),
+        "valid_fraction": valid_fraction.reshape(height, width),
         "quality_flag": np.where(valid, FLAG_UNLIKE_TRAINING if unlike else FLAG_ESTIMATED,
                                  FLAG_TOO_FEW_OBSERVATIONS).astype(np.uint8).reshape(height, width)}
+    if artifact.error_head is not None:
+        expected = artifact.error_head.expected_error(prediction["abundance"], prediction["uncertainty"],
+                                                      valid_fraction, inputs.ancillary)
+        products["expected_error"] = np.where(valid, expected, np.float32(np.nan)).reshape(height, width)
     if (levels := artifact.hierarchy) is not None:  # the coarse level: sums of the fine level's abundances
         _, coarse_abundance, coarse_dominant = coarse_level_names(levels)
         coarse = levels.coarse(prediction["abundance"])

@@ -47,6 +47,7 @@ PRODUCTS: dict[str, CogSettings] = {
     "abundance": CogSettings(np.nan, "average", 3),
     "dominant_class": CogSettings(DOMINANT_FILL, "mode", 1),
     "uncertainty": CogSettings(np.nan, "average", 3),
+    "expected_error": CogSettings(np.nan, "average", 3),
     "valid_fraction": CogSettings(np.nan, "average", 1),
     "quality_flag": CogSettings(None, "mode", 1),
 }
@@ -55,6 +56,8 @@ BLOCK = 256
 QUALITY_COLORS = ("#1a9850", "#bdbdbd", "#fc8d59")  # estimated, too few observations, unlike training
 # viridis at 0, 0.25, 0.5, 0.75, 1: the 0-1 ramp of abundance, uncertainty, valid fraction
 RAMP = ((0.0, "#440154"), (0.25, "#3b528b"), (0.5, "#21918c"), (0.75, "#5ec962"), (1.0, "#fde725"))
+# the top of the ramp where 1 would leave a map dark: pixel errors are a few hundredths
+RAMP_TOP = {"expected_error": 0.2}
 # the output's global attributes that travel into every COG as GDAL metadata
 PROVENANCE_TAGS = ("title", "level", "time_coverage_start", "time_coverage_end", "date_created", "history",
                    "references", "software_version", "model", "model_hash", "input_store", "input_content", "run_id")
@@ -172,12 +175,13 @@ def _qml(kind: str, classes: list[str], colors: list[str]) -> str:
         for value, (label, color) in enumerate(entries):
             ET.SubElement(palette, "paletteEntry", value=str(value), color=color, label=label, alpha="255")
     else:
+        top = RAMP_TOP.get(kind, 1.0)
         renderer = ET.SubElement(pipe, "rasterrenderer", type="singlebandpseudocolor", band="1", opacity="1",
-                                 alphaBand="-1", classificationMin="0", classificationMax="1")
+                                 alphaBand="-1", classificationMin="0", classificationMax=f"{top:g}")
         shader = ET.SubElement(ET.SubElement(renderer, "rastershader"), "colorrampshader", colorRampType="INTERPOLATED",
-                               classificationMode="1", clip="0", minimumValue="0", maximumValue="1")
+                               classificationMode="1", clip="0", minimumValue="0", maximumValue=f"{top:g}")
         for value, color in RAMP:
-            ET.SubElement(shader, "item", value=f"{value:g}", color=color, label=f"{value:g}", alpha="255")
+            ET.SubElement(shader, "item", value=f"{value * top:g}", color=color, label=f"{value * top:g}", alpha="255")
     ET.indent(root)
     return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(root, encoding="unicode") + "\n"
 

@@ -1,0 +1,192 @@
+"""The expected-error head: each pixel's expected abundance RMSE, learnt from the model's errors.
+
+The forward/backward disagreement (``uncertainty``) ranks pixels by their actual error with a
+Spearman correlation of about 0.48-0.60 on simulated regions; the entropy of the abundances
+alone 0.62-0.74. After training, gradient-boosted trees (scikit-learn's
+``HistGradientBoostingRegressor``) learn the logarithm of each training and validation pixel's
+abundance RMSE from what the model says about the pixel (:data:`FEATURES`): 0.70-0.80 on test
+pixels (benchmarks/NOTES.md, 2026-12-02). Their score is calibrated on the validation pixels
+alone into an expected RMSE in abundance units (``log rmse = offset + scale x score`` by least
+squares, the mean of that log-normal), so that a map's ``expected_error`` reads as "the
+abundances here are off by about this much, as a root mean square over the classes".
+
+The trees are stored in the model artifact as plain arrays (safetensors: nothing unpickled)
+and evaluated by a Numba kernel (the tests hold it to scikit-learn's own ``predict``); the
+artifact's loader checks that every tree's children come after their parent, so a damaged or
+crafted file cannot make the kernel loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from msmtu_batch.errors import MsmtuError
+
+# per pixel, in this order, then the abundance of each class and each standardised ancillary value
+FEATURES = ("uncertainty", "entropy", "largest_abundance", "valid_fraction")
+TREES, LEARNING_RATE = 100, 0.1  # 100 x 0.1 and 300 x 0.05 rank the test pixels the same (NOTES)
+_ARRAYS = {"feature": np.int32, "threshold": np.float64, "missing_left": np.uint8, "left": np.int32,
+           "right": np.int32, "is_leaf": np.uint8, "value": np.float64, "roots": np.int32}
+TENSOR_PREFIX = "error_head."
+
+
+def error_features(abundance: np.ndarray, uncertainty: np.ndarray, valid_fraction: np.ndarray,
+                   ancillary: np.ndarray) -> np.ndarray:
+    """The head's inputs (n, 4 + K + A), float64: :data:`FEATURES`, the abundances (n, K) and the
+    model's standardised ancillary inputs (n, A)."""
+    abundance = np.asarray(abundance, np.float64)
+    entropy = -(abundance * np.log(np.clip(abundance, 1e-12, 1.0))).sum(axis=1)
+    return np.column_stack([np.asarray(uncertainty, np.float64), entropy, abundance.max(axis=1),
+                            np.asarray(valid_fraction, np.float64), abundance, np.asarray(ancillary, np.float64)])
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _tree_sum(features, feature, threshold, missing_left, left, right, is_leaf, value, roots, baseline):
+    """baseline + each tree's leaf value, per pixel: scikit-learn's rule (a missing value goes
+    where the split sends missing values, else left when ``x <= threshold``)."""
+    n = features.shape[0]
+    out = np.empty(n, np.float64)
+    for i in numba.prange(n):
+        total = baseline
+        for root in roots:
+            node = root
+            while not is_leaf[node]:
+                x = features[i, feature[node]]
+                go_left = missing_left[node] != 0 if np.isnan(x) else x <= threshold[node]
+                node = left[node] if go_left else right[node]
+            total += value[node]
+        out[i] = total
+    return out
+
+
+def tree_arrays(trees) -> dict:
+    """A fitted ``HistGradientBoostingRegressor``'s trees as the head's arrays (the nodes of
+    each tree, its children's indices shifted to the whole array) and its baseline."""
+    arrays: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS if name != "roots"}
+    roots, start = [], 0
+    for (predictor,) in trees._predictors:  # one tree per iteration of a regression
+        nodes = predictor.nodes
+        roots.append(start)
+        arrays["feature"].append(nodes["feature_idx"])
+        arrays["threshold"].append(nodes["num_threshold"])
+        arrays["missing_left"].append(nodes["missing_go_to_left"])
+        arrays["left"].append(nodes["left"].astype(np.int64) + start)
+        arrays["right"].append(nodes["right"].astype(np.int64) + start)
+        arrays["is_leaf"].append(nodes["is_leaf"])
+        arrays["value"].append(nodes["value"])
+        start += len(nodes)
+    parts = {name: np.concatenate(values).astype(_ARRAYS[name]) for name, values in arrays.items()}
+    return parts | {"roots": np.array(roots, np.int32), "baseline": float(np.ravel(trees._baseline_prediction)[0])}
+
+
+@dataclass(frozen=True)
+class ErrorHead:
+    """Trees (one node per array element, trees one after another from ``roots``) and the
+    calibration of their score into an expected RMSE."""
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    missing_left: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    is_leaf: np.ndarray
+    value: np.ndarray
+    roots: np.ndarray
+    baseline: float
+    n_features: int
+    offset: float  # log rmse = offset + scale x score (+ residual_variance / 2 for the mean)
+    scale: float
+    residual_variance: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, errors: np.ndarray, calibration: np.ndarray, seed: int = 0) -> ErrorHead:
+        """Trees learning log ``errors`` (each pixel's abundance RMSE) from ``features``
+        (:func:`error_features`) of all pixels; the calibration from the pixels where
+        ``calibration`` is True (the validation pixels: the training pixels' errors are smaller)."""
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        log_errors = np.log(np.maximum(np.asarray(errors, np.float64), 1e-6))
+        trees = HistGradientBoostingRegressor(max_iter=TREES, learning_rate=LEARNING_RATE, early_stopping=False,
+                                              random_state=seed).fit(features, log_errors)
+        head = cls(**tree_arrays(trees), n_features=features.shape[1], offset=0.0, scale=1.0, residual_variance=0.0)
+        score, wanted = head.score(features[calibration]), log_errors[calibration]
+        scale, offset = np.polyfit(score, wanted, 1) if len(wanted) > 1 and np.ptp(score) > 0 else (1.0, 0.0)
+        if not scale > 0:  # a calibration that would reverse or flatten the ranking: keep the trees' own
+            scale, offset = 1.0, float(np.mean(wanted - score))
+        residual = wanted - (offset + scale * score)
+        return cls(**{name: getattr(head, name) for name in _ARRAYS}, baseline=head.baseline,
+                   n_features=features.shape[1], offset=float(offset), scale=float(scale),
+                   residual_variance=float(np.mean(residual ** 2)) if len(residual) else 0.0)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """The trees' estimate of log RMSE (n,)."""
+        if features.ndim != 2 or features.shape[1] != self.n_features:
+            raise ValueError(f"the error head takes {self.n_features} features per pixel, got {features.shape}")
+        return _tree_sum(np.ascontiguousarray(features, np.float64), self.feature, self.threshold,
+                         self.missing_left, self.left, self.right, self.is_leaf, self.value, self.roots,
+                         self.baseline)
+
+    def expected_error(self, abundance: np.ndarray, uncertainty: np.ndarray, valid_fraction: np.ndarray,
+                       ancillary: np.ndarray) -> np.ndarray:
+        """Each pixel's expected abundance RMSE (n,) float32, from the model's outputs for it."""
+        score = self.score(error_features(abundance, uncertainty, valid_fraction, ancillary))
+        return np.exp(self.offset + self.scale * score + 0.5 * self.residual_variance).astype(np.float32)
+
+    # --- in the model artifact ---------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {TENSOR_PREFIX + name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in _ARRAYS}
+
+    def metadata(self) -> dict:
+        return {"features": [*FEATURES, "abundance of each class", "standardised ancillary values"],
+                "n_features": self.n_features, "trees": len(self.roots), "baseline": self.baseline,
+                "calibration": {"offset": self.offset, "scale": self.scale,
+                                "residual_variance": self.residual_variance},
+                "target": "log of the pixel's abundance RMSE over its classes"}
+
+    @classmethod
+    def from_artifact(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping, n_features: int,
+                      where: str) -> ErrorHead:
+        """The head stored in an artifact (``where`` names it in errors), checked so that the
+        kernel can only read inside its arrays and always reaches a leaf."""
+        def refuse(what: str) -> MsmtuError:
+            return MsmtuError(f"{where}: error head {what}")
+
+        try:
+            arrays = {name: tensors[TENSOR_PREFIX + name].numpy() for name in _ARRAYS}
+            calibration = meta["calibration"]
+            numbers = {"baseline": float(meta["baseline"]), "offset": float(calibration["offset"]),
+                       "scale": float(calibration["scale"]),
+                       "residual_variance": float(calibration["residual_variance"])}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise refuse(f"incomplete ({exc})") from None
+        if meta.get("n_features") != n_features:
+            raise refuse(f"takes {meta.get('n_features')!r} features per pixel; the model gives {n_features}")
+        if not all(np.isfinite(v) for v in numbers.values()) or not numbers["scale"] > 0:
+            raise refuse(f"calibration must be finite with a positive scale, found {numbers}")
+        for name, dtype in _ARRAYS.items():
+            if arrays[name].dtype != dtype or arrays[name].ndim != 1:
+                raise refuse(f"array {name} must be 1-D {np.dtype(dtype).name}")
+        nodes, roots = len(arrays["value"]), arrays["roots"]
+        if any(len(arrays[name]) != nodes for name in _ARRAYS if name != "roots") or nodes == 0 or len(roots) == 0:
+            raise refuse("arrays differ in length or are empty")
+        ends = np.append(roots[1:], nodes)
+        if roots[0] != 0 or np.any(ends <= roots):
+            raise refuse("roots must start at 0 and increase")
+        tree_end = np.repeat(ends, ends - roots)  # each node's tree's end
+        inner = arrays["is_leaf"] == 0
+        index = np.arange(nodes)
+        for side in ("left", "right"):  # children after their parent, inside its tree: every walk ends
+            child = arrays[side][inner]
+            if np.any(child <= index[inner]) or np.any(child >= tree_end[inner]):
+                raise refuse(f"has a {side} child outside its tree or before its parent")
+        if np.any((arrays["feature"][inner] < 0) | (arrays["feature"][inner] >= n_features)):
+            raise refuse(f"splits on a feature outside 0..{n_features - 1}")
+        if not np.isfinite(arrays["value"]).all():
+            raise refuse("has non-finite leaf values")
+        return cls(**arrays, n_features=n_features, **numbers)
