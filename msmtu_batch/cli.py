@@ -500,6 +500,9 @@ def run_command(
              "ancillary variable's beyond 6 training standard deviations): stop with it named, or flag its "
              "pixels (quality_flag 2) and go on.")] = OutOfDistribution.stop,
     imputed: Annotated[bool, typer.Option(help="Also write imputed_reflectance(time, band, y, x).")] = False,
+    expected_error: Annotated[bool, typer.Option(
+        help="Write expected_error(y, x), each pixel's expected abundance RMSE, where the model has an error "
+             "head (5-11 % of the run's time).")] = True,
     precision: Annotated[Precision, typer.Option(
         help="The model's matrix products: fp32; bf16 (the CPU engine's bf16 GEMMs, 1.5x on CPUs with "
              "AVX512-BF16 or AMX; autocast on a GPU); fp16 (autocast, GPUs). The map changes a little: "
@@ -520,6 +523,7 @@ def run_command(
 
     with _user_errors():
         summary = run(cube, model, out, config=RunConfig(chunk=chunk, min_months=min_months, imputed=imputed,
+                                                              expected_error=expected_error,
                                                               out_of_distribution=out_of_distribution.value,
                                                               zarr_format=zarr_format or 3,
                                                               precision=precision.value),

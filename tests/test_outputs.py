@@ -109,6 +109,9 @@ def test_unmix_equals_run_for_a_cube_a_subset_a_pixel_and_memory(regions, model,
     np.testing.assert_array_equal(in_memory["abundance"].values, expected["abundance"].values)
     decoded = xr.open_zarr(regions[year])  # plain xarray: float reflectance, NaN at gaps
     np.testing.assert_array_equal(mb.unmix(decoded, model)["abundance"].values, expected["abundance"].values)
+    assert "expected_error" in expected, "a trained model has an error head"
+    without = mb.unmix(cube.isel(y=[5], x=[7]), model, mb.RunConfig(expected_error=False)).compute()
+    assert sorted(without.data_vars) == sorted(set(expected.data_vars) - {"expected_error"})
 
 
 def test_every_store_opens_with_plain_xarray_without_a_warning(regions, archive):

@@ -87,6 +87,8 @@ class RunConfig(BaseModel):
     # Reduced precision changes the map a little (benchmarks/NOTES.md: the precision table of
     # `bench`); bf16 keeps it and is faster on CPUs with bf16 instructions, but fp32 stays the
     # default: the same bytes whatever kind of CPU a chunk lands on
+    # the model's error head costs 5-11 % of a run's pixels/s (benchmarks/NOTES.md, 2026-12-02)
+    expected_error: bool = Field(True, description="write expected_error(y, x) where the model has an error head")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="the model's matrix products: fp32; bf16 (the CPU engine's bf16 GEMMs, autocast on "
                             "a GPU); fp16 (autocast)")
@@ -184,7 +186,7 @@ def output_template(grid: xr.Dataset, artifact: ModelArtifact, config: RunConfig
     out["uncertainty"] = filled(("y", "x"), np.float32, np.nan)
     out["uncertainty"].attrs.update(long_name="disagreement of the forward and backward passes", units="1",
                                     comment="total-variation distance between their abundance vectors")
-    if artifact.error_head is not None:
+    if artifact.error_head is not None and config.expected_error:
         out["expected_error"] = filled(("y", "x"), np.float32, np.nan)
         out["expected_error"].attrs.update(
             long_name="expected abundance error of the pixel", units="1",
@@ -300,7 +302,7 @@ def estimate_block(inputs: ModelInputs, observed: np.ndarray, artifact: ModelArt
         "valid_fraction": valid_fraction.reshape(height, width),
         "quality_flag": np.where(valid, FLAG_UNLIKE_TRAINING if unlike else FLAG_ESTIMATED,
                                  FLAG_TOO_FEW_OBSERVATIONS).astype(np.uint8).reshape(height, width)}
-    if artifact.error_head is not None:
+    if artifact.error_head is not None and config.expected_error:
         expected = artifact.error_head.expected_error(prediction["abundance"], prediction["uncertainty"],
                                                       valid_fraction, inputs.ancillary)
         products["expected_error"] = np.where(valid, expected, np.float32(np.nan)).reshape(height, width)
