@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pixels", type=int, default=4000, help="pixels in the MSMTU sample")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -234,8 +234,8 @@ def train_command(
         help="Ancillary data: none, geotopo (lon, lat, altitude, slope) or all (+ climate); default all, or "
              "the --init-from model's.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 60).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Pixels per batch (default 256).")] = None,
-    learning_rate: Annotated[float | None, typer.Option(help="Adam learning rate (default 3e-3).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pixels per batch (default 512).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Adam learning rate (default 6e-3).")] = None,
     hidden: Annotated[int | None, typer.Option(help="LSTM hidden size (default 100).")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (default 8).")]
         = None,
