@@ -19,7 +19,7 @@ crafted file cannot make the kernel loop.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
@@ -119,9 +119,8 @@ class ErrorHead:
         if not scale > 0:  # a calibration that would reverse or flatten the ranking: keep the trees' own
             scale, offset = 1.0, float(np.mean(wanted - score))
         residual = wanted - (offset + scale * score)
-        return cls(**{name: getattr(head, name) for name in _ARRAYS}, baseline=head.baseline,
-                   n_features=features.shape[1], offset=float(offset), scale=float(scale),
-                   residual_variance=float(np.mean(residual ** 2)) if len(residual) else 0.0)
+        return replace(head, offset=float(offset), scale=float(scale),
+                       residual_variance=float(np.mean(residual ** 2)) if len(residual) else 0.0)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """The trees' estimate of log RMSE (n,)."""

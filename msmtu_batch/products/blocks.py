@@ -84,11 +84,11 @@ class RunConfig(BaseModel):
         "stop", description="past a limit: stop naming the chunk, or flag its pixels (quality_flag 2)")
     zarr_format: Literal[2, 3] = Field(
         3, description="Zarr format of the output: 3, or 2 for zarr-python 2 and GDAL before 3.8")
+    # the model's error head costs 5-11 % of a run's pixels/s (benchmarks/NOTES.md, 2026-12-02)
+    expected_error: bool = Field(True, description="write expected_error(y, x) where the model has an error head")
     # Reduced precision changes the map a little (benchmarks/NOTES.md: the precision table of
     # `bench`); bf16 keeps it and is faster on CPUs with bf16 instructions, but fp32 stays the
     # default: the same bytes whatever kind of CPU a chunk lands on
-    # the model's error head costs 5-11 % of a run's pixels/s (benchmarks/NOTES.md, 2026-12-02)
-    expected_error: bool = Field(True, description="write expected_error(y, x) where the model has an error head")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="the model's matrix products: fp32; bf16 (the CPU engine's bf16 GEMMs, autocast on "
                             "a GPU); fp16 (autocast)")
