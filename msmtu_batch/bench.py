@@ -179,11 +179,14 @@ def research_inference_throughput(root: Path, level: str, artifact, out_csv: Pat
 
 
 def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, batch_size: int = 1024,
-                          device: str | torch.device = "cpu", precision: str = "fp32") -> float:
+                          device: str | torch.device = "cpu", precision: str = "fp32",
+                          error_head: bool = False) -> float:
     """Pixels/s of the model alone on prepared inputs in memory (the pipeline's settings:
     no imputed series), repeating ``inputs`` up to ``pixels``. The straightforward model gets
     batches of ``batch_size`` (1024 is its fastest on the development VM; 8192 is 40 % slower),
-    copied to ``device`` one by one as the pipeline does (the model must be there already)."""
+    copied to ``device`` one by one as the pipeline does (the model must be there already).
+    With ``error_head``, also the artifact's error head on the model's outputs (the
+    pipeline's ``expected_error``): all the per-pixel modelling a run does."""
     from msmtu_batch.model.inference import predict
     from msmtu_batch.model.preprocess import ModelInputs
 
@@ -192,9 +195,16 @@ def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, b
                          (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
                           inputs.ancillary)))
     common = dict(fused=fused, imputed=False, device=device, precision=precision)
-    predict(artifact.model, inputs, batch_size, **common)  # warm up (Numba's cache, CUDA kernels)
+
+    def model(pixels: ModelInputs, valid_fraction: np.ndarray) -> None:
+        out = predict(artifact.model, pixels, batch_size, **common)  # its results on the host: the device is done
+        if error_head:
+            artifact.error_head.expected_error(out["abundance"], out["uncertainty"], valid_fraction, pixels.ancillary)
+
+    model(inputs, inputs.masks.mean(axis=(1, 2)))  # warm up (Numba's cache, CUDA kernels)
+    valid_fraction = many.masks.mean(axis=(1, 2))  # the pipeline's preparation counts it
     start = time.perf_counter()
-    predict(artifact.model, many, batch_size, **common)  # its results on the host: the device is done
+    model(many, valid_fraction)
     return len(many) / (time.perf_counter() - start)
 
 
@@ -301,6 +311,7 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
 
     inputs = artifact.inputs(read_msmtu(region / "msmtu", "level2"))
     fused = model_only_throughput(artifact, inputs, fused=True)
+    fused_with_head = model_only_throughput(artifact, inputs, fused=True, error_head=True)
     bf16_gemm_rate = lstm_gemm_rate(dtype=torch.bfloat16)
     fused_bf16 = model_only_throughput(artifact, inputs, fused=True, precision="bf16")
     straightforward = model_only_throughput(artifact, inputs, fused=False)
@@ -316,11 +327,14 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
                       cog_dir=out / "bench-cogs")
         return {"pixels": summary.pixels, "pixels_per_second": summary.pixels_per_second,
                 "seconds": summary.seconds, "worker_peak_mib": sorted(summary.worker_peak_mib.values()),
-                "vs_model_only": summary.pixels_per_second / fused, "stage_seconds": summary.stage_seconds,
+                "vs_model_only": summary.pixels_per_second / fused,
+                "vs_model_with_error_head": summary.pixels_per_second / fused_with_head,
+                "stage_seconds": summary.stage_seconds,
                 "phase_seconds": summary.phase_seconds}
 
     end_to_end = pipeline(region)
-    rates = {"end_to_end": end_to_end["pixels_per_second"], "model_fused": fused, "model_fused_bf16": fused_bf16,
+    rates = {"end_to_end": end_to_end["pixels_per_second"], "model_fused": fused,
+             "model_fused_error_head": fused_with_head, "model_fused_bf16": fused_bf16,
              "model_straightforward": straightforward, "research_code": research}
     say(f"region {height} x {width} ({height * width:,} pixels), chunk {chunk}; ceiling {ceiling:,.0f} pixels/s "
         f"(LSTM GEMM {gemm_rate / 1e9:.0f} GFLOP/s fp32 / {brits_flops_per_pixel(cfg) / 1e6:.2f} MFLOP per pixel)")
@@ -328,13 +342,15 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     say("|---|---|---|---|")
     labels = {"end_to_end": "msmtu-batch run (Zarr in, Zarr + COG out, threads of one process)",
               "model_fused": "model only, fused CPU engine (prepared inputs in memory)",
+              "model_fused_error_head": "model only, fused CPU engine + error head (all a run's per-pixel modelling)",
               "model_fused_bf16": "model only, fused CPU engine with bf16 GEMMs (`--precision bf16`)",
               "model_straightforward": "model only, straightforward PyTorch BRITS (same inputs)",
               "research_code": "research-code way (JSON per pixel, DataLoader, per-step model, CSV)"}
     for name, label in labels.items():
         say(f"| {label} | {rates[name]:,.0f} | {rates[name] / research:.1f}x | {rates[name] / ceiling:.1%} |")
     bf16_ceiling = bf16_gemm_rate / brits_flops_per_pixel(cfg)
-    say(f"pipeline / model only (fused): {end_to_end['vs_model_only']:.1%} at {height} x {width}")
+    say(f"pipeline / model only (fused): {end_to_end['vs_model_only']:.1%} at {height} x {width}; "
+        f"/ model + error head: {end_to_end['vs_model_with_error_head']:.1%}")
     say(f"bf16 engine: {fused_bf16 / fused:.2f}x the fp32 engine, {fused_bf16 / bf16_ceiling:.1%} of the bf16 "
         f"ceiling ({bf16_ceiling:,.0f} pixels/s; bf16 GEMM {bf16_gemm_rate / 1e9:.0f} GFLOP/s, "
         f"{bf16_gemm_rate / gemm_rate:.2f}x the fp32 one)")
@@ -348,12 +364,14 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         scaling[side] = pipeline(folder)
         shutil.rmtree(folder)
     if scaling:
-        say("| region | pixels | seconds | pixels/s | vs model only | peak memory per worker (MiB) |")
-        say("|---|---|---|---|---|---|")
+        say("| region | pixels | seconds | pixels/s | vs model only | vs model + error head | "
+            "peak memory per worker (MiB) |")
+        say("|---|---|---|---|---|---|---|")
         for side, result in scaling.items():
             peaks = ", ".join(f"{p:,.0f}" for p in result["worker_peak_mib"])
             say(f"| {side} x {side} | {result['pixels']:,} | {result['seconds']:.1f} | "
-                f"{result['pixels_per_second']:,.0f} | {result['vs_model_only']:.0%} | {peaks} |")
+                f"{result['pixels_per_second']:,.0f} | {result['vs_model_only']:.0%} | "
+                f"{result['vs_model_with_error_head']:.0%} | {peaks} |")
     say("Where the pipeline's time goes: the driver's wall seconds per phase; the chunk tasks' "
         "seconds per stage, summed over workers")
     say("| region | plan | cluster | chunks | finish | export | read | prepare | model | write |")

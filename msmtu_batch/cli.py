@@ -502,7 +502,7 @@ def run_command(
     imputed: Annotated[bool, typer.Option(help="Also write imputed_reflectance(time, band, y, x).")] = False,
     expected_error: Annotated[bool, typer.Option(
         help="Write expected_error(y, x), each pixel's expected abundance RMSE, where the model has an error "
-             "head (5-11 % of the run's time).")] = True,
+             "head (5-11 % of a run's pixels/s on AVX512 CPUs, about 20 % on an AVX2-only one).")] = True,
     precision: Annotated[Precision, typer.Option(
         help="The model's matrix products: fp32; bf16 (the CPU engine's bf16 GEMMs, 1.5x on CPUs with "
              "AVX512-BF16 or AMX; autocast on a GPU); fp16 (autocast, GPUs). The map changes a little: "

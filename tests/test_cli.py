@@ -211,18 +211,19 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     assert [row.split(" | ")[0] for row in rows] == [
         "| msmtu-batch run (Zarr in, Zarr + COG out, threads of one process)",
         "| model only, fused CPU engine (prepared inputs in memory)",
+        "| model only, fused CPU engine + error head (all a run's per-pixel modelling)",
         "| model only, fused CPU engine with bf16 GEMMs (`--precision bf16`)",
         "| model only, straightforward PyTorch BRITS (same inputs)",
         "| research-code way (JSON per pixel, DataLoader, per-step model, CSV)",
         "| 24 x 24",
         "| region", "| 32 x 40", "| 24 x 24",
         "| seed", "| 0", "| 0", "| 0", "| 1", "| 1", "| 1"]
-    assert rows[4].split(" | ")[2] == "1.0x"
+    assert rows[5].split(" | ")[2] == "1.0x"
     record = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert record["memory_scaling"]["24"]["pixels"] == 576
     # the per-stage split: the table shows what the record holds, every stage and phase ran
-    assert rows[6] == "| region | plan | cluster | chunks | finish | export | read | prepare | model | write |"
-    for row, result in ((rows[7], record["end_to_end"]), (rows[8], record["memory_scaling"]["24"])):
+    assert rows[7] == "| region | plan | cluster | chunks | finish | export | read | prepare | model | write |"
+    for row, result in ((rows[8], record["end_to_end"]), (rows[9], record["memory_scaling"]["24"])):
         cells = [float(c) for c in row.strip("| ").split(" | ")[1:]]
         assert cells == [round(result["phase_seconds"][k], 2) for k in ("plan", "cluster", "chunks", "finish",
                                                                          "export")] + \
@@ -236,13 +237,17 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     for r in precision:
         assert (r["max_abs_difference"] == 0) == (r["precision"] == "fp32"), r
         assert r["max_abs_difference"] < 0.05 and r["keeps_the_map"] == (abs(r["rmse_change"]) < 1e-3), r
-    assert rows[11].split(" | ")[1:3] == ["bf16", f"{precision[1]['max_abs_difference']:.2e}"]
-    assert rows[11].split(" | ")[6] == f"{precision[1]['fraction_of_ceiling']:.1%}"
+    assert rows[12].split(" | ")[1:3] == ["bf16", f"{precision[1]['max_abs_difference']:.2e}"]
+    assert rows[12].split(" | ")[6] == f"{precision[1]['fraction_of_ceiling']:.1%}"
     bf16 = record["rates"]["model_fused_bf16"]
     assert (f"bf16 engine: {bf16 / record['rates']['model_fused']:.2f}x the fp32 engine, "
             f"{bf16 / record['bf16_ceiling']:.1%} of the bf16 ceiling") in "\n".join(lines)
-    ratio = record["end_to_end"]["pixels_per_second"] / record["rates"]["model_fused"]
-    assert f"pipeline / model only (fused): {ratio:.1%} at 32 x 40" in lines
+    rates = record["rates"]
+    ratio, with_head = (record["end_to_end"]["pixels_per_second"] / rates[name]
+                        for name in ("model_fused", "model_fused_error_head"))
+    assert f"pipeline / model only (fused): {ratio:.1%} at 32 x 40; / model + error head: {with_head:.1%}" in lines
+    assert rows[6].split(" | ")[4:6] == [f"{record['memory_scaling']['24'][k]:.0%}"
+                                         for k in ("vs_model_only", "vs_model_with_error_head")]
     peaks = record["memory_scaling"]["24"]["worker_peak_mib"]
     assert peaks and all(100 < p < 8000 for p in peaks), "every worker reports its peak memory"
     predictions = (tmp_path / "bench" / "research_predictions.csv").read_text().splitlines()

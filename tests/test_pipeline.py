@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 import zarr
 
@@ -244,6 +245,30 @@ def test_refusals_and_bad_chunks(region, model, clean_run, tmp_path):
                               "x index 50")
     assert not (tmp_path / "n.zarr").exists()
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_reduced_precision_needs_this_cpus_kernels_for_it(region, model, clean_run, tmp_path, monkeypatch):
+    """precision bf16 on a CPU whose oneDNN has no bf16 kernels (where torch multiplies bf16
+    30-60x slower than fp32) ends with one line naming the setting and leaves nothing that
+    looks complete; where it has them, the run goes ahead and changes the map only a little."""
+    from msmtu_batch.model import inference
+
+    for has_kernels in (False, True):
+        monkeypatch.setattr(inference, "cpu_has_kernels", lambda precision, has=has_kernels: has)
+        out = tmp_path / f"bf16-{has_kernels}.zarr"
+        if not has_kernels:
+            with pytest.raises(MsmtuError) as err:
+                run(region.cube, model, out, config=RunConfig(chunk=4 * CHUNK, precision="bf16"))
+            assert str(err.value) == (
+                f"precision bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 matrix kernels, "
+                "so the model would run 30-60x slower than in fp32; use precision fp32 here, or reduced precision "
+                "on CPUs with AVX512 or AMX, or on GPUs")
+            assert not out.exists()
+            continue
+        run(region.cube, model, out, config=RunConfig(chunk=4 * CHUNK, precision="bf16"))
+        reduced, full = (open_output(path)["abundance"].values for path in (out, clean_run[0]))
+        assert np.array_equal(np.isnan(reduced), np.isnan(full))
+        assert 0 < np.nanmax(np.abs(reduced - full)) < 0.05
 
 
 def test_cogs_are_valid_and_match_the_zarr_output(region, model, clean_run, tmp_path):

@@ -26,6 +26,7 @@ AVX512-BF16, the test RMSE within 1e-5 of fp32 (benchmarks/NOTES.md, 2026-12-02)
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
+from msmtu_batch.errors import MsmtuError
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
 from msmtu_batch.model.preprocess import ModelInputs
 
@@ -322,6 +324,24 @@ class _Direction:
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FUSED_PRECISIONS = ("fp32", "bf16")  # fp16 has no fast CPU matrix product (measured: 20x slower than fp32)
+
+
+@functools.cache
+def cpu_has_kernels(precision: str) -> bool:
+    """Whether this CPU has matrix kernels for ``precision`` (oneDNN's: bf16 from AVX512 or
+    AMX on, fp16 with AVX512-FP16 or AMX-FP16); without them torch multiplies that type
+    30-60x slower than fp32 (benchmarks/NOTES.md, 2026-12-03)."""
+    probes = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported, "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    return precision not in probes or bool(probes[precision]())
+
+
+def require_cpu_kernels(precision: str) -> None:
+    """Refuse a reduced ``precision`` on a CPU without kernels for it (:func:`cpu_has_kernels`):
+    one line, rather than a run many times slower than asked for."""
+    if not cpu_has_kernels(precision):
+        raise MsmtuError(f"precision {precision}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+                         f"{precision} matrix kernels, so the model would run 30-60x slower than in fp32; use "
+                         "precision fp32 here, or reduced precision on CPUs with AVX512 or AMX, or on GPUs")
 
 
 class FusedBrits:

@@ -36,7 +36,7 @@ from msmtu_batch.inputs.cube import (
 from msmtu_batch.inputs.units import apply_conversions
 from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, load_artifact
 from msmtu_batch.model.hierarchy import ClassHierarchy
-from msmtu_batch.model.inference import predict
+from msmtu_batch.model.inference import predict, require_cpu_kernels
 from msmtu_batch.model.kernels import prepare_chunk
 from msmtu_batch.model.preprocess import ModelInputs
 from msmtu_batch.products.palette import default_class_colors
@@ -84,7 +84,8 @@ class RunConfig(BaseModel):
         "stop", description="past a limit: stop naming the chunk, or flag its pixels (quality_flag 2)")
     zarr_format: Literal[2, 3] = Field(
         3, description="Zarr format of the output: 3, or 2 for zarr-python 2 and GDAL before 3.8")
-    # the model's error head costs 5-11 % of a run's pixels/s (benchmarks/NOTES.md, 2026-12-02)
+    # the model's error head costs 5-11 % of a run's pixels/s on an AVX512 CPU, about 20 % on an AVX2-only
+    # one (benchmarks/NOTES.md, 2026-12-02 and 2026-12-03)
     expected_error: bool = Field(True, description="write expected_error(y, x) where the model has an error head")
     # Reduced precision changes the map a little (benchmarks/NOTES.md: the precision table of
     # `bench`); bf16 keeps it and is faster on CPUs with bf16 instructions, but fp32 stays the
@@ -285,6 +286,8 @@ def estimate_block(inputs: ModelInputs, observed: np.ndarray, artifact: ModelArt
     months = inputs.masks.max(axis=2).sum(axis=1)
     valid = (months >= config.min_months) & np.isfinite(inputs.ancillary).all(axis=1)
     device = next(artifact.model.parameters()).device
+    if device.type == "cpu":
+        require_cpu_kernels(config.precision)
     # every pixel goes through the model (each is independent) and the invalid ones (about
     # 1 %) are blanked afterwards: cheaper than copying the valid ones out
     prediction = predict(artifact.model, inputs, config.batch_size, device=device, imputed=config.imputed,
