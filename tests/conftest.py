@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import dask.config
+import distributed  # noqa: F401  (registers the distributed.* config read below)
 import pytest
 import xarray as xr
 
@@ -14,6 +16,25 @@ from msmtu_batch.synthetic.simulate import SimulationConfig, SimulationResult, s
 # Outputs record their creation time; two runs of the same inputs compared byte for byte must
 # be made "at the same time" (the reproducible-builds convention msmtu-batch follows).
 os.environ.setdefault("SOURCE_DATE_EPOCH", "1764547200")
+
+# What distributed's Nanny writes into the os.environ of the process that starts it, for good,
+# before it spawns a worker (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...).
+NANNY_ENVIRON = tuple(dask.config.get("distributed.nanny.pre-spawn-environ"))
+
+
+@pytest.fixture(autouse=True)
+def nanny_environment_stays_in_its_test():
+    """A test that starts worker processes in this process (a LocalCluster with processes)
+    would otherwise leave OMP_NUM_THREADS=1 to every later test's subprocesses: later
+    trainings ran on one torch thread, so a test's outcome depended on which tests ran before."""
+    before = {name: os.environ.get(name) for name in NANNY_ENVIRON}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
 
 SMALL = SimulationConfig(height=72, width=96, seed=7, chunk=32, msmtu_pixels=300, split_block=12)
 
