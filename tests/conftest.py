@@ -18,18 +18,18 @@ from msmtu_batch.synthetic.simulate import SimulationConfig, SimulationResult, s
 os.environ.setdefault("SOURCE_DATE_EPOCH", "1764547200")
 
 # What distributed's Nanny writes into the os.environ of the process that starts it, for good,
-# before it spawns a worker (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...).
-NANNY_ENVIRON = tuple(dask.config.get("distributed.nanny.pre-spawn-environ"))
+# before it spawns a worker (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...), as this session began
+NANNY_ENVIRON = {name: os.environ.get(name) for name in dask.config.get("distributed.nanny.pre-spawn-environ")}
 
 
 @pytest.fixture(autouse=True)
-def nanny_environment_stays_in_its_test():
-    """A test that starts worker processes in this process (a LocalCluster with processes)
-    would otherwise leave OMP_NUM_THREADS=1 to every later test's subprocesses: later
-    trainings ran on one torch thread, so a test's outcome depended on which tests ran before."""
-    before = {name: os.environ.get(name) for name in NANNY_ENVIRON}
+def nanny_environment_stays_out_of_later_tests():
+    """A test or module fixture that starts worker processes in this process (a LocalCluster
+    with processes) would otherwise leave OMP_NUM_THREADS=1 to every later test's
+    subprocesses: later trainings ran on one torch thread, so a test's outcome depended on
+    which tests ran before."""
     yield
-    for name, value in before.items():
+    for name, value in NANNY_ENVIRON.items():
         if value is None:
             os.environ.pop(name, None)
         else:

@@ -208,8 +208,9 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     ``device`` (a GPU: ``"cuda"``); the artifact's model is on the CPU either way. With
     ``init_from``, start from a trained model (:class:`FineTuning`); with ``checkpointing``,
     write checkpoints and resume from one of this same training (:class:`Checkpointing`):
-    on the CPU a resumed training ends with the same weights, bit for bit. With ``hierarchy``,
-    one model for two levels: the loss and the validation RMSE (early stopping) on both, the
+    on the CPU a resumed training ends with the same weights, bit for bit (with two or more
+    torch threads: on one, a difference of about 1e-8 has been seen, benchmarks/NOTES.md).
+    With ``hierarchy``, one model for two levels: the loss and the validation RMSE (early stopping) on both, the
     coarse level's abundances the sums of the fine level's (:mod:`msmtu_batch.model.hierarchy`)."""
     device = torch.device(device)
     if init_from is not None:
