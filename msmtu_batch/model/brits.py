@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msmtu_batch.model.recurrence import FusedRecurrence
+
 
 @dataclass(frozen=True)
 class BritsConfig:
@@ -150,16 +152,23 @@ class BRITS(nn.Module):
         self.cfg = cfg
         self.forward_pass = RITS(cfg)
         self.backward_pass = RITS(cfg)
+        # training on a CPU runs the recurrence with its hand-written backward (FusedRecurrence)
+        self.fused_recurrence = True
 
     def _stacked(self, weight: Callable[[RITS], torch.Tensor]) -> torch.Tensor:
         """One weight of both directions, stacked (2, ...), for batched products over them."""
         return torch.stack([weight(self.forward_pass), weight(self.backward_pass)])
 
+    def _weights(self, layer: Callable[[RITS], nn.Module], sign: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both directions' ``layer`` (a linear map, masked where it has a mask) as a weight
+        (2, N_in, N_out) and a bias (2, 1, N_out), times ``sign``."""
+        return (self._stacked(lambda r: (layer(r).weight * getattr(layer(r), "mask", 1.0)).t() * sign),
+                self._stacked(lambda r: layer(r).bias[None] * sign))
+
     def _linear(self, x: torch.Tensor, layer: Callable[[RITS], nn.Module], sign: float = 1.0) -> torch.Tensor:
-        """Each direction's ``layer`` (a linear map, masked where it has a mask) applied to its
-        half of ``x`` (2, ..., N_in), in one batched product; times ``sign``."""
-        weight = self._stacked(lambda r: (layer(r).weight * getattr(layer(r), "mask", 1.0)).t() * sign)
-        bias = self._stacked(lambda r: layer(r).bias[None] * sign)
+        """Each direction's ``layer`` applied to its half of ``x`` (2, ..., N_in), in one batched
+        product; times ``sign``."""
+        weight, bias = self._weights(layer, sign)
         return torch.baddbmm(bias, x.flatten(1, -2), weight).view(*x.shape[:-1], -1)
 
     def _decay(self, deltas: torch.Tensor, decay: Callable[[RITS], TemporalDecay]) -> torch.Tensor:
@@ -167,47 +176,17 @@ class BRITS(nn.Module):
         on the weights rather than on the (2, T, B, H) values."""
         return torch.exp(self._linear(deltas, decay, -1.0).clamp(max=0))
 
-    def forward(self, values: torch.Tensor, masks: torch.Tensor, deltas_forward: torch.Tensor,
-                deltas_backward: torch.Tensor, ancillary: torch.Tensor | None = None,
-                with_loss: bool = True) -> BritsOutput:
-        """``values``/``masks``: (B, T, F) standardised with 0 at gaps; deltas per direction
-        (the backward ones computed on the time-reversed masks); ``ancillary`` (B, A).
-
-        Both directions run in one recurrence, their tensors stacked time-major (2, T, B, ...)
-        and their products batched, and what does not depend on the hidden state (decays,
-        combination weight, the mask's part of the gates) is computed for all steps at once: a
-        training step is per-operation costs far more than arithmetic, so fewer, larger
-        operations make it faster (the research code's formulation, one direction and one small
-        operation after another: ``msmtu_batch.bench.ResearchBRITS``)."""
-        hidden = self.forward_pass.hidden
-        if self.cfg.backward_deltas == "forward_order":
-            deltas_backward = deltas_forward
-        both = lambda series, reversed_series: torch.stack([series.transpose(0, 1),  # noqa: E731
-                                                            reversed_series.transpose(0, 1)])
-        masks_both = both(masks, masks.flip(1))  # (2, T, B, F), each in its direction's time order
-        values_both = both(values, values.flip(1)) * masks_both
-        deltas_both = both(deltas_forward, deltas_backward)
-        decay_hidden = self._decay(deltas_both, lambda r: r.decay_hidden)
-        decay_input = self._decay(deltas_both, lambda r: r.decay_input)
-        alpha = self._linear(torch.cat([decay_input, masks_both], dim=3), lambda r: r.combine)
-        if self.cfg.combine_activation == "sigmoid":
-            alpha = torch.sigmoid(alpha)
-        # gates = [x_filled, mask, 1, h] @ W, the biases in W's row for the 1 (as in the fused
-        # engine): one product per step, no bias to copy in; the gates in the order i, f, o, g,
-        # so that one sigmoid covers three of them
-        def gate_rows(r: RITS) -> torch.Tensor:
-            rows = torch.cat([r.cell.weight_ih, (r.cell.bias_ih + r.cell.bias_hh)[:, None], r.cell.weight_hh], 1)
-            return torch.cat([rows[:2 * hidden], rows[3 * hidden:], rows[2 * hidden:3 * hidden]]).t()
-
-        gate_weight = self._stacked(gate_rows)
-        mask_and_one = torch.cat([masks_both, masks_both.new_ones(*masks_both.shape[:3], 1)], dim=3)
-        history_weight = self._stacked(lambda r: r.history_regression.weight.t())
-        history_bias = self._stacked(lambda r: r.history_regression.bias[None])
-        feature_weight = self._stacked(lambda r: (r.feature_regression.weight * r.feature_regression.mask).t())
-        feature_bias = self._stacked(lambda r: r.feature_regression.bias[None])
-        missing = 1 - masks_both
-
-        h = values.new_zeros(2, values.shape[0], hidden)
+    @staticmethod
+    def _recurrence(values_both: torch.Tensor, missing: torch.Tensor, decay_hidden: torch.Tensor,
+                    alpha: torch.Tensor, mask_and_one: torch.Tensor, gate_weight: torch.Tensor,
+                    history_weight: torch.Tensor, history_bias: torch.Tensor, feature_weight: torch.Tensor,
+                    feature_bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Both directions' recurrence in tensor operations (any device, under autograd): the
+        history estimates, feature regressions, their combinations and the gap-filled series
+        (each (2, T, B, F)), and the last hidden state (2, B, H); the same function as
+        :class:`~msmtu_batch.model.recurrence.FusedRecurrence`."""
+        hidden = gate_weight.shape[2] // 4
+        h = values_both.new_zeros(2, values_both.shape[2], hidden)
         c = torch.zeros_like(h)
         hist, feat, comb, imputed = [], [], [], []
         # unbind, not [:, t]: indexing makes autograd zero-fill a gradient of the whole tensor per step
@@ -228,14 +207,67 @@ class BRITS(nn.Module):
             feat.append(z_feat)
             comb.append(x_comb)
             imputed.append(x_filled)
+        return (*(torch.stack(estimate, dim=1) for estimate in (hist, feat, comb, imputed)), h)
+
+    def forward(self, values: torch.Tensor, masks: torch.Tensor, deltas_forward: torch.Tensor,
+                deltas_backward: torch.Tensor, ancillary: torch.Tensor | None = None,
+                with_loss: bool = True) -> BritsOutput:
+        """``values``/``masks``: (B, T, F) standardised with 0 at gaps; deltas per direction
+        (the backward ones computed on the time-reversed masks); ``ancillary`` (B, A).
+
+        Both directions run in one recurrence, their tensors stacked time-major (2, T, B, ...)
+        and their products batched, and what does not depend on the hidden state (decays,
+        combination weight, the mask's part of the gates) is computed for all steps at once: a
+        training step is per-operation costs far more than arithmetic, so fewer, larger
+        operations make it faster (the research code's formulation, one direction and one small
+        operation after another: ``msmtu_batch.bench.ResearchBRITS``). Training on a CPU goes
+        further: the recurrence, the hidden state's decay included, runs as
+        :class:`~msmtu_batch.model.recurrence.FusedRecurrence` (Numba passes between GEMMs, a
+        hand-written backward), unless ``fused_recurrence`` is set False."""
+        hidden = self.forward_pass.hidden
+        if self.cfg.backward_deltas == "forward_order":
+            deltas_backward = deltas_forward
+        both = lambda series, reversed_series: torch.stack([series.transpose(0, 1),  # noqa: E731
+                                                            reversed_series.transpose(0, 1)])
+        masks_both = both(masks, masks.flip(1))  # (2, T, B, F), each in its direction's time order
+        values_both = both(values, values.flip(1)) * masks_both
+        deltas_both = both(deltas_forward, deltas_backward)
+        decay_input = self._decay(deltas_both, lambda r: r.decay_input)
+        alpha = self._linear(torch.cat([decay_input, masks_both], dim=3), lambda r: r.combine)
+        if self.cfg.combine_activation == "sigmoid":
+            alpha = torch.sigmoid(alpha)
+        # gates = [x_filled, mask, 1, h] @ W, the biases in W's row for the 1 (as in the fused
+        # engine): one product per step, no bias to copy in; the gates in the order i, f, o, g,
+        # so that one sigmoid covers three of them
+        def gate_rows(r: RITS) -> torch.Tensor:
+            rows = torch.cat([r.cell.weight_ih, (r.cell.bias_ih + r.cell.bias_hh)[:, None], r.cell.weight_hh], 1)
+            return torch.cat([rows[:2 * hidden], rows[3 * hidden:], rows[2 * hidden:3 * hidden]]).t()
+
+        gate_weight = self._stacked(gate_rows)
+        mask_and_one = torch.cat([masks_both, masks_both.new_ones(*masks_both.shape[:3], 1)], dim=3)
+        history_weight = self._stacked(lambda r: r.history_regression.weight.t())
+        history_bias = self._stacked(lambda r: r.history_regression.bias[None])
+        feature_weight = self._stacked(lambda r: (r.feature_regression.weight * r.feature_regression.mask).t())
+        feature_bias = self._stacked(lambda r: r.feature_regression.bias[None])
+        missing = 1 - masks_both
+
+        if self.fused_recurrence and with_loss and torch.is_grad_enabled() and values.device.type == "cpu" \
+                and values.dtype in (torch.float32, torch.float64):
+            hist, feat, comb, filled, h = FusedRecurrence.apply(
+                values_both, missing, deltas_both, alpha, *self._weights(lambda r: r.decay_hidden, -1.0), gate_weight,
+                history_weight, history_bias, feature_weight, feature_bias)
+        else:
+            decay_hidden = self._decay(deltas_both, lambda r: r.decay_hidden)
+            hist, feat, comb, filled, h = self._recurrence(values_both, missing, decay_hidden, alpha, mask_and_one,
+                                                           gate_weight, history_weight, history_bias, feature_weight,
+                                                           feature_bias)
         loss = values.new_zeros(())
         if with_loss:  # masked L1 of the three estimates, normalised per step as in BRITS, mean of directions
             observed = masks_both.sum(dim=(2, 3)) + 1e-5  # (2, T)
             for estimate in (hist, feat, comb):
-                error = ((torch.stack(estimate, dim=1) - values_both).abs() * masks_both).sum(dim=(2, 3))
+                error = ((estimate - values_both).abs() * masks_both).sum(dim=(2, 3))
                 loss = loss + (error / observed).sum()
             loss = loss / (2 * 3 * values.shape[1])
-        filled = torch.stack(imputed, dim=1)  # (2, T, B, F)
         return BritsOutput.of_directions(self.forward_pass.logits(h[0], ancillary),
                                          self.backward_pass.logits(h[1], ancillary),
                                          filled[0].transpose(0, 1), filled[1].flip(0).transpose(0, 1), loss,

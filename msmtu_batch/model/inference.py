@@ -17,7 +17,8 @@ LSTM's matrix product, which is the only real work. Here each step is:
 Arrays are feature-major (feature, pixel), so every inner loop runs over contiguous pixels
 and vectorises; a tile of 1024 pixels per core keeps the state in cache. Measured on the
 2-core development VM: 2.7x the straightforward model at its best batch size, 53 % of the
-FLOP ceiling (benchmarks/NOTES.md). Training and GPUs use the model itself.
+FLOP ceiling (benchmarks/NOTES.md). Training on a CPU runs the same arrangement with a
+hand-written backward (:mod:`msmtu_batch.model.recurrence`); GPUs run the model itself.
 
 ``precision="bf16"`` multiplies in bfloat16 (the Numba pass keeps a bf16 copy of the GEMM
 input and reads bf16 gates), everything else in fp32: 1.5x the fp32 engine on a CPU with
@@ -40,6 +41,7 @@ from numba.extending import intrinsic, overload
 
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
+from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, lstm_update
 from msmtu_batch.model.preprocess import ModelInputs
 
 PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
@@ -47,53 +49,6 @@ PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pi
 # partial vector of columns with other kernels, whose sums differ in the last bit (AMD EPYC,
 # torch 2.13: one pixel unmixed alone differed from the same pixel in a chunk by 7e-9).
 PIXEL_MULTIPLE = 16
-
-
-# Numba's math.tanh / math.exp are scalar libm calls (2.2 ns per value on the development VM,
-# 12x slower than this), so the pointwise pass uses a rational approximation of tanh that
-# LLVM vectorises: the minimax fit of Eigen's fast tanh, clamped where float32 tanh is +-1.
-# Its largest error is 3.1e-7 (absolute, measured over [-10, 10] in steps of 1e-5).
-_TANH_CLAMP = np.float32(7.90531110763549805)
-_P = tuple(np.float32(a) for a in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
-                                   5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
-                                   4.89352455891786e-03))
-_Q = tuple(np.float32(b) for b in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
-                                   4.89352518554385e-03))
-_HALF, _TWO = np.float32(0.5), np.float32(2.0)
-
-
-@numba.njit(inline="always", fastmath=True)
-def tanh_fraction(x):
-    """(p, q) with tanh(x) ~ p / q; callers combine fractions to save divisions."""
-    x = min(max(x, -_TANH_CLAMP), _TANH_CLAMP)
-    x2 = x * x
-    p = _P[0]
-    for a in _P[1:]:
-        p = x2 * p + a
-    q = _Q[0]
-    for b in _Q[1:]:
-        q = x2 * q + b
-    return x * p, q
-
-
-@numba.njit(inline="always", fastmath=True)
-def lstm_update(i, f, g, o, c):
-    """(new cell, new hidden) from the pre-activations; sigmoid(x) = (q + p) / 2q with
-    tanh(x / 2) = p / q, so the cell takes one division and the hidden state another."""
-    pi, qi = tanh_fraction(_HALF * i)
-    pf, qf = tanh_fraction(_HALF * f)
-    pg, qg = tanh_fraction(g)
-    po, qo = tanh_fraction(_HALF * o)
-    cell = ((qf + pf) * c * qi * qg + (qi + pi) * pg * qf) / (_TWO * qf * qi * qg)
-    pc, qc = tanh_fraction(cell)
-    return cell, (qo + po) * pc / (_TWO * qo * qc)
-
-
-@numba.njit(inline="always", fastmath=True)
-def decay_factor(z):
-    """exp(min(z, 0)) = (1 + t) / (1 - t) with t = tanh(z / 2) = p / q (absolute error < 4e-7)."""
-    p, q = tanh_fraction(_HALF * min(z, np.float32(0.0)))
-    return (q + p) / (q - p)
 
 
 # bf16 engine: the GEMM takes and gives bfloat16 (this CPU's oneDNN kernels; torch 2.13 has no
@@ -185,8 +140,7 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
         _accumulate(alpha, combine_weight[k, n_features:], masks, p0, p1)
         if sigmoid_alpha:  # else the research code's alpha: the linear layer as is
             for p in range(width):
-                num, den = tanh_fraction(_HALF * alpha[p])
-                alpha[p] = (den + num) / (_TWO * den)
+                alpha[p] = fast_sigmoid(alpha[p])
     # history regression from the decayed state; its gap-filled series feeds the feature regression
     for k in range(n_features):
         history, x, m, estimate = scratch[2, k, p0:p1], values[k, p0:p1], masks[k, p0:p1], gemm_input[k, p0:p1]

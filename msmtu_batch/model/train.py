@@ -25,6 +25,7 @@ from msmtu_batch.model.error_head import ErrorHead, error_features
 from msmtu_batch.model.hierarchy import ClassHierarchy
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
+from msmtu_batch.model.recurrence import steps_on_tiles
 
 AncillarySet = Literal["none", "geotopo", "all"]
 
@@ -289,18 +290,19 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         totals = {name: torch.zeros((), dtype=torch.float64, device=device)
                   for name in ("loss", "label", "impute", "consistency", *(("label_coarse",) if hierarchy else ()))}
         order = rng.permutation(len(train_set))
-        for step in range(steps_per_epoch):
-            inputs, y = _batch(train_inputs, target, order[step * cfg.batch_size:(step + 1) * cfg.batch_size],
-                               device)
-            loss, parts = brits_loss(model(*inputs), y, weights, hierarchy_matrix, class_weights)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimiser.step()
-            schedule.step()
-            totals["loss"] += loss.detach()
-            for k, v in parts.items():
-                totals[k] += v
+        with steps_on_tiles(device.type == "cpu" and model.fused_recurrence):
+            for step in range(steps_per_epoch):
+                inputs, y = _batch(train_inputs, target, order[step * cfg.batch_size:(step + 1) * cfg.batch_size],
+                                   device)
+                loss, parts = brits_loss(model(*inputs), y, weights, hierarchy_matrix, class_weights)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimiser.step()
+                schedule.step()
+                totals["loss"] += loss.detach()
+                for k, v in parts.items():
+                    totals[k] += v
         means = {k: v.item() / steps_per_epoch for k, v in totals.items()}  # waits for a GPU's queue
         train_seconds += time.perf_counter() - epoch_start
         val_rmse, by_level = validation_rmse(model, val_inputs, val_set.abundance, level, hierarchy, device)
