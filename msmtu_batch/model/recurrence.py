@@ -187,6 +187,16 @@ def _step_input_backward(t, p0, p1, grad_input, grad_history_out, grad_feature_o
                     dh[j] *= gamma[j]
 
 
+def warm_up() -> None:
+    """Load the compiled kernels (about a second once per process, from Numba's disk cache) by
+    one step of a one-pixel recurrence, so that a training's first step does not pay for it."""
+    one = lambda *shape: torch.full(shape, 0.5, requires_grad=True)  # noqa: E731
+    series = [torch.full((2, 1, 1, 1), 0.5) for _ in range(3)]
+    outputs = FusedRecurrence.apply(*series, one(2, 1, 1, 1), one(2, 1, 1), one(2, 1, 1), one(2, 4, 4),
+                                    one(2, 1, 1), one(2, 1, 1), one(2, 1, 1), one(2, 1, 1))
+    sum(output.sum() for output in outputs).backward()
+
+
 def _tiles(n: int, threads: int) -> list[tuple[int, int]]:
     """One contiguous range of pixels per thread (fewer when the batch is small)."""
     count = max(1, min(threads, n // MIN_TILE))
@@ -257,8 +267,9 @@ class _Workspace:
     def take(cls, steps: int, batch: int, n_features: int, n_hidden: int, dtype: torch.dtype) -> _Workspace:
         """A free workspace of this size, or a new one."""
         key = (steps, batch, n_features, n_hidden, dtype)
-        if key in _FREE_WORKSPACES:
-            return _FREE_WORKSPACES.pop(key)
+        free = _FREE_WORKSPACES.pop(key, None)  # one step (two trainings in threads may share the dict)
+        if free is not None:
+            return free
         rows = 2 * n_features + 1 + n_hidden
         new = lambda width: torch.empty(2, steps, batch, width, dtype=dtype)  # noqa: E731
         return cls(new(rows + -rows % GEMM_ROWS_MULTIPLE).zero_(), new(4 * n_hidden).numpy(),

@@ -25,7 +25,7 @@ from msmtu_batch.model.error_head import ErrorHead, error_features
 from msmtu_batch.model.hierarchy import ClassHierarchy
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
-from msmtu_batch.model.recurrence import steps_on_tiles
+from msmtu_batch.model.recurrence import steps_on_tiles, warm_up
 
 AncillarySet = Literal["none", "geotopo", "all"]
 
@@ -280,6 +280,9 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         history, best_rmse, best_epoch, stale = state.history, state.best_rmse, state.best_epoch, state.stale
         best_state = {k: v.to(device) for k, v in state.best_model.items()} if state.best_model else None
         train_seconds, resumed_after = state.train_seconds, state.epoch
+    fused = device.type == "cpu" and model.fused_recurrence
+    if fused:
+        warm_up()  # its kernels' first load (about a second) is not a cost per pixel
     start = time.perf_counter()
     last_checkpoint = (resumed_after, time.perf_counter())
     for epoch in range(resumed_after + 1, cfg.epochs + 1):
@@ -290,7 +293,7 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
         totals = {name: torch.zeros((), dtype=torch.float64, device=device)
                   for name in ("loss", "label", "impute", "consistency", *(("label_coarse",) if hierarchy else ()))}
         order = rng.permutation(len(train_set))
-        with steps_on_tiles(device.type == "cpu" and model.fused_recurrence):
+        with steps_on_tiles(fused):
             for step in range(steps_per_epoch):
                 inputs, y = _batch(train_inputs, target, order[step * cfg.batch_size:(step + 1) * cfg.batch_size],
                                    device)
