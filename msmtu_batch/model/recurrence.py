@@ -41,6 +41,15 @@ MIN_TILE = 64  # pixels: below this a thread's GEMMs are too small to be worth a
 GEMM_ROWS_MULTIPLE = 8
 
 
+@numba.njit(inline="always", fastmath=True, error_model="numpy")
+def _affine(bias, weights, vector):
+    """bias + weights . vector"""
+    total = bias
+    for j in range(weights.shape[0]):
+        total += weights[j] * vector[j]
+    return total
+
+
 @numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
 def _step_input(t, p0, p1, values, missing, deltas, alpha, decay_weight, decay_bias, history_weight, history_bias,
                 feature_weight, feature_bias, hidden, decay, gemm_input, history, feature, combined, filled,
@@ -60,7 +69,7 @@ def _step_input(t, p0, p1, values, missing, deltas, alpha, decay_weight, decay_b
         w_feature, b_feature = feature_weight[d], feature_bias[d]
         for p in range(p0, p1):
             row = gemm_input[d, t, p]
-            state = row[offset:]
+            state = row[offset:offset + n_hidden]  # the padding after it stays zero
             if t == 0:
                 state[:] = zero
             else:
@@ -77,20 +86,12 @@ def _step_input(t, p0, p1, values, missing, deltas, alpha, decay_weight, decay_b
             x, gap, a = values[d, t, p], missing[d, t, p], alpha[d, t, p]
             x_hist, x_c = history[d, t, p], history_filled[d, t, p]
             for k in range(n_features):
-                total = b_history[k]
-                w = w_history[k]
-                for j in range(n_hidden):
-                    total += w[j] * state[j]
-                x_hist[k] = total
-                x_c[k] = x[k] + gap[k] * total
+                x_hist[k] = _affine(b_history[k], w_history[k], state)
+                x_c[k] = x[k] + gap[k] * x_hist[k]
             z, x_comb, x_filled = feature[d, t, p], combined[d, t, p], filled[d, t, p]
             for k in range(n_features):
-                total = b_feature[k]
-                w = w_feature[k]
-                for m in range(n_features):
-                    total += w[m] * x_c[m]
-                z[k] = total
-                x_comb[k] = x_hist[k] + a[k] * (total - x_hist[k])
+                z[k] = _affine(b_feature[k], w_feature[k], x_c)
+                x_comb[k] = x_hist[k] + a[k] * (z[k] - x_hist[k])
                 x_filled[k] = x[k] + gap[k] * x_comb[k]
                 row[k] = x_filled[k]
                 row[n_features + k] = one - gap[k]
