@@ -244,7 +244,6 @@ class BRITS(nn.Module):
             return torch.cat([rows[:2 * hidden], rows[3 * hidden:], rows[2 * hidden:3 * hidden]]).t()
 
         gate_weight = self._stacked(gate_rows)
-        mask_and_one = torch.cat([masks_both, masks_both.new_ones(*masks_both.shape[:3], 1)], dim=3)
         history_weight = self._stacked(lambda r: r.history_regression.weight.t())
         history_bias = self._stacked(lambda r: r.history_regression.bias[None])
         feature_weight = self._stacked(lambda r: (r.feature_regression.weight * r.feature_regression.mask).t())
@@ -258,6 +257,7 @@ class BRITS(nn.Module):
                 history_weight, history_bias, feature_weight, feature_bias)
         else:
             decay_hidden = self._decay(deltas_both, lambda r: r.decay_hidden)
+            mask_and_one = torch.cat([masks_both, masks_both.new_ones(*masks_both.shape[:3], 1)], dim=3)
             hist, feat, comb, filled, h = self._recurrence(values_both, missing, decay_hidden, alpha, mask_and_one,
                                                            gate_weight, history_weight, history_bias, feature_weight,
                                                            feature_bias)

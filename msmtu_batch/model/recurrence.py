@@ -365,12 +365,12 @@ class FusedRecurrence(torch.autograd.Function):
         grad_cell = np.zeros_like(grad_hidden)
         zeros = np.zeros(n_hidden, grad_hidden.dtype)
 
-        grad_gate_weights = [torch.zeros_like(weight) for _ in ctx.tiles]  # one per tile, summed in tile order
+        grad_gate_weights = {tile: torch.zeros_like(weight) for tile in ctx.tiles}  # summed in tile order
 
         def run(p0: int, p1: int) -> None:
             grad_input_t = torch.empty(2, p1 - p0, space.gemm_input.shape[3], dtype=weight.dtype)
             grad_input = grad_input_t.numpy()
-            grad_weight = grad_gate_weights[ctx.tiles.index((p0, p1))]
+            grad_weight = grad_gate_weights[p0, p1]
             scratch = np.empty((2, n_features), grad_hidden.dtype)
             for t in range(steps - 1, -1, -1):
                 _cell_backward(t, p0, p1, space.activations, space.cell, grad_hidden, grad_cell, grad_gates, zeros)
@@ -383,7 +383,7 @@ class FusedRecurrence(torch.autograd.Function):
                                      grad_hidden, scratch)
 
         _on_tiles(run, ctx.tiles)
-        grad_gate_weight = functools.reduce(torch.add, grad_gate_weights)[:, :ctx.gate_rows]
+        grad_gate_weight = functools.reduce(torch.add, grad_gate_weights.values())[:, :ctx.gate_rows]
         rows = 2, steps * batch
 
         def product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
