@@ -21,18 +21,43 @@ from msmtu_batch.model.train import TrainConfig, train
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), n=st.integers(30, 400), n_features=st.integers(1, 12),
-       missing=st.sampled_from([0.0, 0.1, 0.5]), trees=st.integers(1, 20))
-def test_kernel_equals_scikit_learn(seed, n, n_features, missing, trees):
+       missing=st.sampled_from([0.0, 0.1, 0.5]), trees=st.integers(1, 20), leaves=st.sampled_from([31, 64, 65, 90]))
+def test_kernel_equals_scikit_learn(seed, n, n_features, missing, trees, leaves):
     rng = np.random.default_rng(seed)
-    features = rng.normal(size=(n, n_features))
+    features = rng.normal(size=(n, n_features)).round(1)  # values on the thresholds too
     target = np.nan_to_num(features[:, 0]) ** 2 + rng.normal(size=n)
     features[rng.random(features.shape) < missing] = np.nan
-    fitted = HistGradientBoostingRegressor(max_iter=trees, early_stopping=False, random_state=0).fit(features, target)
+    fitted = HistGradientBoostingRegressor(max_iter=trees, max_leaf_nodes=leaves, min_samples_leaf=2,
+                                           early_stopping=False, random_state=0).fit(features, target)
     head = ErrorHead(**tree_arrays(fitted), n_features=n_features, offset=0.0, scale=1.0, residual_variance=0.0)
     unseen = rng.normal(scale=2, size=(97, n_features))
     unseen[rng.random(unseen.shape) < missing] = np.nan
-    for x in (features, unseen):
+    unseen[::7] = np.array([-np.inf, np.inf] * n_features)[:n_features]
+    split = head.is_leaf == 0  # each split's own threshold in its feature: where <= and < differ
+    on_thresholds = rng.normal(size=(split.sum(), n_features))
+    on_thresholds[np.arange(split.sum()), head.feature[split]] = head.threshold[split]
+    for x in (features, unseen, on_thresholds):
         np.testing.assert_allclose(head.score(x), fitted.predict(x), rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(head.score(x), head.score(x, by_bitvectors=False))  # the same sums
+    assert (head._bitvectors is not None) == (np.add.reduceat(head.is_leaf, head.roots).max() <= 64)
+
+
+def test_bitvectors_cover_every_tree_up_to_64_leaves_and_no_damaged_one():
+    # root 0 splits feature 0 at 0.5: left node 1, right leaf 2; node 1 splits feature 1 at 0: leaves 3 and 4
+    tree = {"feature": np.array([0, 1, 0, 0, 0], np.int32), "threshold": np.array([0.5, 0.0, 0, 0, 0]),
+            "missing_left": np.zeros(5, np.uint8), "left": np.array([1, 3, 0, 0, 0], np.int32),
+            "right": np.array([2, 4, 0, 0, 0], np.int32), "is_leaf": np.array([0, 0, 1, 1, 1], np.uint8),
+            "value": np.array([0, 0, 2.0, 3.0, 4.0]), "roots": np.array([0], np.int32)}
+    head = ErrorHead(**tree, baseline=0.5, n_features=2, offset=0.0, scale=1.0, residual_variance=0.0)
+    x = np.array([[0.5, 0.0], [0.5, 0.1], [0.6, -9], [np.nan, 1]])
+    starts, thresholds, trees, masks, all_leaves, offsets, values = head._bitvectors
+    assert starts.tolist() == [0, 1, 2] and thresholds.tolist() == [0.5, 0.0] and all_leaves.tolist() == [0b111]
+    assert trees.tolist() == [0, 0] and offsets.tolist() == [0]
+    assert masks.tolist() == [2 ** 64 - 1 - 0b011, 2 ** 64 - 1 - 0b001] and values.tolist() == [3.0, 4.0, 2.0]
+    assert head.score(x).tolist() == [3.5, 4.5, 2.5, 2.5]  # a missing value goes right here (missing_left 0)
+    shared = ErrorHead(**tree | {"right": np.array([3, 4, 0, 0, 0], np.int32)}, baseline=0.5, n_features=2,
+                       offset=0.0, scale=1.0, residual_variance=0.0)  # leaf 3 under both splits: walked
+    assert shared._bitvectors is None and shared.score(x).tolist() == [3.5, 4.5, 3.5, 3.5]
 
 
 def test_calibration_gives_the_mean_error_and_keeps_the_ranking():
