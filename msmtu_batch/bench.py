@@ -293,7 +293,7 @@ def over_seeded_regions(description: str, measure: Callable[[Path, int, int, tup
 
 def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: int = 256,
               memory_sizes: tuple[int, ...] = (), say=print, precision_epochs: int = 10,
-              precision_size: tuple[int, int] = (200, 300)) -> dict:
+              precision_size: tuple[int, int] = (200, 300), model_pixels: int = 65_536) -> dict:
     """One run: the pipeline end to end, the model alone (fused and straightforward) and the
     research-code way on the same region, against the FLOP ceiling measured in the run; then,
     for each of ``memory_sizes``, the pipeline on a square region of that side, recording
@@ -310,11 +310,11 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     ceiling = gemm_rate / brits_flops_per_pixel(cfg)
 
     inputs = artifact.inputs(read_msmtu(region / "msmtu", "level2"))
-    fused = model_only_throughput(artifact, inputs, fused=True)
-    fused_with_head = model_only_throughput(artifact, inputs, fused=True, error_head=True)
+    fused = model_only_throughput(artifact, inputs, fused=True, pixels=model_pixels)
+    fused_with_head = model_only_throughput(artifact, inputs, fused=True, error_head=True, pixels=model_pixels)
     bf16_gemm_rate = lstm_gemm_rate(dtype=torch.bfloat16)
-    fused_bf16 = model_only_throughput(artifact, inputs, fused=True, precision="bf16")
-    straightforward = model_only_throughput(artifact, inputs, fused=False)
+    fused_bf16 = model_only_throughput(artifact, inputs, fused=True, precision="bf16", pixels=model_pixels)
+    straightforward = model_only_throughput(artifact, inputs, fused=False, pixels=model_pixels)
     csv = out / "research_predictions.csv"
     csv.unlink(missing_ok=True)
     research = research_inference_throughput(region / "msmtu", "level2", artifact, csv)

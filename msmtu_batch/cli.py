@@ -618,6 +618,8 @@ def bench_command(
         help="Training epochs of the models the precision table is measured with (0: no table).")] = 10,
     precision_size: Annotated[tuple[int, int], typer.Option(
         help="Rows and columns of the precision table's two simulated regions (seeds 0 and 1).")] = (200, 300),
+    model_pixels: Annotated[int, typer.Option(
+        help="Pixels each model-only rate is measured on (the region's, repeated).", min=1)] = 65_536,
 ) -> None:
     """Pixels/s end to end, model only, and the research-code way, against the FLOP ceiling;
     the pipeline's stages; the map with reduced precision against fp32."""
@@ -625,7 +627,7 @@ def bench_command(
 
     with _user_errors():
         run_bench(out, height, width, research_pixels, chunk, tuple(memory_sizes or ()),
-                  precision_epochs=precision_epochs, precision_size=precision_size)
+                  precision_epochs=precision_epochs, precision_size=precision_size, model_pixels=model_pixels)
 
 
 def run() -> None:

@@ -203,7 +203,7 @@ def test_workflow_train_section_is_a_valid_training_config():
 def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     result = cli("bench", "--out", str(tmp_path / "bench"), "--height", "32", "--width", "40",
                  "--research-pixels", "60", "--chunk", "16", "--memory-size", "24", "--precision-epochs", "1",
-                 "--precision-size", "24", "32")
+                 "--precision-size", "24", "32", "--model-pixels", "2048")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("region 32 x 40 (1,280 pixels), chunk 16; ceiling ")
