@@ -318,6 +318,20 @@ def test_run_command_with_cog_and_performance_report(region, model, tmp_path):
     assert "<html" in (tmp_path / "report.html").read_text()[:2000].lower()
 
 
+@pytest.mark.parametrize("report", [False, True])
+def test_workers_run_dasks_profiler_only_for_a_performance_report(region, model, tmp_path, report):
+    """The profiler walks every running task's stack every 10 ms, which slowed the model's
+    threads by 10-20 % (benchmarks/NOTES.md); a performance report shows what it gathers."""
+    profiling: list[bool] = []
+
+    def look(client) -> None:
+        profiling.extend(client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks).values())
+
+    run(region.cube, model, tmp_path / "o.zarr", config=RunConfig(chunk=36), on_client=look,
+        performance_report=tmp_path / "report.html" if report else None)
+    assert profiling and set(profiling) == {report}
+
+
 @pytest.mark.parametrize("case", [c for c in CORRUPTIONS if c != "nan altitude"])  # that one: chunk test above
 def test_bad_cubes_stop_the_run_before_anything_is_written(case, tiny, model, tmp_path):
     corrupt, message = CORRUPTIONS[case]

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
+import dask
 import yaml
 from dask.utils import parse_bytes
 from distributed import Client, LocalCluster, Worker, WorkerPlugin
@@ -254,10 +255,14 @@ def job_script(spec: BatchSpec) -> str:
 
 
 @contextmanager
-def connect(scheduler: str | AnySpec | Client | None = None, *, processes: bool = True) -> Iterator[Client]:
+def connect(scheduler: str | AnySpec | Client | None = None, *, processes: bool = True,
+            profile: bool = True) -> Iterator[Client]:
     """A client for ``scheduler``; a cluster it starts is stopped on exit, a Client given is
     used as it is (and left open). ``processes``: whether a local spec that does not say
-    runs worker processes or threads of this process."""
+    runs worker processes or threads of this process. ``profile``: whether workers that are
+    threads of this process run Dask's statistical profiler (every 10 ms it walks the stack of
+    every running task; it slowed the model by 10-20 % there, and not measurably in worker
+    processes: benchmarks/NOTES.md, 2026-12-03)."""
     spec = load_cluster_spec(scheduler)
     if isinstance(spec, Client):
         yield spec
@@ -293,10 +298,11 @@ def connect(scheduler: str | AnySpec | Client | None = None, *, processes: bool 
         # either (bokeh's import cost 0.5-0.65 s of a 7 s run; the progress bar and
         # --performance-report remain). Scheduler and worker still serve HTTP (health, metrics):
         # on loopback, where Dask's default would be every interface.
-        with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=False,
-                          scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-                          worker_class=_LoopbackWorker, silence_logs=logging.ERROR) as cluster, \
-                _client_of(cluster) as client:
+        with dask.config.set({"distributed.worker.profile.enabled": profile}):  # read as each worker starts
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=False,
+                                   scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                                   worker_class=_LoopbackWorker, silence_logs=logging.ERROR)
+        with cluster, _client_of(cluster) as client:
             yield client
         return
     # workers log errors only: a task's warnings on shutdown would otherwise follow the one line

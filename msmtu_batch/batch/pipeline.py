@@ -530,8 +530,9 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
             shutil.rmtree(_marker(staging, window).parent)
         todo = [w for w in windows if chunk_stats(staging, w) is None]
         phases = {"plan": time.perf_counter() - start}
-        with connect(cluster, processes=False) as client, (dask_performance_report(filename=str(performance_report))
-                                            if performance_report else nullcontext()):
+        report = dask_performance_report(filename=str(performance_report)) if performance_report else nullcontext()
+        # Dask's profiler only where the report shows it: it slows the model's threads
+        with connect(cluster, processes=False, profile=performance_report is not None) as client, report:
             phases["cluster"] = time.perf_counter() - start - sum(phases.values())
             if on_client:
                 on_client(client)
