@@ -17,6 +17,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from msmtu_batch.batch.pipeline import DONE_GROUP, RunConfig, model_loads, run
 from msmtu_batch.errors import MsmtuError
@@ -330,6 +331,17 @@ def test_workers_run_dasks_profiler_only_for_a_performance_report(region, model,
     run(region.cube, model, tmp_path / "o.zarr", config=RunConfig(chunk=36), on_client=look,
         performance_report=tmp_path / "report.html" if report else None)
     assert profiling and set(profiling) == {report}
+
+
+def test_chunk_tasks_keep_numpys_blas_to_their_share_of_the_cores(region, model, tmp_path):
+    """Like torch's and Numba's: BLAS threads left idle spin and take the other task's core."""
+    before = threadpool_info()
+    try:
+        run(region.cube, model, tmp_path / "o.zarr", config=RunConfig(chunk=36))  # threads of this process
+        blas = [library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"]
+    finally:
+        threadpool_limits(limits=before)  # as it was, for the later tests
+    assert blas and set(blas) == {1}  # one task per core: a thread each
 
 
 @pytest.mark.parametrize("case", [c for c in CORRUPTIONS if c != "nan altitude"])  # that one: chunk test above

@@ -12,6 +12,7 @@ same, the result is byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -29,6 +30,7 @@ import xarray as xr
 import zarr
 from distributed import Client, as_completed, default_client, get_worker
 from distributed import performance_report as dask_performance_report
+from threadpoolctl import ThreadpoolController
 
 from msmtu_batch import __version__
 from msmtu_batch.batch.clusters import AnySpec, connect, has_gpu_workers, load_cluster_spec, threads_per_task
@@ -210,8 +212,17 @@ class PreparedChunk:
 
 
 def _use_threads(spec: RunSpec) -> None:
+    """A task's threads for torch, Numba and NumPy's BLAS (its share of the worker's cores).
+    BLAS too: its idle threads spin after each product (the chunk checks' column sums) and
+    took a core from the other task's model (benchmarks/NOTES.md, 2026-12-03)."""
     torch.set_num_threads(spec.threads)
     numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
+    _blas_threads().limit(limits=spec.threads, user_api="blas")
+
+
+@functools.cache
+def _blas_threads() -> ThreadpoolController:
+    return ThreadpoolController()  # finds the BLAS libraries loaded: once per process
 
 
 class StageClock:
