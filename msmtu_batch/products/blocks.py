@@ -84,8 +84,8 @@ class RunConfig(BaseModel):
         "stop", description="past a limit: stop naming the chunk, or flag its pixels (quality_flag 2)")
     zarr_format: Literal[2, 3] = Field(
         3, description="Zarr format of the output: 3, or 2 for zarr-python 2 and GDAL before 3.8")
-    # the model's error head costs 5-11 % of a run's pixels/s on an AVX512 CPU, about 20 % on an AVX2-only
-    # one (benchmarks/NOTES.md, 2026-12-02 and 2026-12-03)
+    # the model's error head costs 7-12 % of the model's own time on an AVX2-only CPU (benchmarks/NOTES.md,
+    # 2026-12-03, evening; 15-22 % before its trees were evaluated by bit vectors)
     expected_error: bool = Field(True, description="write expected_error(y, x) where the model has an error head")
     # Reduced precision changes the map a little (benchmarks/NOTES.md: the precision table of
     # `bench`); bf16 keeps it and is faster on CPUs with bf16 instructions, but fp32 stays the
