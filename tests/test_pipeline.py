@@ -17,7 +17,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 from msmtu_batch.batch.pipeline import DONE_GROUP, RunConfig, model_loads, run
 from msmtu_batch.errors import MsmtuError
@@ -333,15 +333,28 @@ def test_workers_run_dasks_profiler_only_for_a_performance_report(region, model,
     assert profiling and set(profiling) == {report}
 
 
-def test_chunk_tasks_keep_numpys_blas_to_their_share_of_the_cores(region, model, tmp_path):
-    """Like torch's and Numba's: BLAS threads left idle spin and take the other task's core."""
+def test_chunk_tasks_keep_numpys_blas_to_their_share_of_the_cores_and_give_it_back(region, model, tmp_path):
+    """Like torch's and Numba's: BLAS threads left idle spin and take the other task's core.
+    OpenBLAS has one count per process, so the caller (a notebook) gets its own back."""
+    def blas_threads() -> set[int]:
+        return {library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"}
+
+    during: list[set[int]] = []
+
+    def watch(finished, total):
+        for future in finished:
+            during.append(blas_threads())  # the driver's view while tasks run in threads of this process
+            yield future
+
     before = threadpool_info()
     try:
-        run(region.cube, model, tmp_path / "o.zarr", config=RunConfig(chunk=36))  # threads of this process
-        blas = [library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"]
+        ThreadpoolController().limit(limits=3, user_api="blas")  # the caller's own setting, not the cores'
+        run(region.cube, model, tmp_path / "o.zarr", config=RunConfig(chunk=36), progress=watch)
+        after = blas_threads()
     finally:
         threadpool_limits(limits=before)  # as it was, for the later tests
-    assert blas and set(blas) == {1}  # one task per core: a thread each
+    assert during and all(seen == {1} for seen in during)  # one task per core: a thread each
+    assert after == {3}
 
 
 @pytest.mark.parametrize("case", [c for c in CORRUPTIONS if c != "nan altitude"])  # that one: chunk test above

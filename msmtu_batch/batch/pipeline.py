@@ -214,7 +214,9 @@ class PreparedChunk:
 def _use_threads(spec: RunSpec) -> None:
     """A task's threads for torch, Numba and NumPy's BLAS (its share of the worker's cores).
     BLAS too: its idle threads spin after each product (the chunk checks' column sums) and
-    took a core from the other task's model (benchmarks/NOTES.md, 2026-12-03)."""
+    took a core from the other task's model (benchmarks/NOTES.md, 2026-12-03). In threads of
+    the run's own process the driver has set BLAS's count already (see :func:`run`), and
+    this call leaves it so."""
     torch.set_num_threads(spec.threads)
     numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
     _blas_threads().limit(limits=spec.threads, user_api="blas")
@@ -549,7 +551,11 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
                 on_client(client)
             spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
                            "state_qa" in ds.data_vars, config, threads_per_task(client), conversions)
-            workers, peaks, prepared_by, stage_seconds = _compute_chunks(client, spec, todo, run_id, progress)
+            # BLAS has one thread count per process, and threadpoolctl lets only one thread set it:
+            # the driver sets the tasks' share for tasks in threads of this process, and gives the
+            # caller (a notebook) its own count back after
+            with _blas_threads().limit(limits=spec.threads, user_api="blas"):
+                workers, peaks, prepared_by, stage_seconds = _compute_chunks(client, spec, todo, run_id, progress)
             phases["chunks"] = time.perf_counter() - start - sum(phases.values())
         stats = {w.name: chunk_stats(staging, w) for w in windows}
         missing = [name for name, s in stats.items() if s is None]
