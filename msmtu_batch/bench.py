@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import time
@@ -323,9 +324,11 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     def pipeline(cube_folder: Path) -> dict:
         # the model's statistics come from the first region: a larger one reaches beyond its
         # longitudes, which the input guard would stop; flagged pixels cost the same to compute
+        before = resource.getrusage(resource.RUSAGE_SELF)
         summary = run(cube_folder / "cube.zarr", model_path, out / "bench-output.zarr",
                       config=RunConfig(chunk=chunk, out_of_distribution="flag"), overwrite=True,
                       cog_dir=out / "bench-cogs")
+        after = resource.getrusage(resource.RUSAGE_SELF)
         # the model alone again right after the run, and the ratios against the mean of before and
         # after: a machine's speed can move by tens of percent within minutes (benchmarks/NOTES.md)
         around = {"model_fused": [fused, model_only_throughput(artifact, inputs, fused=True, pixels=model_pixels)],
@@ -338,7 +341,11 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
                 "vs_model_with_error_head": summary.pixels_per_second / statistics.mean(
                     around["model_fused_error_head"]),
                 "stage_seconds": summary.stage_seconds,
-                "phase_seconds": summary.phase_seconds}
+                "phase_seconds": summary.phase_seconds,
+                # the run's workers are threads of this process: its CPU time is the run's; system
+                # time is the kernel's share (page faults, huge-page compaction: benchmarks/NOTES.md)
+                "process_cpu_seconds": {"user": after.ru_utime - before.ru_utime,
+                                        "system": after.ru_stime - before.ru_stime}}
 
     end_to_end = pipeline(region)
     rates = {"end_to_end": end_to_end["pixels_per_second"], "model_fused": fused,
@@ -382,14 +389,15 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
                 f"{result['pixels_per_second']:,.0f} | {result['vs_model_only']:.0%} | "
                 f"{result['vs_model_with_error_head']:.0%} | {peaks} |")
     say("Where the pipeline's time goes: the driver's wall seconds per phase; the chunk tasks' "
-        "seconds per stage, summed over workers")
-    say("| region | plan | cluster | chunks | finish | export | read | prepare | model | write |")
-    say("|---|---|---|---|---|---|---|---|---|---|")
+        "seconds per stage, summed over workers; the process's CPU seconds in user space and in the kernel")
+    say("| region | plan | cluster | chunks | finish | export | read | prepare | model | write | user | system |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side, result in {f"{height} x {width}": end_to_end,
                          **{f"{k} x {k}": v for k, v in scaling.items() if (k, k) != (height, width)}}.items():
-        phases, stages = result["phase_seconds"], result["stage_seconds"]
+        phases, stages, cpu = result["phase_seconds"], result["stage_seconds"], result["process_cpu_seconds"]
         say(f"| {side} | " + " | ".join(f"{phases.get(k, 0.0):.2f}" for k in PIPELINE_PHASES) + " | "
-            + " | ".join(f"{stages.get(k, 0.0):.2f}" for k in PIPELINE_STAGES) + " |")
+            + " | ".join(f"{stages.get(k, 0.0):.2f}" for k in PIPELINE_STAGES) + f" | {cpu['user']:.2f} | "
+            f"{cpu['system']:.2f} |")
     precision_rows = precision_table(out, precision_epochs, precision_size) if precision_epochs else []
     if precision_rows:
         ceilings = {"fp32": ceiling, "bf16": bf16_ceiling,

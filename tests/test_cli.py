@@ -222,14 +222,18 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     record = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert record["memory_scaling"]["24"]["pixels"] == 576
     # the per-stage split: the table shows what the record holds, every stage and phase ran
-    assert rows[7] == "| region | plan | cluster | chunks | finish | export | read | prepare | model | write |"
+    assert rows[7] == ("| region | plan | cluster | chunks | finish | export | read | prepare | model | write | "
+                       "user | system |")
     for row, result in ((rows[8], record["end_to_end"]), (rows[9], record["memory_scaling"]["24"])):
         cells = [float(c) for c in row.strip("| ").split(" | ")[1:]]
         assert cells == [round(result["phase_seconds"][k], 2) for k in ("plan", "cluster", "chunks", "finish",
                                                                          "export")] + \
-            [round(result["stage_seconds"][k], 2) for k in ("read", "prepare", "model", "write")]
+            [round(result["stage_seconds"][k], 2) for k in ("read", "prepare", "model", "write")] + \
+            [round(result["process_cpu_seconds"][k], 2) for k in ("user", "system")]
         assert all(seconds > 0 for seconds in [*result["phase_seconds"].values(), *result["stage_seconds"].values()]
                    ), row
+        # the model's work is in this process's user time: the workers are its threads
+        assert result["process_cpu_seconds"]["user"] >= result["stage_seconds"]["model"] * 0.5, result
     # reduced precision against fp32 on two trained models' test pixels
     precision = record["precision"]
     assert [(r["seed"], r["precision"]) for r in precision] == [(s, p) for s in (0, 1) for p in ("fp32", "bf16",
