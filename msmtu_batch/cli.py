@@ -5,6 +5,7 @@ workflow | cluster-script | bench``
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -630,8 +631,30 @@ def bench_command(
                   precision_epochs=precision_epochs, precision_size=precision_size, model_pixels=model_pixels)
 
 
+HUGE_PAGES_VARIABLE = "NUMPY_MADVISE_HUGEPAGE"
+
+
+def numpy_without_huge_pages() -> None:
+    """NumPy asks the kernel for transparent huge pages for arrays of 4 MB and more. Where free
+    memory is fragmented (the page cache of a run's own writes), each such page fault waits
+    while the kernel compacts memory: on the development VM, 2-3.5 s of a 512 x 512 run's
+    20 CPU seconds (benchmarks/NOTES.md, 2026-12-03, night). Off for this command's process
+    and the worker processes and batch jobs it starts (they inherit the variable), unless the
+    environment already says what NumPy should do."""
+    if HUGE_PAGES_VARIABLE in os.environ:
+        return  # the operator's choice, which NumPy read at import
+    os.environ[HUGE_PAGES_VARIABLE] = "0"
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core  # NumPy 2 / 1.26
+    set_huge_pages = getattr(multiarray.multiarray, "_set_madvise_hugepage", None)
+    if set_huge_pages is not None:  # NumPy read the variable at import: tell it again
+        set_huge_pages(False)
+
+
 def run() -> None:
     """Console-script entry point."""
+    numpy_without_huge_pages()
     app(prog_name="msmtu-batch")
 
 

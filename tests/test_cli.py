@@ -27,6 +27,21 @@ def test_the_module_runs_as_the_command():
     assert "Usage:" in result.stdout and "catalog" in result.stdout
 
 
+@pytest.mark.parametrize("environment", [{}, {"NUMPY_MADVISE_HUGEPAGE": "1"}])
+def test_the_command_turns_numpys_huge_pages_off_unless_the_environment_says(environment):
+    """The command's process and what it starts (worker processes, batch jobs: the variable)
+    fault memory in without waiting for the kernel to compact it (benchmarks/NOTES.md)."""
+    script = ("import os, sys, numpy\n"
+              "from msmtu_batch.cli import run\n"
+              "sys.argv = ['msmtu-batch', '--version']\n"
+              "try:\n    run()\nexcept SystemExit:\n    pass\n"
+              "print(numpy._core.multiarray._set_madvise_hugepage(True), os.environ['NUMPY_MADVISE_HUGEPAGE'])")
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"} | environment
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == ("True 1" if environment else "False 0")
+
+
 @pytest.mark.parametrize("command", ["simulate", "validate", "demo", "run", "catalog"])
 def test_every_command_has_help(command):
     result = cli(command, "--help")
