@@ -35,7 +35,8 @@ def test_the_command_turns_numpys_huge_pages_off_unless_the_environment_says(env
               "from msmtu_batch.cli import run\n"
               "sys.argv = ['msmtu-batch', '--version']\n"
               "try:\n    run()\nexcept SystemExit:\n    pass\n"
-              "print(numpy._core.multiarray._set_madvise_hugepage(True), os.environ['NUMPY_MADVISE_HUGEPAGE'])")
+              "core = getattr(numpy, '_core', None) or numpy.core\n"  # NumPy 2 / 1.26
+              "print(core.multiarray._set_madvise_hugepage(True), os.environ['NUMPY_MADVISE_HUGEPAGE'])")
     env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"} | environment
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
