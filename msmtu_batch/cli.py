@@ -646,8 +646,8 @@ def numpy_without_huge_pages() -> None:
     os.environ[HUGE_PAGES_VARIABLE] = "0"
     import numpy as np
 
-    multiarray = getattr(np, "_core", None) or np.core  # NumPy 2 / 1.26
-    set_huge_pages = getattr(multiarray.multiarray, "_set_madvise_hugepage", None)
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 / 1.26
+    set_huge_pages = getattr(core.multiarray, "_set_madvise_hugepage", None)
     if set_huge_pages is not None:  # NumPy read the variable at import: tell it again
         set_huge_pages(False)
 
