@@ -181,12 +181,27 @@ ZarrFormatOption = Annotated[int | None, typer.Option(
                           "3.8).")]
 
 
+AncillaryUnitsOption = Annotated[list[str] | None, typer.Option(
+    "--ancillary-units", help="NAME=UNITS (repeatable): the units of an Andalusia-MSMTU folder's ancillary column, "
+                              "a CF/udunits string such as 'mm year-1' or 'degC'. The published table declares "
+                              "none for precipitation and evapotranspiration (docs/training-data.md).")]
+
+
+def _ancillary_units(values: list[str] | None, configured: dict[str, str] | None = None) -> dict[str, str]:
+    """The declared units of the MSMTU table's columns: the config's, overridden by the flags."""
+    return dict(configured or {}) | _pairs_option(values, "--ancillary-units", "NAME=UNITS, e.g. "
+                                                                              "precipitation='mm year-1'")
+
+
 def _read_pixels(msmtu: Path | None, cube: Path | None, reference: Path | None, level: str,
-                 ancillary: tuple[str, ...]) -> tuple[PixelSet, str]:
+                 ancillary: tuple[str, ...], units: dict[str, str] | None = None) -> tuple[PixelSet, str]:
     from msmtu_batch.inputs.training_data import read_cube_reference, read_msmtu
 
     if msmtu is not None and cube is None and reference is None:
-        return read_msmtu(msmtu, level), str(msmtu)
+        return read_msmtu(msmtu, level, ancillary_units=units), str(msmtu)
+    if units:
+        raise MsmtuError("--ancillary-units declares the units of an Andalusia-MSMTU table (--msmtu); a cube's "
+                         "variables carry their own units attribute")
     if msmtu is None and cube is not None and reference is not None:
         return read_cube_reference(cube, reference, level, ancillary=ancillary), f"{cube} + {reference}"
     raise MsmtuError("give either --msmtu DIR or --cube CUBE with --reference REF")
@@ -266,6 +281,7 @@ def train_command(
              "'hierarchy' attribute, an MSMTU folder's labels/hierarchy.json).")] = False,
     hierarchy: Annotated[Path | None, typer.Option(
         help="JSON object mapping each --level class to its parent class (implies --two-level).")] = None,
+    ancillary_units: AncillaryUnitsOption = None,
 ) -> None:
     """Train BRITS and write the model artifact plus OUT's .metrics.json (history, throughput).
     Checkpoints at .OUT.checkpoint let a rerun of the same command (same settings and data)
@@ -280,6 +296,7 @@ def train_command(
         cfg = _train_config(config, ancillary=ancillary.value if ancillary else None, epochs=epochs,
                             batch_size=batch_size, learning_rate=learning_rate, hidden=hidden, patience=patience,
                             seed=seed)
+        cfg = cfg.model_copy(update={"ancillary_units": _ancillary_units(ancillary_units, cfg.ancillary_units)})
         on = training_device(device)
         tuning = None
         if init_from is not None:
@@ -287,7 +304,8 @@ def train_command(
             cfg = inherit_architecture(cfg, tuning)
         elif refit_statistics:
             raise MsmtuError("--refit-statistics applies to --init-from only")
-        pixels, source = _read_pixels(msmtu, cube, reference, level, ANCILLARY_SETS[cfg.ancillary])
+        pixels, source = _read_pixels(msmtu, cube, reference, level, ANCILLARY_SETS[cfg.ancillary],
+                                      cfg.ancillary_units)
         colors = read_class_colors(class_colors, pixels.classes) if class_colors else None  # before the epochs
         levels = None
         if hierarchy is not None:
@@ -358,6 +376,7 @@ def evaluate_command(
                                                  "baselines.")] = True,
     trees: Annotated[int, typer.Option(help="Trees of the random-forest baselines.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the baselines and hidden values.")] = 0,
+    ancillary_units: AncillaryUnitsOption = None,
 ) -> None:
     """Score a model on a partition against classical baselines; write a Markdown report."""
     from msmtu_batch.evaluation.evaluate import comparison_table, evaluate
@@ -369,7 +388,8 @@ def evaluate_command(
         artifact = load_artifact(model)
         if artifact.level != level:
             raise MsmtuError(f"{model}: model was trained for level '{artifact.level}', --level is '{level}'")
-        pixels, source = _read_pixels(msmtu, cube, reference, level, artifact.ancillary_names)
+        pixels, source = _read_pixels(msmtu, cube, reference, level, artifact.ancillary_names,
+                                      _ancillary_units(ancillary_units))
         report = evaluate(artifact, pixels, out, split=split, model_path=model, baselines=baselines,
                           trees=trees, seed=seed, source=source)
         print(comparison_table(report["methods"]))
@@ -390,13 +410,15 @@ def ablation_command(
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
     trees: Annotated[int, typer.Option(help="Trees of the random-forest baselines.")] = 100,
     config: Annotated[Path | None, typer.Option(help="YAML file with a 'train' section.")] = None,
+    ancillary_units: AncillaryUnitsOption = None,
 ) -> None:
     """Train and evaluate BRITS with no, geo-topographic, and all ancillary data, plus baselines."""
     from msmtu_batch.evaluation.evaluate import comparison_table, run_ablation
 
     with _user_errors():
         cfg = _train_config(config, epochs=epochs, seed=seed)
-        pixels, source = _read_pixels(msmtu, cube, reference, level, ANCILLARY_NAMES)
+        cfg = cfg.model_copy(update={"ancillary_units": _ancillary_units(ancillary_units, cfg.ancillary_units)})
+        pixels, source = _read_pixels(msmtu, cube, reference, level, ANCILLARY_NAMES, cfg.ancillary_units)
         with _epoch_progress(cfg.epochs) as on_epoch:
             summary = run_ablation(pixels, level, cfg, out, trees=trees, source=source,
                                    on_epoch=lambda variant, r: on_epoch(r, f"brits_{variant}"))

@@ -657,5 +657,59 @@ def test_ancillary_units_are_converted_or_refused_by_name(region, model, clean_o
     assert load_artifact(published).ancillary_units[4] == "Andalusia-MSMTU table units"
     line = one_line_error(cli("run", "--cube", region.cube, "--model", published, "--out", tmp_path / "p.zarr"))
     assert line == (f"{region.cube}: variable 'precipitation' is in 'mm year-1' but the model's statistics are in "
-                    "'Andalusia-MSMTU table units', which cannot be converted; give the data in 'Andalusia-MSMTU "
-                    "table units' or train on data in its units")
+                    "'Andalusia-MSMTU table units', which cannot be converted; declare the units of the "
+                    "Andalusia-MSMTU table's 'precipitation' with --ancillary-units precipitation=UNITS (train and "
+                    "evaluate; config key ancillary_units)")
+
+
+def test_published_table_with_declared_units_maps_a_cube_in_those_units(region, scheduler, tmp_path):
+    """The way through the refusal above: `train --msmtu` on the folder as published (no
+    units.json) with the table's units declared (a flag, and the config key), then `run` on the
+    mm year-1 cube gives the abundances `evaluate` computes from the files with the same declaration."""
+    root = copy_of(region.msmtu, tmp_path / "published")
+    declared = json.loads((root / "ancillary" / "units.json").read_text())
+    (root / "ancillary" / "units.json").unlink()
+    shutil.rmtree(root / ".msmtu_cache", ignore_errors=True)
+    config = tmp_path / "train.yaml"
+    config.write_text(json.dumps({"train": SMALL_MODEL.model_dump(exclude={"ancillary_units"})
+                                  | {"ancillary_units": {"evapotranspiration": declared["evapotranspiration"]}}}))
+    model = tmp_path / "declared.safetensors"
+    trained = cli("train", "--msmtu", root, "--level", "level2", "--out", model, "--config", config,
+                  "--ancillary-units", f"precipitation={declared['precipitation']}")
+    assert trained.returncode == 0, trained.stderr
+    artifact = load_artifact(model)
+    units = dict(zip(artifact.ancillary_names, artifact.ancillary_units))
+    assert units["precipitation"] == units["evapotranspiration"] == "mm year-1"
+    out = tmp_path / "out.zarr"
+    run(region.cube, model, out, config=RunConfig(chunk=CHUNK), scheduler=scheduler)
+
+    pixels = read_msmtu(root, "level2", ancillary_units={"precipitation": "mm year-1",
+                                                         "evapotranspiration": "mm year-1"})
+    test = pixels.split("test")
+    from_files = predict(artifact.model, artifact.inputs(test))["abundance"]
+    output = open_output(out)
+    rows, cols = np.divmod(test.ids, SMALL.width)
+    estimated = output["quality_flag"].values[rows, cols] == 0
+    assert estimated.mean() > 0.9
+    np.testing.assert_allclose(output["abundance"].values[:, rows, cols].T[estimated], from_files[estimated],
+                               atol=2e-5)
+    # evaluate on the files: the same declaration is needed, and its absence is named
+    line = one_line_error(cli("evaluate", "--model", model, "--msmtu", root, "--level", "level2", "--out",
+                              tmp_path / "report", "--no-baselines"))
+    assert "declare the units of the Andalusia-MSMTU table's 'precipitation' with --ancillary-units" in line
+    scored = cli("evaluate", "--model", model, "--msmtu", root, "--level", "level2", "--out", tmp_path / "report",
+                 "--no-baselines", "--ancillary-units", "precipitation=mm year-1",
+                 "--ancillary-units", "evapotranspiration=mm year-1")
+    assert scored.returncode == 0, scored.stderr
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["methods"]["brits"]["rmse"] == pytest.approx(rmse(from_files, test.abundance), abs=1e-6)
+    # declarations that cannot hold are refused by name
+    assert one_line_error(cli("train", "--msmtu", root, "--level", "level2", "--out", tmp_path / "x.safetensors",
+                              "--ancillary-units", "rainfall=mm year-1")) == (
+        f"{root / 'ancillary' / 'topo_climatic.csv'}: no column 'rainfall' to declare units for (columns: "
+        "longitude, latitude, altitude, slope, precipitation, evapotranspiration, temperature_ave, "
+        "temperature_max, temperature_min)")
+    assert one_line_error(cli("train", "--msmtu", root, "--level", "level2", "--out", tmp_path / "x.safetensors",
+                              "--ancillary-units", "precipitation=furlongs per fortnightly")) == (
+        "--ancillary-units precipitation: 'furlongs per fortnightly' is not a unit udunits/CF knows (e.g. "
+        "'mm year-1', 'degC', 'kg m-2 year-1')")

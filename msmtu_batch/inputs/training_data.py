@@ -38,7 +38,7 @@ from msmtu_batch.inputs.cube import (
     observed_mask,
     open_input_cube,
 )
-from msmtu_batch.inputs.units import MSMTU_TABLE_UNITS
+from msmtu_batch.inputs.units import MSMTU_TABLE_UNITS, check_known_unit
 
 PARTITIONS: tuple[str, ...] = ("train", "validation", "test")
 N_BANDS = 7
@@ -218,16 +218,38 @@ def _fingerprint(root: Path, files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def read_msmtu(root: str | Path, level: str, *, cache: bool = True) -> PixelSet:
+def read_msmtu(root: str | Path, level: str, *, cache: bool = True,
+               ancillary_units: Mapping[str, str] | None = None) -> PixelSet:
     """Read an Andalusia-MSMTU folder for one label level.
 
     The one-JSON-per-pixel layout is converted once into a compact ``.npz`` under
     ``root/.msmtu_cache/`` (rebuilt when any input file changes) so training reads arrays
-    from memory, not thousands of files per epoch.
+    from memory, not thousands of files per epoch. ``ancillary_units`` (variable -> CF units)
+    declares the units of the ancillary table's columns; they win over ``ancillary/units.json``
+    and over the published table's default (:data:`MSMTU_TABLE_UNITS`).
     """
     root = Path(root)
     if not root.is_dir():
         raise TrainingDataError(f"{root}: Andalusia-MSMTU folder not found")
+    pixels = _read_msmtu(root, level, cache)
+    return _with_declared_units(pixels, ancillary_units or {}, root / "ancillary" / "topo_climatic.csv")
+
+
+def _with_declared_units(pixels: PixelSet, declared: Mapping[str, str], table: Path) -> PixelSet:
+    """``pixels`` with the units the user declared for the table's columns (checked by name and unit)."""
+    if not declared:
+        return pixels
+    unknown = [name for name in declared if name not in pixels.ancillary_names]
+    if unknown:
+        raise TrainingDataError(f"{table}: no column {', '.join(map(repr, unknown))} to declare units for "
+                                f"(columns: {', '.join(pixels.ancillary_names)})")
+    for name, unit in declared.items():
+        check_known_unit(unit, f"--ancillary-units {name}")
+    units = tuple(declared.get(name, unit) for name, unit in zip(pixels.ancillary_names, pixels.ancillary_units))
+    return replace(pixels, ancillary_units=units)
+
+
+def _read_msmtu(root: Path, level: str, cache: bool) -> PixelSet:
     files = _partition_files(root, level)
     ancillary_csv = root / "ancillary" / "topo_climatic.csv"
     if not ancillary_csv.is_file():

@@ -38,6 +38,15 @@ def _registry():
     return units
 
 
+def check_known_unit(unit: str, what: str) -> None:
+    """Refuse a unit string the CF/udunits registry does not read, naming ``what`` declared it."""
+    try:
+        _registry().Unit(unit)
+    except Exception:  # pint raises several kinds (undefined unit, syntax)
+        raise MsmtuError(f"{what}: {unit!r} is not a unit udunits/CF knows (e.g. 'mm year-1', 'degC', "
+                         "'kg m-2 year-1')") from None
+
+
 def linear_conversion(from_units: str, to_units: str) -> tuple[float, float] | None:
     """``(scale, offset)`` such that ``value_to = scale * value_from + offset``; None when the
     units cannot be converted into each other (or are not units pint knows)."""
@@ -75,10 +84,16 @@ def conversions_to_model(names: Sequence[str], data_units: Mapping[str, str | No
         conversion = linear_conversion(have, want)
         if conversion is None:
             raise MsmtuError(f"{source}: variable '{name}' is in {have!r} but the model's statistics are in "
-                             f"{want!r}, which cannot be converted; give the data in {want!r} or train on data in "
-                             "its units")
+                             f"{want!r}, which cannot be converted; {_how_to_fix(name, have, want)}")
         conversions.append(conversion)
     return tuple(conversions)
+
+
+def _how_to_fix(name: str, have: str, want: str) -> str:
+    if MSMTU_TABLE_UNIT in (have, want):  # the published table, read without declared units
+        return (f"declare the units of the Andalusia-MSMTU table's '{name}' with --ancillary-units {name}=UNITS "
+                "(train and evaluate; config key ancillary_units)")
+    return f"give the data in {want!r} or train on data in its units"
 
 
 def apply_conversions(values: np.ndarray, conversions: Sequence[tuple[float, float]]) -> np.ndarray:

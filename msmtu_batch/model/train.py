@@ -57,6 +57,10 @@ class TrainConfig(BaseModel):
         "none", description="per-class weights of the label loss: none, or balanced (each class's weight the "
                             "inverse of its mean training abundance, at most 10 times the smallest, mean 1)")
     soft_labels: bool = Field(True, description="learn the abundances (soft labels), or one-hot dominant classes")
+    ancillary_units: dict[str, str] = Field(
+        default_factory=dict, description="units of an Andalusia-MSMTU folder's ancillary columns (CF/udunits "
+                                          "strings), e.g. {precipitation: 'mm year-1'}: the published table "
+                                          "declares none")
     error_head: bool = Field(True, description="after training, learn each pixel's expected abundance RMSE from "
                                                "the model's outputs (the run's expected_error layer)")
 
