@@ -5,7 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+# Debian's packages that the examples and the tests use beyond Python: the HDF-EOS2 library
+# (test granules written as MODAPS writes them), GDAL's command-line tools (the outputs read
+# by gdalinfo), and a one-node SLURM for the cluster tests. Needs root (or sudo) and apt-get.
+SYSTEM_PACKAGES := libhdfeos0 gdal-bin slurmctld slurmd slurm-client munge
+
+.PHONY: demo test lint bench clean system-packages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +33,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/msmtu-batch bench --out bench-output/inference --memory-size 512 --memory-size 2048
 	$(BIN)/python benchmarks/ingest_andalusia.py --out bench-output/ingest
+
+system-packages:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

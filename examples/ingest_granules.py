@@ -3,7 +3,9 @@ onto ETRS89 / UTM 30N inside a boundary, and look at the monthly composites with
 
     python examples/ingest_granules.py --out /tmp/ingest-example [--pixels 24]
 
-Real granules have 2400 x 2400 pixels; any size works for trying the path end to end.
+Real granules have 2400 x 2400 pixels; any size works for trying the path end to end. The
+granules are written through the HDF-EOS2 library, as MODAPS writes them: Debian's
+``libhdfeos0`` (``make system-packages``); without it the example says so in one line.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import open_input_cube
 from msmtu_batch.inputs.ingest import IngestConfig, ingest
 from msmtu_batch.inputs.modis import write_granule
@@ -55,4 +59,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MsmtuError as exc:  # what this machine lacks, or bad input: one line, as the command says it
+        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

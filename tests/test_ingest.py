@@ -560,6 +560,22 @@ def test_ingest_example_runs(tmp_path):
     assert "inside the region" in result.stdout and "mean clear observations per month" in result.stdout
 
 
+def test_ingest_example_without_the_hdfeos_library_says_what_to_install(tmp_path):
+    """On a machine without Debian's libhdfeos0 the example ends with one line naming the
+    package, exit 2, not a traceback (the library is hidden here by pointing at a missing file)."""
+    root = Path(__file__).resolve().parents[1]
+    missing = tmp_path / "libhdfeos.so.0"
+    result = subprocess.run([sys.executable, "examples/ingest_granules.py", "--out", str(tmp_path), "--pixels", "4"],
+                            capture_output=True, text=True, timeout=300, cwd=root,
+                            env=os.environ | {"MSMTU_HDFEOS_LIBRARY": str(missing)})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"ingest_granules.py: error: the HDF-EOS2 library ({missing}) is not installed: apt-get install libhdfeos0 "
+        "(Debian, Ubuntu; `make system-packages`), or set MSMTU_HDFEOS_LIBRARY to its path; it writes "
+        "MOD09A1-shaped granules")
+
+
 def test_monthly_multiband_exports_listed_in_a_manifest(tmp_path, scheduler):
     """Earth-Engine-style exports: one 7-band file per month (band descriptions, geographic CRS),
     dates from a manifest; without QA or day-of-year layers each file's date gives the month."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,17 +34,20 @@ HDFE_CENTER = 0
 NUMBER_TYPES = {np.dtype(np.int16): 22, np.dtype(np.uint16): 23, np.dtype(np.int32): 24, np.dtype(np.uint32): 25,
                 np.dtype(np.uint8): 21, np.dtype(np.int8): 20}
 _LIBRARY: ctypes.CDLL | None = None
+LIBRARY_VARIABLE = "MSMTU_HDFEOS_LIBRARY"
 
 
 def library() -> ctypes.CDLL:
     """``libhdfeos``, loaded once; a clear message where it is not installed."""
     global _LIBRARY
     if _LIBRARY is None:
-        name = ctypes.util.find_library("hdfeos") or "libhdfeos.so.0"
+        # MSMTU_HDFEOS_LIBRARY: a build outside the loader's path (an HPC module), or none at all
+        name = os.environ.get(LIBRARY_VARIABLE) or ctypes.util.find_library("hdfeos") or "libhdfeos.so.0"
         try:
             lib = ctypes.CDLL(name)
         except OSError:
-            raise MsmtuError("the HDF-EOS2 library is not installed (Debian: apt-get install libhdfeos0); it writes "
+            raise MsmtuError(f"the HDF-EOS2 library ({name}) is not installed: apt-get install libhdfeos0 (Debian, "
+                             f"Ubuntu; `make system-packages`), or set {LIBRARY_VARIABLE} to its path; it writes "
                              "MOD09A1-shaped granules") from None
         i32, f64p, vp, cp = ctypes.c_int32, ctypes.POINTER(ctypes.c_double), ctypes.c_void_p, ctypes.c_char_p
         signatures = {
