@@ -21,6 +21,7 @@ from tests.conftest import zarr_files
 from tests.test_faults import cli, one_line_error
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,37 @@ def test_cluster_script_prints_the_sbatch_directives(tmp_path):
     for argument in ("--nthreads 8", "--resources GPU=1", "--local-directory $TMPDIR", "--interface lo",
                      "--tls-ca-file", "--tls-key"):
         assert argument in worker, worker
+
+
+@pytest.mark.parametrize("shipped", ["cpu.yaml", "gpu.yaml"])
+def test_cluster_script_on_a_host_without_the_spec_interface_says_so_in_one_line(region, model, tmp_path, shipped):
+    """The operator's first command on a login node: the shipped specs name ib0; a host without
+    it gets one line naming the key and this host's interfaces (exit 2), one with it the script."""
+    import psutil
+
+    path = ROOT / "deploy" / "slurm" / shipped
+    interfaces = sorted(psutil.net_if_addrs())
+    result = cli("cluster-script", path)
+    if "ib0" in interfaces:
+        assert result.returncode == 0 and "#SBATCH" in result.stdout, result.stderr
+    else:
+        assert one_line_error(result) == _no_such_interface(path, "ib0", interfaces)
+    spec = yaml.safe_load(path.read_text()) | {"interface": "nosuch0", "shared_directory": str(tmp_path)}
+    copy = tmp_path / shipped
+    copy.write_text(yaml.safe_dump(spec))
+    assert one_line_error(cli("cluster-script", copy)) == _no_such_interface(copy, "nosuch0", interfaces)
+    # run with that spec: the same line, and no output
+    assert one_line_error(cli("run", "--cube", region.cube, "--model", model, "--out", tmp_path / "out.zarr",
+                              "--scheduler", copy)) == _no_such_interface(copy, "nosuch0", interfaces)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def _no_such_interface(path: Path, interface: str, interfaces: list[str]) -> str:
+    import socket
+
+    return (f"{path}: interface: '{interface}' is not a network interface of this host ({socket.gethostname()}: "
+            f"{', '.join(interfaces)}); set interface to the one on which the compute nodes reach the node the driver "
+            "runs on (`ip -brief address` there), or scheduler_host to its address")
 
 
 def test_pbs_job_script_directives(tmp_path):

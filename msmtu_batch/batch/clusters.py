@@ -46,6 +46,7 @@ from pydantic import (
     ConfigDict,
     Field,
     FilePath,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -159,12 +160,30 @@ class _BatchSpec(_Spec):
             raise ValueError("give interface or scheduler_host, not both")
         return self
 
+    _source: str = PrivateAttr("cluster spec")  # the file the spec came from, for messages
+
     @property
     def worker_processes(self) -> int:
         return 1 if self.gpu else (self.processes or self.cores)
 
+    def _check_interface(self) -> None:
+        """The scheduler binds to ``interface`` on this host: refuse one this host lacks in one line
+        (dask-jobqueue would fail deep inside the cluster's start)."""
+        import socket
+
+        import psutil
+
+        present = sorted(psutil.net_if_addrs())
+        if self.interface is not None and self.interface not in present:
+            raise MsmtuError(
+                f"{self._source}: interface: '{self.interface}' is not a network interface of this host "
+                f"({socket.gethostname()}: {', '.join(present)}); set interface to the one on which the compute "
+                "nodes reach the node the driver runs on (`ip -brief address` there), or scheduler_host to its "
+                "address")
+
     def _common(self) -> dict:
         """dask-jobqueue keywords shared by both batch systems."""
+        self._check_interface()
         host = None if self.interface else (self.scheduler_host or "127.0.0.1")
         shared = Path(os.path.expandvars(self.shared_directory)).expanduser()
         shared.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -238,13 +257,16 @@ def cluster_spec_from(values: object, where: str) -> AnySpec:
     if not isinstance(values, dict) or "cluster" not in values:
         raise MsmtuError(f"{where}: expected a mapping with a 'cluster' key ({KINDS})")
     try:
-        return _SPEC.validate_python(values)
+        spec = _SPEC.validate_python(values)
     except ValidationError as exc:
         def field(error: dict) -> str:
             return ".".join(map(str, error["loc"][1:])) or ("cluster" if error["type"].startswith("union_tag")
                                                             else "spec")
         problems = "; ".join(f"{field(e)}: " + e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise MsmtuError(f"{where}: invalid cluster spec: {problems}") from None
+    if isinstance(spec, _BatchSpec):
+        spec._source = where
+    return spec
 
 
 def job_script(spec: BatchSpec) -> str:
