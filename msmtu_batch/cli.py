@@ -552,12 +552,13 @@ def run_command(
                                                               precision=precision.value),
                       scheduler=scheduler, overwrite=overwrite, cog_dir=cog, performance_report=performance_report,
                       progress=_chunk_progress("unmixing chunks"), on_client=announce)
+        flagged = f"; WARNING: {summary.flagged_line}" if summary.flagged_pixels else ""
         if summary.already_complete:
-            print(f"{out} is already complete for this model, input and settings; nothing to do")
+            print(f"{out} is already complete for this model, input and settings; nothing to do{flagged}")
             return
         print(f"wrote {out}: {summary.pixels:,} pixels, {summary.valid_pixels:,} estimated, "
               f"{summary.computed_chunks} of {summary.chunks} chunks computed in {summary.seconds:.1f} s "
-              f"({summary.pixels_per_second:,.0f} pixels/s)" + (f"; COGs in {cog}" if cog else ""))
+              f"({summary.pixels_per_second:,.0f} pixels/s)" + (f"; COGs in {cog}" if cog else "") + flagged)
 
 
 @app.command("catalog")

@@ -617,6 +617,15 @@ def test_inputs_unlike_the_training_data_stop_the_run_or_are_flagged(region, mod
                   scheduler=scheduler)
     flags = open_output(tmp_path / "flagged.zarr")["quality_flag"].values
     assert summary.valid_pixels == int((flags == 2).sum()) > 0 and set(np.unique(flags)) <= {1, 2}
+    assert (summary.flagged_pixels, summary.flagged_chunks) == (summary.valid_pixels, summary.chunks)
+    # the command's summary says so, also when the output is already complete
+    again = cli("run", "--cube", cube, "--model", model, "--out", tmp_path / "flagged.zarr", "--chunk", CHUNK,
+                "--scheduler", scheduler, "--out-of-distribution", "flag")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == (
+        f"{tmp_path / 'flagged.zarr'} is already complete for this model, input and settings; nothing to do; WARNING: "
+        f"{summary.flagged_pixels:,} pixels in {summary.chunks} of {summary.chunks} chunks mapped from inputs unlike "
+        "the training data (quality_flag 2)")
 
 
 def test_statistics_in_the_wrong_unit_are_caught_by_the_guard(region, model, scheduler, tmp_path):

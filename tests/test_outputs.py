@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -18,6 +19,7 @@ import rasterio
 import xarray as xr
 
 import msmtu_batch as mb
+from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import artifact_hash, save_artifact
 from msmtu_batch.model.train import TrainConfig, train
@@ -195,6 +197,43 @@ def test_stac_catalogue_round_trip(archive, model):
         assert record["manifest"]["complete"] and record["model_hash"] == item.properties["msmtu:model_hash"]
         assert item.assets["abundance_style"].roles == ["style"]
         assert any("classification" in uri for uri in item.stac_extensions)
+
+
+def test_catalog_follows_the_archive_rules_and_leaves_no_stale_items(archive, tmp_path):
+    """Two stores of one year: `catalog` refuses as open_output does (it wrote duplicate Item ids
+    and links); a new --collection-id replaces the Items of the old one."""
+    import shutil
+
+    from tests.test_faults import cli, one_line_error
+
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    for name in ("a", "b"):
+        shutil.copytree(archive / "2013" / "abundance.zarr", folder / f"{name}.zarr")
+    message = (f"two stores cover the year 2013: {folder / 'a.zarr'} and {folder / 'b.zarr'} (an archive holds one "
+               "store per year: move one of them out)")
+    assert one_line_error(cli("catalog", folder)) == message
+    with pytest.raises(MsmtuError, match=re.escape(message)):
+        mb.open_output(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.zarr", "b.zarr"], "nothing written"
+
+    # a folder of stores of distinct years: a run record per store, not one shared
+    shutil.rmtree(folder / "b.zarr")
+    shutil.copytree(archive / "2014" / "abundance.zarr", folder / "b.zarr")
+    assert cli("catalog", folder, "--collection-id", "first").returncode == 0
+    assert json.loads((folder / "a.run-record.json").read_text())["output"] == "a.zarr"
+    assert json.loads((folder / "b.run-record.json").read_text())["output"] == "b.zarr"
+    assert sorted(p.name for p in folder.glob("first-*.json")) == ["first-2013.json", "first-2014.json"]
+    assert cli("catalog", folder, "--collection-id", "second").returncode == 0
+    assert sorted(p.name for p in folder.glob("*.json")) == [
+        "a.run-record.json", "b.run-record.json", "collection.json", "second-2013.json", "second-2014.json"]
+    assert sorted(i.id for i in pystac.read_file(folder / "collection.json").get_items()) == [
+        "second-2013", "second-2014"]
+    # the workflow layout, written again under its own id: the files it links stay
+    mb.write_catalog(archive, "msmtu-test")
+    before = sorted(p.relative_to(archive) for p in archive.rglob("*.json") if "abundance.zarr" not in p.parts)
+    mb.write_catalog(archive, "msmtu-test")
+    assert sorted(p.relative_to(archive) for p in archive.rglob("*.json") if "abundance.zarr" not in p.parts) == before
 
 
 def test_cogs_carry_colour_table_categories_style_and_provenance(archive, model):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -148,6 +149,21 @@ def test_reruns_compute_only_what_changed(downloads, models, scheduler, tmp_path
     assert first["cluster"]["started"] and 2 * 12 + 7 <= first["source_files_hashed"] <= 2 * 12 + 2 * 7
     run_stage = first["years"]["2013"]["stages"][1]
     assert run_stage["details"]["pixels_per_second"] > 0 and run_stage["details"]["worker_peak_mib"] > 50
+    # the synthetic granules are mapped flagged: the record, the log, the run record and the STAC
+    # Item say how much (every estimated pixel here), so a flagged map never reads as a success
+    flags = xr.open_zarr(version / "2013" / "abundance.zarr", consolidated=False)["quality_flag"].values
+    flagged, flagged_chunks = int((flags == 2).sum()), run_stage["details"]["flagged_chunks"]
+    assert run_stage["details"]["flagged_pixels"] == flagged == run_stage["details"]["valid_pixels"] > 0
+    assert 0 < flagged_chunks <= run_stage["details"]["chunks"]
+    warning = (f"{flagged:,} pixels in {flagged_chunks} of {run_stage['details']['chunks']} chunks mapped from "
+               "inputs unlike the training data (quality_flag 2)")
+    assert run_stage["details"]["warning"] == warning
+    assert re.search(rf"2013: run done in [\d.]+ s, [\d,]+ pixels/s; WARNING: {re.escape(warning)}", log), log
+    manifest = json.loads((version / "2013" / "run-record.json").read_text())["manifest"]
+    assert (manifest["flagged_pixels"], manifest["flagged_chunks"]) == (flagged, flagged_chunks)
+    item = next(i for i in catalog.get_items() if i.id.endswith("2013"))
+    assert (item.properties["msmtu:flagged_pixels"], item.properties["msmtu:flagged_chunks"],
+            item.properties["msmtu:valid_pixels"]) == (flagged, flagged_chunks, flagged)
     assert {f["path"] for f in first["years"]["2014"]["inputs"]} >= {
         str(p) for p in (downloads / "MOD09A1" / "2014").glob("*.hdf")}
     assert "2013: run runs: its input cube is rebuilt" in log

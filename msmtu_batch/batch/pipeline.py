@@ -60,6 +60,7 @@ from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, load_artifa
 from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
 from msmtu_batch.products.blocks import (
     FLAG_TOO_FEW_OBSERVATIONS,
+    FLAG_UNLIKE_TRAINING,
     RunConfig,
     estimate_block,
     output_fills,
@@ -104,6 +105,18 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     # the driver's wall time per phase: plan, cluster (start or connect), chunks, finish, export
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # pixels mapped from inputs unlike the training data (quality_flag 2, --out-of-distribution
+    # flag), and the chunks holding them: a map that is all flagged must not read as a success
+    flagged_pixels: int = 0
+    flagged_chunks: int = 0
+
+    @property
+    def flagged_line(self) -> str:
+        """What a summary says of the flagged pixels ('' when there are none)."""
+        if not self.flagged_pixels:
+            return ""
+        return (f"{self.flagged_pixels:,} pixels in {self.flagged_chunks} of {self.chunks} chunks mapped from "
+                "inputs unlike the training data (quality_flag 2)")
 
     @property
     def pixels_per_second(self) -> float:
@@ -268,7 +281,8 @@ def _estimate_and_write(spec: RunSpec, window: ChunkWindow, artifact: ModelArtif
     with clock("write"):
         write_window(spec.store, products, slice(window.y0, window.y1), slice(window.x0, window.x1))
         valid = products["quality_flag"] != FLAG_TOO_FEW_OBSERVATIONS
-        stats = {"pixels": shape[0] * shape[1], "valid_pixels": int(valid.sum())}
+        stats = {"pixels": shape[0] * shape[1], "valid_pixels": int(valid.sum()),
+                 "flagged_pixels": int((products["quality_flag"] == FLAG_UNLIKE_TRAINING).sum())}
         _flush_chunk(spec.store, window)
         _mark_done(spec.store, window, stats)
     return stats
@@ -532,7 +546,9 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
                 export_cogs(out, cog_dir)
             manifest = read_manifest(out)
             return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
-                              time.perf_counter() - start, already_complete=True)
+                              time.perf_counter() - start, already_complete=True,
+                              flagged_pixels=int(manifest.get("flagged_pixels", 0)),
+                              flagged_chunks=int(manifest.get("flagged_chunks", 0)))
         if not staging.exists():
             _create_store(staging, ds, artifact, identity, run_id, config, model,
                           f"msmtu-batch run --cube {cube.resolve()} --model {model.resolve()}")
@@ -562,7 +578,9 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         if missing:
             raise MsmtuError(f"{staging}: chunks {', '.join(missing[:5])} were not written; rerun to resume")
         valid = sum(s["valid_pixels"] for s in stats.values())
-        _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, "valid_pixels": valid})
+        flagged = [s.get("flagged_pixels", 0) for s in stats.values()]
+        counts = {"valid_pixels": valid, "flagged_pixels": sum(flagged), "flagged_chunks": sum(n > 0 for n in flagged)}
+        _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, **counts})
         consolidate(staging)
         replace_store(staging, out)  # the old output (ours, checked above) is superseded
         phases["finish"] = time.perf_counter() - start - sum(phases.values())  # with the cluster's stop
@@ -571,7 +589,8 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
             phases["export"] = time.perf_counter() - start - sum(phases.values())
         return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
                           workers=workers, worker_peak_mib=peaks, prepared_by=prepared_by,
-                          stage_seconds=stage_seconds, phase_seconds=phases)
+                          stage_seconds=stage_seconds, phase_seconds=phases,
+                          flagged_pixels=counts["flagged_pixels"], flagged_chunks=counts["flagged_chunks"])
 
 
 def _current_client() -> Client | None:

@@ -288,7 +288,8 @@ class Workflow:
         details = work()
         stage = Stage(name, "ran", why, output, time.perf_counter() - start, details)
         rate = f", {details['pixels_per_second']:,.0f} pixels/s" if details.get("pixels_per_second") else ""
-        self.reporter.say(f"{year}: {name} done in {stage.seconds:.1f} s{rate}")
+        warning = f"; WARNING: {details['warning']}" if details.get("warning") else ""
+        self.reporter.say(f"{year}: {name} done in {stage.seconds:.1f} s{rate}{warning}")
         return stage
 
     def _ingest(self, year: int, config: IngestConfig, paths: YearPaths) -> dict:
@@ -304,8 +305,10 @@ class Workflow:
                       scheduler=self.cluster.get(), overwrite=True, progress=self.reporter.progress(f"{year} run"))
         return {"pixels": summary.pixels, "valid_pixels": summary.valid_pixels,
                 "pixels_per_second": summary.pixels_per_second, "chunks": summary.chunks,
-                "computed_chunks": summary.computed_chunks,
-                "worker_peak_mib": max(summary.worker_peak_mib.values(), default=None)}
+                "computed_chunks": summary.computed_chunks, "flagged_pixels": summary.flagged_pixels,
+                "flagged_chunks": summary.flagged_chunks,
+                "worker_peak_mib": max(summary.worker_peak_mib.values(), default=None)} | (
+                    {"warning": summary.flagged_line} if summary.flagged_pixels else {})
 
     def _export(self, year: int, paths: YearPaths) -> dict:
         files = export_cogs(paths.out, paths.cog)

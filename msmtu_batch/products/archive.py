@@ -46,6 +46,17 @@ def archive_stores(root: str | os.PathLike) -> list[Path]:
     return stores
 
 
+def check_one_store_per_year(years: Sequence[tuple[str, Path]]) -> None:
+    """Refuse an archive in which two stores cover one year (``(year, store)`` pairs): its
+    dataset would hold the year twice, its STAC catalogue two Items of one id."""
+    seen: dict[str, Path] = {}
+    for year, store in years:
+        if year in seen:
+            raise MsmtuError(f"two stores cover the year {year}: {seen[year]} and {store} (an archive holds one "
+                             "store per year: move one of them out)")
+        seen[year] = store
+
+
 def _year_dataset(store: Path) -> xr.Dataset:
     ds = xr.open_zarr(store, decode_coords="all")
     start, end = ds.attrs.get("time_coverage_start"), ds.attrs.get("time_coverage_end")
@@ -75,9 +86,7 @@ def open_archive(stores: str | os.PathLike | Sequence[str | os.PathLike]) -> xr.
             if not np.array_equal(ds[coord].values, first[coord].values):
                 raise MsmtuError(f"{ds.attrs['source_store']}: its {coord} differs from that of "
                                  f"{first.attrs['source_store']} (an archive's years share one grid and classes)")
-    times = [ds["time"].values[0] for ds in years]
-    if len(set(times)) != len(times):
-        raise MsmtuError("two stores cover the same year: " + ", ".join(ds.attrs["source_store"] for ds in years))
+    check_one_store_per_year([(ds.attrs["time_coverage_start"][:4], Path(ds.attrs["source_store"])) for ds in years])
     archive = xr.concat(years, dim="time", data_vars="minimal", coords="minimal", compat="override",
                         join="exact", combine_attrs="drop_conflicts")
     archive.attrs.pop("source_store", None)

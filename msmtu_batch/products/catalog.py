@@ -26,7 +26,7 @@ from rasterio.warp import transform_bounds
 
 from msmtu_batch.batch.outputs import write_text_durably
 from msmtu_batch.inputs.cube import CLASS_DIM
-from msmtu_batch.products.archive import archive_stores
+from msmtu_batch.products.archive import OUTPUT_NAME, archive_stores, check_one_store_per_year
 from msmtu_batch.products.export import PRODUCTS, output_products, product_stem
 
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
@@ -56,8 +56,17 @@ def _run_record(store: Path, ds: xr.Dataset) -> dict:
     return {"output": store.name, "manifest": read_manifest(store), **{k: ds.attrs[k] for k in keys if k in ds.attrs}}
 
 
+def run_record_path(store: Path) -> Path:
+    """``<year>/run-record.json`` beside a workflow's ``abundance.zarr``; ``<stem>.run-record.json``
+    beside a store in a folder of stores (which would otherwise share one)."""
+    return store.parent / ("run-record.json" if store.name == OUTPUT_NAME else f"{store.stem}.run-record.json")
+
+
 def _item(store: Path, collection_id: str) -> pystac.Item:
+    from msmtu_batch.batch.pipeline import read_manifest
+
     ds = xr.open_zarr(store, decode_coords="all", mask_and_scale=False)
+    manifest = read_manifest(store) or {}
     year = ds.attrs["time_coverage_start"][:4]
     bbox, geometry = _footprint(ds)
     item = pystac.Item(
@@ -65,7 +74,10 @@ def _item(store: Path, collection_id: str) -> pystac.Item:
         start_datetime=_when(ds.attrs["time_coverage_start"]), end_datetime=_when(ds.attrs["time_coverage_end"], True),
         properties={"title": f"{ds.attrs.get('title', 'LULC abundances')} {year}",
                     "created": ds.attrs.get("date_created"), "msmtu:level": ds.attrs.get("level"),
-                    "msmtu:model_hash": ds.attrs.get("model_hash"), "msmtu:run_id": ds.attrs.get("run_id")})
+                    "msmtu:model_hash": ds.attrs.get("model_hash"), "msmtu:run_id": ds.attrs.get("run_id"),
+                    # pixels estimated, and those mapped from inputs unlike the training data (quality_flag 2)
+                    **{f"msmtu:{key}": manifest[key] for key in ("valid_pixels", "flagged_pixels", "flagged_chunks")
+                       if key in manifest}})
     epsg = ds.rio.crs.to_epsg()
     transform = ds.rio.transform()
     ProjectionExtension.ext(item, add_if_missing=True).apply(
@@ -99,7 +111,7 @@ def _item(store: Path, collection_id: str) -> pystac.Item:
         if style.is_file():
             item.add_asset(f"{name}_style", pystac.Asset(href=str(style), media_type=QML_MEDIA_TYPE, roles=["style"],
                                                          title=f"QGIS style of {name}"))
-    record = folder / "run-record.json"
+    record = run_record_path(store)
     write_text_durably(record, json.dumps(_run_record(store, ds), indent=2, sort_keys=True))
     item.add_asset("run_record", pystac.Asset(href=str(record), media_type=pystac.MediaType.JSON,
                                               roles=["metadata"], title="what made this output"))
@@ -112,6 +124,9 @@ def write_catalog(root: str | os.PathLike, collection_id: str | None = None, des
     root = Path(root).resolve()
     stores = archive_stores(root)
     collection_id = collection_id or f"msmtu-{root.name}"
+    # the rule open_output follows, checked before anything is written
+    check_one_store_per_year([(xr.open_zarr(store).attrs.get("time_coverage_start", "")[:4], store)
+                              for store in stores])
     items = [_item(store, collection_id) for store in stores]
     extent = pystac.Extent(
         pystac.SpatialExtent([[min(i.bbox[0] for i in items), min(i.bbox[1] for i in items),
@@ -127,5 +142,18 @@ def write_catalog(root: str | os.PathLike, collection_id: str | None = None, des
         item.set_self_href(str(store.parent / f"{item.id}.json"))
     collection.set_self_href(str(root / "collection.json"))
     collection.make_all_asset_hrefs_relative()
+    stale = _previous_items(root / "collection.json") - {Path(item.get_self_href()).resolve() for item in items}
     collection.save(pystac.CatalogType.SELF_CONTAINED)
+    for path in stale:  # Items of an earlier catalogue (another --collection-id, a year gone)
+        path.unlink(missing_ok=True)
     return root / "collection.json"
+
+
+def _previous_items(collection: Path) -> set[Path]:
+    """The Item files the catalogue at ``collection`` links to (none when there is none)."""
+    try:
+        links = json.loads(collection.read_text()).get("links", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {(collection.parent / link["href"]).resolve() for link in links
+            if isinstance(link, dict) and link.get("rel") == "item" and isinstance(link.get("href"), str)}
