@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from msmtu_batch.batch.tiling import peak_memory_mib, reset_peak_memory
 from msmtu_batch.inputs.training_data import MSMTU_VALUE_SCALE, PARTITIONS
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, BritsOutput, LossWeights, brits_loss
 from msmtu_batch.model.preprocess import Standardizer, compute_deltas
@@ -325,9 +326,12 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         # the model's statistics come from the first region: a larger one reaches beyond its
         # longitudes, which the input guard would stop; flagged pixels cost the same to compute
         before = resource.getrusage(resource.RUSAGE_SELF)
+        # the process's peak over this run alone, COG export included (the workers are its threads)
+        measured = reset_peak_memory()
         summary = run(cube_folder / "cube.zarr", model_path, out / "bench-output.zarr",
                       config=RunConfig(chunk=chunk, out_of_distribution="flag"), overwrite=True,
                       cog_dir=out / "bench-cogs")
+        run_peak = peak_memory_mib() if measured else None
         after = resource.getrusage(resource.RUSAGE_SELF)
         # the model alone again right after the run, and the ratios against the mean of before and
         # after: a machine's speed can move by tens of percent within minutes (benchmarks/NOTES.md)
@@ -336,6 +340,7 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
                       artifact, inputs, fused=True, error_head=True, pixels=model_pixels)]}
         return {"pixels": summary.pixels, "pixels_per_second": summary.pixels_per_second,
                 "seconds": summary.seconds, "worker_peak_mib": sorted(summary.worker_peak_mib.values()),
+                "run_peak_mib": run_peak,
                 "model_only_before_and_after": around,
                 "vs_model_only": summary.pixels_per_second / statistics.mean(around["model_fused"]),
                 "vs_model_with_error_head": summary.pixels_per_second / statistics.mean(
@@ -380,14 +385,17 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         scaling[side] = pipeline(folder)
         shutil.rmtree(folder)
     if scaling:
+        say("Peak memory: the process's resident peak over each run alone (chunks on its threads, then the "
+            "COG export), and what the workers reported after their chunks")
         say("| region | pixels | seconds | pixels/s | vs model only | vs model + error head | "
-            "peak memory per worker (MiB) |")
-        say("|---|---|---|---|---|---|---|")
+            "peak memory of the run (MiB) | peak memory per worker (MiB) |")
+        say("|---|---|---|---|---|---|---|---|")
         for side, result in scaling.items():
             peaks = ", ".join(f"{p:,.0f}" for p in result["worker_peak_mib"])
+            run_peak = f"{result['run_peak_mib']:,.0f}" if result["run_peak_mib"] is not None else "n/a"
             say(f"| {side} x {side} | {result['pixels']:,} | {result['seconds']:.1f} | "
                 f"{result['pixels_per_second']:,.0f} | {result['vs_model_only']:.0%} | "
-                f"{result['vs_model_with_error_head']:.0%} | {peaks} |")
+                f"{result['vs_model_with_error_head']:.0%} | {run_peak} | {peaks} |")
     say("Where the pipeline's time goes: the driver's wall seconds per phase; the chunk tasks' "
         "seconds per stage, summed over workers; the process's CPU seconds in user space and in the kernel")
     say("| region | plan | cluster | chunks | finish | export | read | prepare | model | write | user | system |")

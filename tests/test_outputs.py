@@ -199,6 +199,27 @@ def test_stac_catalogue_round_trip(archive, model):
         assert any("classification" in uri for uri in item.stac_extensions)
 
 
+WARNINGS_AS_ERRORS = """
+import sys, xarray as xr, msmtu_batch as mb
+cube_path, model, archive, cog = sys.argv[1:]
+maps = mb.unmix(mb.open_cube(cube_path).isel(y=slice(0, 6), x=slice(0, 6)), model).compute()
+assert maps["abundance"].shape[1:] == (6, 6)
+xr.open_zarr(archive + "/2013/abundance.zarr").load()
+mb.open_output(archive).load()
+mb.export_cogs(archive + "/2013/abundance.zarr", cog)
+mb.write_catalog(archive, "msmtu-quiet")
+print("quiet")
+"""
+
+
+def test_the_api_runs_with_warnings_as_errors(regions, model, archive, tmp_path):
+    """A user running with -W error (or pytest's filterwarnings=error) meets no warning from the
+    package: rioxarray's affine products, PendingDeprecationWarning in affine 3, are kept quiet."""
+    done = subprocess.run([sys.executable, "-W", "error", "-c", WARNINGS_AS_ERRORS, str(regions[2013]), str(model),
+                           str(archive), str(tmp_path / "cog")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "quiet", done.stderr
+
+
 def test_catalog_follows_the_archive_rules_and_leaves_no_stale_items(archive, tmp_path):
     """Two stores of one year: `catalog` refuses as open_output does (it wrote duplicate Item ids
     and links); a new --collection-id replaces the Items of the old one."""
@@ -255,6 +276,42 @@ def test_cogs_carry_colour_table_categories_style_and_provenance(archive, model)
     assert [(e.get("label"), e.get("color")) for e in entries] == list(zip(artifact.classes, artifact.class_colors))
     ramp = ET.parse(archive / "2013" / "cog" / "abundance_2013.qml").getroot().findall(".//colorrampshader/item")
     assert (ramp[0].get("value"), ramp[-1].get("value")) == ("0", "1")
+
+
+def test_cog_export_reads_window_by_window_and_keeps_every_value(archive, tmp_path):
+    """A product larger than one export window (several Zarr chunks and TIFF blocks a side, edges
+    not on a block): every COG holds the store's values and georeferencing, read back with
+    rasterio, and the export never holds more than a fraction of a product in memory (it read
+    whole products: 4 GB for an abundance of 10,000 x 10,000 pixels)."""
+    import tracemalloc
+
+    small = xr.open_zarr(archive / "2013" / "abundance.zarr", decode_coords="all", mask_and_scale=False).load()
+    reps = (46, 50)  # 1,104 x 1,200 pixels from the 24 x 24 output
+    spatial = {n: v for n, v in small.data_vars.items() if v.dims[-2:] == ("y", "x")}
+    resolution = float(small.x[1] - small.x[0])
+    big = xr.Dataset({n: (v.dims, np.tile(v.values, (1,) * (v.ndim - 2) + reps), v.attrs) for n, v in spatial.items()},
+                     coords={"y": float(small.y[0]) - resolution * np.arange(small.sizes["y"] * reps[0]),
+                             "x": float(small.x[0]) + resolution * np.arange(small.sizes["x"] * reps[1]),
+                             "lulc_class": small.lulc_class}, attrs=small.attrs).rio.write_crs(small.rio.crs)
+    store = tmp_path / "big.zarr"
+    for name in spatial:  # Zarr chunks of 100 x 100: export windows of 300 x 300, the last ones cut
+        big[name].encoding["chunks"] = (*big[name].shape[:-2], 100, 100)
+    big.to_zarr(store, zarr_format=3, consolidated=False)
+
+    tracemalloc.start()
+    try:
+        files = mb.export_cogs(store, tmp_path / "cog", parallel=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    product_bytes = big["abundance"].nbytes
+    assert peak < product_bytes / 4, (peak, product_bytes)
+    assert {p.name for p in files if p.suffix == ".tif"} == {f"{n}_2013.tif" for n in spatial}
+    for name in spatial:
+        with rasterio.open(tmp_path / "cog" / f"{name}_2013.tif") as cog:
+            written = cog.read()
+            assert cog.transform.almost_equals(big.rio.transform(), precision=1e-6) and cog.crs == big.rio.crs
+        np.testing.assert_array_equal(written, big[name].values.reshape(written.shape))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,28 @@ from msmtu_batch.inputs.layers import (  # noqa: F401  (the contract's names, de
     qa_rejected,
     write_window,
 )
+
+
+@contextmanager
+def rioxarray_quietly() -> Iterator[None]:
+    """rioxarray 0.19 (and rasterio 1.4's warped reads) build transforms with affine's ``*``, which affine 3
+    deprecates (PendingDeprecationWarning): not ours to fix, and it must not fail a caller who
+    runs with ``-W error`` or pytest's filterwarnings=error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Use `@` matmul", category=PendingDeprecationWarning)
+        yield
+
+
+def grid_transform(ds: xr.Dataset | xr.DataArray):
+    """The grid's affine transform (``ds.rio.transform()``, quietly)."""
+    with rioxarray_quietly():
+        return ds.rio.transform()
+
+
+def grid_bounds(ds: xr.Dataset | xr.DataArray) -> tuple[float, float, float, float]:
+    """The grid's (left, bottom, right, top) (``ds.rio.bounds()``, quietly)."""
+    with rioxarray_quietly():
+        return ds.rio.bounds()
 
 
 def open_input_cube(path: str | os.PathLike, *, validate: bool = True,

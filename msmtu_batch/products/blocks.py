@@ -30,6 +30,7 @@ from msmtu_batch.inputs.cube import (
     REFLECTANCE_FILL,
     REFLECTANCE_SCALE,
     check_ancillary_finite,
+    grid_transform,
     open_input_cube,
     validate_input_cube,
 )
@@ -212,7 +213,7 @@ def output_template(grid: xr.Dataset, artifact: ModelArtifact, config: RunConfig
             standard_name="surface_bidirectional_reflectance", long_name="gap-filled surface reflectance (BRITS)",
             units="1", scale_factor=REFLECTANCE_SCALE)
     if grid.rio.crs is not None:
-        out = out.rio.write_crs(grid.rio.crs).rio.write_transform(grid.rio.transform())
+        out = out.rio.write_crs(grid.rio.crs).rio.write_transform(grid_transform(grid))
     out.attrs.update(Conventions="CF-1.8, ACDD-1.3", title=f"LULC abundances, {artifact.level} (msmtu-batch)",
                      source=f"msmtu-batch {__version__}: BRITS on MODIS MOD09A1 monthly reflectance",
                      references=REFERENCES, level=artifact.level,

@@ -25,7 +25,7 @@ from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from rasterio.warp import transform_bounds
 
 from msmtu_batch.batch.outputs import write_text_durably
-from msmtu_batch.inputs.cube import CLASS_DIM
+from msmtu_batch.inputs.cube import CLASS_DIM, grid_bounds, grid_transform
 from msmtu_batch.products.archive import OUTPUT_NAME, archive_stores, check_one_store_per_year
 from msmtu_batch.products.export import PRODUCTS, output_products, product_stem
 
@@ -42,7 +42,7 @@ def _when(day: str, end: bool = False) -> dt.datetime:
 
 def _footprint(ds: xr.Dataset) -> tuple[list[float], dict]:
     """WGS84 bounding box and polygon of the store's grid."""
-    left, bottom, right, top = ds.rio.bounds()
+    left, bottom, right, top = grid_bounds(ds)
     west, south, east, north = transform_bounds(ds.rio.crs, "EPSG:4326", left, bottom, right, top, densify_pts=21)
     ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
     return [west, south, east, north], {"type": "Polygon", "coordinates": [ring]}
@@ -79,10 +79,10 @@ def _item(store: Path, collection_id: str) -> pystac.Item:
                     **{f"msmtu:{key}": manifest[key] for key in ("valid_pixels", "flagged_pixels", "flagged_chunks")
                        if key in manifest}})
     epsg = ds.rio.crs.to_epsg()
-    transform = ds.rio.transform()
+    transform = grid_transform(ds)
     ProjectionExtension.ext(item, add_if_missing=True).apply(
         code=f"EPSG:{epsg}" if epsg else None, wkt2=None if epsg else ds.rio.crs.to_wkt(),
-        shape=[ds.sizes["y"], ds.sizes["x"]], transform=list(transform)[:6], bbox=list(ds.rio.bounds()))
+        shape=[ds.sizes["y"], ds.sizes["x"]], transform=list(transform)[:6], bbox=list(grid_bounds(ds)))
     folder = store.parent
     item.add_asset("zarr", pystac.Asset(href=str(store), media_type=ZARR_MEDIA_TYPE, roles=["data"],
                                         title="every product (Zarr)"))

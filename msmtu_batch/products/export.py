@@ -12,9 +12,11 @@ carry the year: ``abundance_2013.tif``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -24,12 +26,13 @@ import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from rasterio.enums import ColorInterp
+from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
 
 from msmtu_batch.batch.outputs import write_text_durably
 from msmtu_batch.errors import MsmtuError
-from msmtu_batch.inputs.cube import CLASS_DIM
+from msmtu_batch.inputs.cube import CLASS_DIM, grid_transform, rioxarray_quietly
 from msmtu_batch.products.blocks import DOMINANT_FILL
 from msmtu_batch.products.palette import rgb
 
@@ -53,6 +56,10 @@ PRODUCTS: dict[str, CogSettings] = {
 }
 DEFLATE_LEVEL = 1
 BLOCK = 256
+# GDAL's block cache while a COG is written and its overviews built: GDAL's default is 5 % of
+# the machine's memory, which a large product fills (1.2 GB on 24 GB); the writes are sequential,
+# so a small cache costs nothing measurable (benchmarks/NOTES.md, 2026-12-07)
+GDAL_CACHE_BYTES = 64 * 2**20
 QUALITY_COLORS = ("#1a9850", "#bdbdbd", "#fc8d59")  # estimated, too few observations, unlike training
 # viridis at 0, 0.25, 0.5, 0.75, 1: the 0-1 ramp of abundance, uncertainty, valid fraction
 RAMP = ((0.0, "#440154"), (0.25, "#3b528b"), (0.5, "#21918c"), (0.75, "#5ec962"), (1.0, "#fde725"))
@@ -84,6 +91,16 @@ def _overview_levels(height: int, width: int) -> int:
     return max(1, int(math.log2(max(1, min(height, width) / 32))))
 
 
+def _windows(product: xr.DataArray) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+    """Row and column ranges covering ``product`` in windows of whole Zarr chunks, at least
+    :data:`BLOCK` pixels a side (whole TIFF blocks where the chunks divide them)."""
+    chunks = product.encoding.get("preferred_chunks") or {}
+    steps = {dim: chunks.get(dim, BLOCK) * max(1, math.ceil(BLOCK / chunks.get(dim, BLOCK))) for dim in ("y", "x")}
+    rows, columns = ([(start, min(start + steps[dim], product.sizes[dim]))
+                      for start in range(0, product.sizes[dim], steps[dim])] for dim in ("y", "x"))
+    return itertools.product(rows, columns)
+
+
 def product_stem(name: str, attrs: dict) -> str:
     """``abundance_2013``: the product and the year its output covers (none if unknown)."""
     start = str(attrs.get("time_coverage_start", ""))
@@ -98,7 +115,8 @@ def export_cogs(store: str | Path, cog_dir: str | Path, parallel: int = 2) -> li
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
     products = output_products(ds)
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    # rasterio's warped reads inside rio-cogeo use affine's deprecated `*` too (in these threads)
+    with rioxarray_quietly(), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return [path for paths in pool.map(lambda name: _export_product(ds, name, *products[name], cog_dir), products)
                 for path in paths]
 
@@ -113,8 +131,8 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     tags = {k: str(ds.attrs[k]) for k in PROVENANCE_TAGS if k in ds.attrs}
     stem = product_stem(name, ds.attrs)
     descriptions = classes if class_dim in ds[name].dims else [name]
-    values = ds[name].transpose(..., "y", "x").values  # (classes,) y, x
-    values = values.reshape(-1, *values.shape[-2:])
+    product = ds[name].transpose(..., "y", "x")  # (classes,) y, x; lazy: read window by window
+    height, width = product.sizes["y"], product.sizes["x"]
     final = cog_dir / f"{stem}.tif"
     # temporary names of this process only: a COG appears at its final name complete or not at all
     plain = cog_dir / f".{stem}.{os.getpid()}.plain.tif"
@@ -126,10 +144,15 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
         colormap = {i: (*rgb(c), 255) for i, c in enumerate(QUALITY_COLORS)}
     # through rasterio: rioxarray's to_raster copies the array twice, 1.2 of the 6.5 s that the
     # abundance of a 2048 x 2048 output took (benchmarks/NOTES.md, 2026-12-03)
-    with rasterio.open(plain, "w", driver="GTiff", width=values.shape[2], height=values.shape[1],
-                       count=values.shape[0], dtype=values.dtype, crs=ds.rio.crs, transform=ds.rio.transform(),
-                       nodata=nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK) as raster:
-        raster.write(values)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(
+            plain, "w", driver="GTiff", width=width, height=height, count=len(descriptions), dtype=product.dtype,
+            crs=ds.rio.crs, transform=grid_transform(ds), nodata=nodata, tiled=True, blockxsize=BLOCK,
+            blockysize=BLOCK) as raster:
+        # window by window, so that memory follows the window, not the region (a 10,000 x 10,000
+        # abundance product is 4 GB): windows of whole Zarr chunks and whole TIFF blocks
+        for (y0, y1), (x0, x1) in _windows(product):
+            values = product[..., y0:y1, x0:x1].values
+            raster.write(values.reshape(-1, y1 - y0, x1 - x0), window=Window(x0, y0, x1 - x0, y1 - y0))
         for band, description in enumerate(descriptions, start=1):
             raster.set_band_description(band, description)
         if colormap:  # paletted already, so rio-cogeo need not make it so (and warn from a thread)
@@ -138,9 +161,10 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     # deflate on every core (the workers are idle by now)
     profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK, "num_threads": "ALL_CPUS",
                                               "zlevel": DEFLATE_LEVEL, "predictor": predictor}
-    cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(*values.shape[1:]),
+    cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(height, width),
                   overview_resampling=resampling, quiet=True, in_memory=False, colormap=colormap,
-                  additional_cog_metadata={**tags, "product": name}, config={"GDAL_NUM_THREADS": "ALL_CPUS"})
+                  additional_cog_metadata={**tags, "product": name},
+                  config={"GDAL_NUM_THREADS": "ALL_CPUS", "GDAL_CACHEMAX": GDAL_CACHE_BYTES})
     plain.unlink()
     valid, errors, _ = cog_validate(partial)
     if not valid:

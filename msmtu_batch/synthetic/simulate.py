@@ -69,6 +69,7 @@ from msmtu_batch.inputs.cube import (
     cube_encoding,
     observed_mask,
     project_store,
+    rioxarray_quietly,
     write_window,
 )
 from msmtu_batch.inputs.training_data import (
@@ -515,7 +516,8 @@ def _template(landscape: SyntheticAndalusia, with_reflectance: bool) -> xr.Datas
             comment="bits 0-1 cloud state, 2 cloud shadow, 3-5 land/water, 12 and 15 snow")
     ds["x"].attrs.update(units="m", standard_name="projection_x_coordinate")
     ds["y"].attrs.update(units="m", standard_name="projection_y_coordinate")
-    ds = ds.rio.write_crs(c.crs).rio.write_transform()
+    with rioxarray_quietly():
+        ds = ds.rio.write_crs(c.crs).rio.write_transform()
     ds.attrs.update(title="synthetic Andalusia-like region", source="msmtu-batch simulate",
                     software_version=__version__, seed=c.seed,
                     simulation_config=c.model_dump_json())
