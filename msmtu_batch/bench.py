@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from msmtu_batch.batch.tiling import peak_memory_mib, reset_peak_memory
+from msmtu_batch.batch.tiling import peak_memory_mib
+from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.training_data import MSMTU_VALUE_SCALE, PARTITIONS
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, BritsOutput, LossWeights, brits_loss
 from msmtu_batch.model.preprocess import Standardizer, compute_deltas
@@ -221,7 +224,14 @@ def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifa
     from msmtu_batch.model.train import fit_error_head
     from msmtu_batch.synthetic.simulate import LEVEL2_CLASSES, SimulationConfig, simulate
 
-    simulate(SimulationConfig(height=size[0], width=size[1], msmtu_pixels=research_pixels), out, overwrite=True)
+    # in a process of its own: the heap simulating a large region leaves behind (0.35 GB at 2048 x
+    # 2048) would otherwise count in the memory measured for the run on it
+    child = multiprocessing.get_context("spawn").Process(target=simulate, args=(SimulationConfig(
+        height=size[0], width=size[1], msmtu_pixels=research_pixels), out), kwargs={"overwrite": True})
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise MsmtuError(f"{out}: simulating the {size[0]} x {size[1]} bench region failed (exit {child.exitcode})")
     if artifact_path is not None:
         return out, artifact_path
     pixels = read_msmtu(out / "msmtu", "level2")
@@ -294,14 +304,34 @@ def over_seeded_regions(description: str, measure: Callable[[Path, int, int, tup
     return args, rows
 
 
+def pipeline_run(cube: Path, model: Path, out: Path, chunk: int, cog_dir: Path) -> dict:
+    """``run`` with COG export in this process, as ``msmtu-batch run`` runs it: the bench starts
+    one fresh process per run, so that the peak memory is the run's alone (the bench's own
+    process holds the model-only measurements and what earlier runs left on its heap)."""
+    from msmtu_batch.batch.pipeline import RunConfig, run
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    summary = run(cube, model, out, config=RunConfig(chunk=chunk, out_of_distribution="flag"), overwrite=True,
+                  cog_dir=cog_dir)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"pixels": summary.pixels, "pixels_per_second": summary.pixels_per_second, "seconds": summary.seconds,
+            "worker_peak_mib": sorted(summary.worker_peak_mib.values()),
+            # the process's resident peak: its imports, the chunks on its threads, then the export
+            "run_peak_mib": peak_memory_mib(),
+            "stage_seconds": summary.stage_seconds, "phase_seconds": summary.phase_seconds,
+            # the run's workers are threads of this process: its CPU time is the run's; system
+            # time is the kernel's share (page faults, huge-page compaction: benchmarks/NOTES.md)
+            "process_cpu_seconds": {"user": after.ru_utime - before.ru_utime,
+                                    "system": after.ru_stime - before.ru_stime}}
+
+
 def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: int = 256,
               memory_sizes: tuple[int, ...] = (), say=print, precision_epochs: int = 10,
               precision_size: tuple[int, int] = (200, 300), model_pixels: int = 65_536) -> dict:
     """One run: the pipeline end to end, the model alone (fused and straightforward) and the
     research-code way on the same region, against the FLOP ceiling measured in the run; then,
     for each of ``memory_sizes``, the pipeline on a square region of that side, recording
-    its throughput and each worker's peak memory. Results also go to ``out/bench.json``."""
-    from msmtu_batch.batch.pipeline import RunConfig, run
+    its throughput and peak memory (each run in a process of its own). Results also go to ``out/bench.json``."""
     from msmtu_batch.inputs.training_data import read_msmtu
     from msmtu_batch.model.artifact import load_artifact
 
@@ -325,32 +355,19 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     def pipeline(cube_folder: Path) -> dict:
         # the model's statistics come from the first region: a larger one reaches beyond its
         # longitudes, which the input guard would stop; flagged pixels cost the same to compute
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        # the process's peak over this run alone, COG export included (the workers are its threads)
-        measured = reset_peak_memory()
-        summary = run(cube_folder / "cube.zarr", model_path, out / "bench-output.zarr",
-                      config=RunConfig(chunk=chunk, out_of_distribution="flag"), overwrite=True,
-                      cog_dir=out / "bench-cogs")
-        run_peak = peak_memory_mib() if measured else None
-        after = resource.getrusage(resource.RUSAGE_SELF)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
+            result = process.submit(pipeline_run, cube_folder / "cube.zarr", model_path, out / "bench-output.zarr",
+                                    chunk, out / "bench-cogs").result()
         # the model alone again right after the run, and the ratios against the mean of before and
         # after: a machine's speed can move by tens of percent within minutes (benchmarks/NOTES.md)
         around = {"model_fused": [fused, model_only_throughput(artifact, inputs, fused=True, pixels=model_pixels)],
                   "model_fused_error_head": [fused_with_head, model_only_throughput(
                       artifact, inputs, fused=True, error_head=True, pixels=model_pixels)]}
-        return {"pixels": summary.pixels, "pixels_per_second": summary.pixels_per_second,
-                "seconds": summary.seconds, "worker_peak_mib": sorted(summary.worker_peak_mib.values()),
-                "run_peak_mib": run_peak,
-                "model_only_before_and_after": around,
-                "vs_model_only": summary.pixels_per_second / statistics.mean(around["model_fused"]),
-                "vs_model_with_error_head": summary.pixels_per_second / statistics.mean(
-                    around["model_fused_error_head"]),
-                "stage_seconds": summary.stage_seconds,
-                "phase_seconds": summary.phase_seconds,
-                # the run's workers are threads of this process: its CPU time is the run's; system
-                # time is the kernel's share (page faults, huge-page compaction: benchmarks/NOTES.md)
-                "process_cpu_seconds": {"user": after.ru_utime - before.ru_utime,
-                                        "system": after.ru_stime - before.ru_stime}}
+        return result | {
+            "model_only_before_and_after": around,
+            "vs_model_only": result["pixels_per_second"] / statistics.mean(around["model_fused"]),
+            "vs_model_with_error_head": result["pixels_per_second"] / statistics.mean(
+                around["model_fused_error_head"])}
 
     end_to_end = pipeline(region)
     rates = {"end_to_end": end_to_end["pixels_per_second"], "model_fused": fused,
@@ -385,8 +402,8 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         scaling[side] = pipeline(folder)
         shutil.rmtree(folder)
     if scaling:
-        say("Peak memory: the process's resident peak over each run alone (chunks on its threads, then the "
-            "COG export), and what the workers reported after their chunks")
+        say("Peak memory: each run in a process of its own, as `msmtu-batch run` (chunks on its threads, then "
+            "the COG export): the process's resident peak, and what its workers reported after their chunks")
         say("| region | pixels | seconds | pixels/s | vs model only | vs model + error head | "
             "peak memory of the run (MiB) | peak memory per worker (MiB) |")
         say("|---|---|---|---|---|---|---|---|")

@@ -287,7 +287,7 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
                                          for k in ("vs_model_only", "vs_model_with_error_head")]
     peaks = record["memory_scaling"]["24"]["worker_peak_mib"]
     assert peaks and all(100 < p < 8000 for p in peaks), "every worker reports its peak memory"
-    # the process's peak over that run alone (its peak was reset before it), as the table shows it
+    # the peak of the process that ran it (a fresh one per run), as the table shows it
     run_peak = record["memory_scaling"]["24"]["run_peak_mib"]
     assert 100 < run_peak < 8000 and rows[6].split(" | ")[6] == f"{run_peak:,.0f}"
     predictions = (tmp_path / "bench" / "research_predictions.csv").read_text().splitlines()

@@ -274,8 +274,15 @@ def test_cogs_carry_colour_table_categories_style_and_provenance(archive, model)
     style = ET.parse(cog.with_suffix(".qml")).getroot()
     entries = style.findall(".//paletteEntry")
     assert [(e.get("label"), e.get("color")) for e in entries] == list(zip(artifact.classes, artifact.class_colors))
-    ramp = ET.parse(archive / "2013" / "cog" / "abundance_2013.qml").getroot().findall(".//colorrampshader/item")
+    style = ET.parse(archive / "2013" / "cog" / "abundance_2013.qml").getroot()
+    ramp = style.findall(".//colorrampshader/item")
     assert (ramp[0].get("value"), ramp[-1].get("value")) == ("0", "1")
+    # the abundance style opens on the class with the highest mean abundance, not on band 1
+    means = mb.open_output(archive / "2013" / "abundance.zarr")["abundance"].mean(("y", "x")).values
+    band = int(style.find(".//rasterrenderer").get("band"))
+    assert band == int(np.argmax(means)) + 1 and band != 1  # class 1, urban, is rare in the simulated region
+    with rasterio.open(archive / "2013" / "cog" / "abundance_2013.tif") as cog:
+        assert cog.descriptions[band - 1] == artifact.classes[int(np.argmax(means))]
 
 
 def test_cog_export_reads_window_by_window_and_keeps_every_value(archive, tmp_path):

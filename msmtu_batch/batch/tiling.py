@@ -50,16 +50,6 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def reset_peak_memory() -> bool:
-    """Start this process's peak resident memory (VmHWM) afresh, so that what follows is measured
-    on its own (Linux: 5 written to /proc/self/clear_refs); False where that cannot be done."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def covering_window(crs: CRS, transform: Affine, height: int, width: int, src_crs: CRS, src_transform: Affine,
                     src_height: int, src_width: int, margin: int) -> tuple[int, int, int, int] | None:
     """Rows and columns ``(row0, row1, col0, col1)`` of a source grid that cover the grid

@@ -6,7 +6,8 @@ checked with rio-cogeo's validator before it is moved into place. ``dominant_cla
 byte raster with the model's class colours as its colour table and the class names as GDAL
 category names (in its ``.aux.xml``, where GDAL keeps them for GeoTIFF). Beside every COG a
 QGIS style (``.qml`` of the same name, which QGIS applies when it opens the file): the class
-palette for ``dominant_class`` and ``quality_flag``, a 0-1 ramp for the others. File names
+palette for ``dominant_class`` and ``quality_flag``, a 0-1 ramp for the others, on the most
+abundant class's band for ``abundance`` (its mean over the region highest). File names
 carry the year: ``abundance_2013.tif``.
 """
 
@@ -150,9 +151,12 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
             blockysize=BLOCK) as raster:
         # window by window, so that memory follows the window, not the region (a 10,000 x 10,000
         # abundance product is 4 GB): windows of whole Zarr chunks and whole TIFF blocks
+        totals = np.zeros(len(descriptions))  # per band, for the style's default band
         for (y0, y1), (x0, x1) in _windows(product):
-            values = product[..., y0:y1, x0:x1].values
-            raster.write(values.reshape(-1, y1 - y0, x1 - x0), window=Window(x0, y0, x1 - x0, y1 - y0))
+            values = product[..., y0:y1, x0:x1].values.reshape(-1, y1 - y0, x1 - x0)
+            raster.write(values, window=Window(x0, y0, x1 - x0, y1 - y0))
+            if kind == "abundance":
+                totals += np.nansum(values, axis=(1, 2), dtype=np.float64)
         for band, description in enumerate(descriptions, start=1):
             raster.set_band_description(band, description)
         if colormap:  # paletted already, so rio-cogeo need not make it so (and warn from a thread)
@@ -169,7 +173,8 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     valid, errors, _ = cog_validate(partial)
     if not valid:
         raise MsmtuError(f"{final}: not a valid COG ({'; '.join(errors)})")
-    write_text_durably(cog_dir / f"{stem}.qml", _qml(kind, classes, colors))
+    # an abundance COG opens on its most abundant class: band 1 (often a rare class) looks uniform
+    write_text_durably(cog_dir / f"{stem}.qml", _qml(kind, classes, colors, band=int(np.argmax(totals)) + 1))
     if kind in ("dominant_class", "quality_flag"):
         names = classes if kind == "dominant_class" else str(ds["quality_flag"].attrs.get("flag_meanings", "")).split()
         write_text_durably(cog_dir / f"{stem}.tif.aux.xml", _category_names(names))
@@ -187,8 +192,9 @@ def _category_names(names: list[str]) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _qml(kind: str, classes: list[str], colors: list[str]) -> str:
-    """A QGIS layer style: a palette for the categorical products, a 0-1 ramp for the others."""
+def _qml(kind: str, classes: list[str], colors: list[str], band: int = 1) -> str:
+    """A QGIS layer style: a palette for the categorical products, a 0-1 ramp on ``band`` for the
+    others."""
     root = ET.Element("qgis", version="3.28", styleCategories="Symbology")
     pipe = ET.SubElement(root, "pipe")
     if kind in ("dominant_class", "quality_flag"):
@@ -200,7 +206,7 @@ def _qml(kind: str, classes: list[str], colors: list[str]) -> str:
             ET.SubElement(palette, "paletteEntry", value=str(value), color=color, label=label, alpha="255")
     else:
         top = RAMP_TOP.get(kind, 1.0)
-        renderer = ET.SubElement(pipe, "rasterrenderer", type="singlebandpseudocolor", band="1", opacity="1",
+        renderer = ET.SubElement(pipe, "rasterrenderer", type="singlebandpseudocolor", band=str(band), opacity="1",
                                  alphaBand="-1", classificationMin="0", classificationMax=f"{top:g}")
         shader = ET.SubElement(ET.SubElement(renderer, "rastershader"), "colorrampshader", colorRampType="INTERPOLATED",
                                classificationMode="1", clip="0", minimumValue="0", maximumValue=f"{top:g}")
