@@ -58,8 +58,8 @@ PRODUCTS: dict[str, CogSettings] = {
 DEFLATE_LEVEL = 1
 BLOCK = 256
 # GDAL's block cache while a COG is written and its overviews built: GDAL's default is 5 % of
-# the machine's memory, which a large product fills (1.2 GB on 24 GB); the writes are sequential,
-# so a small cache costs nothing measurable (benchmarks/NOTES.md, 2026-12-07)
+# the machine's memory (1.2 GB on 24 GB), which a large product would fill; the writes go block
+# by block in order, so they need few blocks cached
 GDAL_CACHE_BYTES = 64 * 2**20
 QUALITY_COLORS = ("#1a9850", "#bdbdbd", "#fc8d59")  # estimated, too few observations, unlike training
 # viridis at 0, 0.25, 0.5, 0.75, 1: the 0-1 ramp of abundance, uncertainty, valid fraction
