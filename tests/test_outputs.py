@@ -325,6 +325,38 @@ def test_cog_export_reads_window_by_window_and_keeps_every_value(archive, tmp_pa
         np.testing.assert_array_equal(written, big[name].values.reshape(written.shape))
 
 
+def test_output_store_of_a_large_region_is_planned_without_its_data(model, regions):
+    """The empty output store of a 4096 x 4096 region: its products are lazy arrays of their
+    fill values, so creating it allocates nothing of the region's size (a chunked broadcast of
+    the fills allocated 870 MiB here, the peak of the whole run)."""
+    import tracemalloc
+
+    import dask.array
+
+    from msmtu_batch.model.artifact import load_artifact
+    from msmtu_batch.products.blocks import DOMINANT_FILL, FLAG_TOO_FEW_OBSERVATIONS, output_template
+
+    artifact = load_artifact(model)
+    small = xr.open_zarr(regions[2013], decode_coords="all")
+    side, resolution = 4096, float(small.x[1] - small.x[0])
+    grid = xr.Dataset(coords={"y": float(small.y[0]) - resolution * np.arange(side),
+                              "x": float(small.x[0]) + resolution * np.arange(side), "time": small.time})
+    tracemalloc.start()
+    try:
+        template = output_template(grid, artifact, mb.RunConfig(chunk=256))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    abundance = template["abundance"]
+    assert abundance.shape == (len(artifact.classes), side, side) and abundance.nbytes > 600e6
+    assert all(isinstance(v.data, dask.array.Array) for v in template.data_vars.values())
+    assert peak < 20e6, peak
+    corner = template.isel(y=slice(250, 260), x=slice(250, 260)).compute()  # two chunks a side
+    assert np.isnan(corner["abundance"].values).all() and corner["abundance"].dtype == np.float32
+    assert (corner["quality_flag"].values == FLAG_TOO_FEW_OBSERVATIONS).all()
+    assert (corner["dominant_class"].values == DOMINANT_FILL).all() and corner["dominant_class"].dtype == np.uint8
+
+
 @pytest.fixture(scope="module")
 def zarr2_environment(tmp_path_factory) -> Path:
     """zarr-python 2 (and the numcodecs it works with) in a folder of its own, put before the

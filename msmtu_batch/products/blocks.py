@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
+import dask.array
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -156,8 +157,10 @@ def output_template(grid: xr.Dataset, artifact: ModelArtifact, config: RunConfig
     def filled(dims: tuple[str, ...], dtype, fill) -> tuple:
         sizes = {"y": height, "x": width, CLASS_DIM: k, "time": grid.sizes.get("time"), "band": len(BAND_NAMES),
                  coarse_dim: len(levels.classes) if levels else None}
-        data = xr.DataArray(np.broadcast_to(np.array(fill, dtype), tuple(sizes[d] for d in dims)), dims=dims)
-        return dims, data.chunk({d: chunks.get(d, -1) for d in dims}).data
+        # dask's own constant array: nothing of the region's size is ever allocated (chunking a
+        # broadcast NumPy view copied it whole: 870 MiB at 4096 x 4096, benchmarks/NOTES.md)
+        return dims, dask.array.full(tuple(sizes[d] for d in dims), fill, dtype=dtype,
+                                     chunks=tuple(chunks.get(d, -1) for d in dims))
 
     classes = xr.Variable(CLASS_DIM, np.array(artifact.classes, dtype=object),
                           {"standard_name": "area_type", "long_name": f"LULC class ({artifact.level})"})
