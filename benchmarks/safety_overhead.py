@@ -8,8 +8,9 @@ code of ``--base`` (checked out with ``git worktree`` in a temporary folder) and
 tree, alternately, ``--repeats`` times each, on the same files. Also measures, alone, the
 pieces the reliability work added: the input-content digest (sha256 of the store's bytes),
 the crc32c checksum of the chunks the run writes, the fsync of a chunk's files before its
-marker, the input-distribution guard on a chunk, and the re-verification of a complete
-output (done on a rerun, not by a first run).
+marker, the input-distribution guard on a chunk, the re-verification of a complete output
+(done on a rerun, not by a first run), the input files' stats taken before the chunks and
+compared after them, and the model's checksum on load.
 """
 
 from __future__ import annotations
@@ -62,8 +63,16 @@ def pieces(region: Path, model: Path, output: Path) -> dict[str, float]:
     """Seconds of each added piece on the whole region (per chunk x chunks where per chunk)."""
     import zarr
     from crc32c import crc32c
+    from safetensors import safe_open
 
-    from msmtu_batch.batch.pipeline import _flush_chunk, damaged_chunks, input_content_digest
+    from msmtu_batch.batch.digests import tensors_checksum
+    from msmtu_batch.batch.pipeline import (
+        _flush_chunk,
+        changed_input_files,
+        damaged_chunks,
+        input_content_digest,
+        input_file_stats,
+    )
     from msmtu_batch.batch.tiling import chunk_windows
     from msmtu_batch.model.artifact import load_artifact
     from msmtu_batch.model.kernels import prepare_chunk
@@ -79,6 +88,9 @@ def pieces(region: Path, model: Path, output: Path) -> dict[str, float]:
     reflectance, qa = group["reflectance"][:, :, ys, xs], group["state_qa"][:, ys, xs]
     ancillary = np.stack([group[n][ys, xs] for n in artifact.ancillary_names])
     inputs, observed = prepare_chunk(reflectance, qa, ancillary, artifact.band_stats, artifact.ancillary_stats)
+    with safe_open(model, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        metadata = json.loads(f.metadata()["msmtu_batch"])
     written = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
     chunk_bytes = [p.read_bytes() for p in output.rglob("c/*/*") if p.is_file()][:64]
     per_chunk_crc = best_of(lambda: [crc32c(b) for b in chunk_bytes]) / max(1, len(chunk_bytes))
@@ -90,6 +102,9 @@ def pieces(region: Path, model: Path, output: Path) -> dict[str, float]:
         "crc32c of the written chunks (estimate)": per_chunk_crc * written / max(1, np.mean([len(b) for b in
                                                                                           chunk_bytes])),
         "re-verification of a complete output (rerun only)": best_of(lambda: damaged_chunks(output, windows), 1),
+        "input files' stats, before and after the chunks": best_of(
+            lambda: changed_input_files(cube, input_file_stats(cube))),
+        "model checksum on load (once per worker process)": best_of(lambda: tensors_checksum(tensors, metadata)),
     }
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -21,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 
 from msmtu_batch import __version__
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.errors import MsmtuError, MsmtuWarning
 from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_SETS, open_input_cube
 from msmtu_batch.inputs.training_data import PARTITIONS, PixelSet
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
@@ -71,6 +73,32 @@ def _user_errors() -> Iterator[None]:
         console.print(f"[red]msmtu-batch: error:[/red] {where}{exc.strerror or exc}", highlight=False,
                       soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a scheduler's cancel: see run())
+        console.print("msmtu-batch: interrupted; rerun the same command to resume", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(128 + getattr(exc, "signal", signal.SIGINT)) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception in the main thread: the `finally` blocks and context managers
+    that remove temporary files and release locks run, as after Ctrl-C."""
+
+    signal = signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+_show_python_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one line each, without Python's source location."""
+    if issubclass(category, MsmtuWarning):
+        console.print(f"msmtu-batch: warning: {message}", highlight=False, soft_wrap=True)
+    else:
+        _show_python_warning(message, category, filename, lineno, file, line)
 
 
 def _version(value: bool) -> None:
@@ -678,6 +706,8 @@ def numpy_without_huge_pages() -> None:
 def run() -> None:
     """Console-script entry point."""
     numpy_without_huge_pages()
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    warnings.showwarning = _show_warning
     app(prog_name="msmtu-batch")
 
 

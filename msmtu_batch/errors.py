@@ -11,3 +11,8 @@ class CubeValidationError(MsmtuError, ValueError):
 
 class TrainingDataError(MsmtuError, ValueError):
     """Training data (Andalusia-MSMTU layout or reference cube) is missing or inconsistent."""
+
+
+class MsmtuWarning(UserWarning):
+    """Something a user should know that does not stop the command (the CLI prints it as
+    ``msmtu-batch: warning: ...``)."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from msmtu_batch.batch.digests import with_checksum
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import BAND_NAMES, GEOTOPO_NAMES
 from msmtu_batch.model.artifact import ArtifactError, ModelArtifact, load_artifact, save_artifact
@@ -76,7 +77,7 @@ def _rewrite(path, tensors=None, meta_update=None):
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["msmtu_batch"])
     meta.update(meta_update or {})
-    save_file(tensors, path, metadata={"msmtu_batch": json.dumps(meta)})
+    save_file(tensors, path, metadata={"msmtu_batch": json.dumps(with_checksum(meta, tensors))})
 
 
 def test_inconsistent_artifacts_are_refused(artifact, tmp_path):

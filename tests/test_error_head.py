@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 from sklearn.ensemble import HistGradientBoostingRegressor
 
+from msmtu_batch.batch.digests import with_checksum
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import ArtifactError, load_artifact, save_artifact
 from msmtu_batch.model.error_head import ErrorHead, error_features, tree_arrays
@@ -122,11 +125,11 @@ def test_a_damaged_head_is_refused(trained, tmp_path, name, change, message):
     _, path = trained
     tensors = load_file(path)
     with safe_open(path, framework="pt") as f:
-        metadata = f.metadata()
+        meta = json.loads(f.metadata()["msmtu_batch"])
     key = f"error_head.{name}"
     tensors[key] = torch.from_numpy(change(tensors[key].numpy()))
-    damaged = tmp_path / "damaged.safetensors"
-    save_file(tensors, damaged, metadata=metadata)
+    damaged = tmp_path / "damaged.safetensors"  # damaged before it was written: its checksum agrees
+    save_file(tensors, damaged, metadata={"msmtu_batch": json.dumps(with_checksum(meta, tensors))})
     with pytest.raises(ArtifactError) as caught:
         load_artifact(damaged)
     assert str(caught.value) == f"{damaged}: {message}"

@@ -26,6 +26,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from msmtu_batch.batch.digests import with_checksum
 from msmtu_batch.batch.pipeline import RunConfig, run
 from msmtu_batch.errors import MsmtuError, TrainingDataError
 from msmtu_batch.evaluation.evaluate import evaluate
@@ -36,7 +37,7 @@ from msmtu_batch.model.artifact import load_artifact, save_artifact
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.train import TrainConfig, train
 from msmtu_batch.products.archive import open_output
-from tests.conftest import SMALL, zarr_files
+from tests.conftest import SMALL, gdal, zarr_files
 
 BIN = Path(sys.executable).parent
 CHUNK = 24  # 3 x 4 = 12 chunks on the 72 x 96 test region
@@ -165,7 +166,7 @@ def test_artifact_without_band_units_is_refused(model, tmp_path):
         if units:
             meta["band_statistics_units"] = units
         path = tmp_path / f"{units}.safetensors"
-        save_file(tensors, path, metadata={"msmtu_batch": json.dumps(meta)})
+        save_file(tensors, path, metadata={"msmtu_batch": json.dumps(with_checksum(meta, tensors))})
         with pytest.raises(MsmtuError) as err:
             load_artifact(path)
         assert str(err.value) == (f"{path}: unit of the band statistics is {expected}; expected 'reflectance' "
@@ -174,7 +175,7 @@ def test_artifact_without_band_units_is_refused(model, tmp_path):
     meta["band_statistics_units"] = "reflectance x 1e4"
     tensors["band_mean"], tensors["band_std"] = tensors["band_mean"] * 1e4, tensors["band_std"] * 1e4
     path = tmp_path / "x1e4.safetensors"
-    save_file(tensors, path, metadata={"msmtu_batch": json.dumps(meta)})
+    save_file(tensors, path, metadata={"msmtu_batch": json.dumps(with_checksum(meta, tensors))})
     converted, original = load_artifact(path), load_artifact(model)
     np.testing.assert_allclose(converted.band_stats.mean, original.band_stats.mean, rtol=1e-6)
     np.testing.assert_allclose(converted.band_stats.std, original.band_stats.std, rtol=1e-6)
@@ -495,7 +496,7 @@ def rewritten(model: Path, target: Path, meta_update: dict | None = None, tensor
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     meta.update(meta_update or {})
     tensors.update(tensors_update or {})
-    save_file(tensors, target, metadata={"msmtu_batch": json.dumps(meta)})
+    save_file(tensors, target, metadata={"msmtu_batch": json.dumps(with_checksum(meta, tensors))})
     return target
 
 
@@ -722,3 +723,287 @@ def test_published_table_with_declared_units_maps_a_cube_in_those_units(region, 
                               "--ancillary-units", "precipitation=furlongs per fortnightly")) == (
         "--ancillary-units precipitation: 'furlongs per fortnightly' is not a unit udunits/CF knows (e.g. "
         "'mm year-1', 'degC', 'kg m-2 year-1')")
+
+
+# --- 14. second audit round: inputs that change under a run, flipped grids, full disks, signals ----
+
+def edited_copy(cube: Path, target: Path) -> Path:
+    """Another cube of the same shape and metadata: the region's with its reflectance 10 % lower
+    (within the training data's range: the input guard lets it through)."""
+    copy_of(cube, target)
+    reflectance = zarr.open_array(target / "reflectance", mode="r+")
+    values = reflectance[:]
+    reflectance[:] = np.where(values == REFLECTANCE_FILL, values, values - values // 10)
+    return target
+
+
+def test_input_rewritten_during_a_run_is_refused_and_the_rerun_maps_it_as_it_is_now(region, model, scheduler,
+                                                                                   tmp_path):
+    cube = copy_of(region.cube, tmp_path / "cube.zarr")
+    other = edited_copy(region.cube, tmp_path / "other.zarr")
+    out = tmp_path / "out.zarr"
+    config = RunConfig(chunk=8)  # 9 x 12 = 108 chunks
+
+    def copy_over_at_the_30th_chunk(finished, total):
+        for i, future in enumerate(finished):
+            if i == 30:  # as `cp -r other/. cube/` would, while the other chunks are queued and running
+                shutil.copytree(other, cube, dirs_exist_ok=True)
+            yield future
+
+    with pytest.raises(MsmtuError) as err:
+        run(cube, model, out, config=config, scheduler=scheduler, progress=copy_over_at_the_30th_chunk)
+    assert re.fullmatch(rf"{re.escape(str(cube))} changed while this run read it \(\d+ files, e\.g\. \S+\); nothing "
+                        r"was published and its chunks are discarded: rerun the same command once the input is "
+                        "final", str(err.value)), str(err.value)
+    assert not out.exists() and (tmp_path / ".out.zarr.partial").is_dir()
+    # the rerun maps the input as it is now, without --overwrite: every pixel from the new content
+    summary = run(cube, model, out, config=config, scheduler=scheduler)
+    assert summary.computed_chunks == 108
+    expected = run(other, model, tmp_path / "expected.zarr", config=config, scheduler=scheduler)
+    for name in ("abundance", "quality_flag", "valid_fraction"):
+        np.testing.assert_array_equal(open_output(out)[name].values, open_output(expected.out)[name].values)
+
+
+def test_cube_with_y_increasing_is_mapped_and_exported_north_up(region, model, clean_output, scheduler, tmp_path):
+    import rasterio
+
+    from msmtu_batch.products.export import export_cogs
+
+    ds = xr.open_zarr(region.cube, mask_and_scale=False, decode_coords="all", consolidated=False)
+    ds.attrs.pop(ALL_CHUNKS_ATTR)
+    for var in ds.variables.values():
+        var.encoding = {}
+    flipped = tmp_path / "south-up.zarr"
+    ds.isel(y=slice(None, None, -1)).load().to_zarr(flipped, consolidated=False)  # as a user's xarray writes it
+    result = cli("run", "--cube", flipped, "--model", model, "--out", tmp_path / "out.zarr", "--chunk", CHUNK,
+                 "--cog", tmp_path / "cogs", "--scheduler", scheduler)
+    assert result.returncode == 0, result.stderr
+    output = open_output(tmp_path / "out.zarr")
+    assert output.y.values[0] < output.y.values[-1], "the Zarr keeps the input's order"
+    np.testing.assert_array_equal(output["abundance"].isel(y=slice(None, None, -1)).values,
+                                  open_output(clean_output)["abundance"].values)
+    export_cogs(clean_output, tmp_path / "north-up-cogs")
+    for name in ("abundance", "dominant_class", "quality_flag"):
+        with rasterio.open(tmp_path / "cogs" / f"{name}_2013.tif") as got, \
+                rasterio.open(tmp_path / "north-up-cogs" / f"{name}_2013.tif") as expected:
+            assert got.transform == expected.transform and got.transform.e < 0 and got.crs == expected.crs
+            np.testing.assert_array_equal(got.read(), expected.read())
+    # GDAL's own reading of the file: the top-left corner is the cube's north-west corner
+    info = json.loads(gdal("gdalinfo", "-json", str(tmp_path / "cogs" / "abundance_2013.tif"), stderr=False))
+    west, north = info["cornerCoordinates"]["upperLeft"]
+    pixel = float(ds.x[1] - ds.x[0])
+    assert west == pytest.approx(float(ds.x.min()) - pixel / 2)
+    assert north == pytest.approx(float(ds.y.max()) + pixel / 2)
+
+
+def test_full_disk_while_the_store_is_created_leaves_a_run_the_rerun_resumes(region, model, clean_output,
+                                                                             tmp_path):
+    with tmpfs(tmp_path / "disk", "size=12k") as disk:
+        args = ("run", "--cube", region.cube, "--model", model, "--out", disk / "out.zarr", "--chunk", CHUNK)
+        line = one_line_error(cli_process(*args))
+        assert "No space left on device" in line and str(disk) in line, line
+        assert (disk / ".out.zarr.partial").is_dir() and not (disk / "out.zarr").exists()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
+        result = cli_process(*args)
+        assert result.returncode == 0, result.stderr
+        assert zarr_files(disk / "out.zarr") == zarr_files(clean_output)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """What a COG folder holds besides complete COGs and their sidecars."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith((".", "tmp")) or p.stat().st_size == 0)
+
+
+def test_full_disk_during_export_ends_in_one_line_and_leaves_no_temporary_file(region, model, clean_output,
+                                                                               tmp_path):
+    out = copy_of(clean_output, tmp_path / "out.zarr")
+    with tmpfs(tmp_path / "disk", "size=96k") as disk:
+        line = one_line_error(cli_process("run", "--cube", region.cube, "--model", model, "--out", out,
+                                          "--chunk", CHUNK, "--cog", disk / "cogs"))
+        assert re.fullmatch(rf"{re.escape(str(disk / 'cogs'))}/\w+_2013\.tif: No space left on device", line), line
+        assert leftovers(disk / "cogs") == []
+
+
+def test_sigterm_during_export_ends_in_one_line_leaves_nothing_and_the_rerun_completes(region, model,
+                                                                                      clean_output, tmp_path):
+    out, cogs = copy_of(clean_output, tmp_path / "out.zarr"), tmp_path / "cogs"
+    args = [str(BIN / "msmtu-batch"), "run", "--cube", str(region.cube), "--model", str(model), "--out", str(out),
+            "--chunk", str(CHUNK), "--cog", str(cogs)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not list(cogs.glob(".msmtu-export-*/*.tif")):
+        pass  # until the export has begun writing
+    process.terminate()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + 15, stderr
+    assert stderr.splitlines()[-1] == "msmtu-batch: interrupted; rerun the same command to resume", stderr
+    assert leftovers(cogs) == []
+    result = cli_process(*args[1:])
+    assert result.returncode == 0, result.stderr
+    assert len(list(cogs.glob("*.tif"))) == 6 and leftovers(cogs) == []
+
+
+def test_sigterm_while_chunks_are_computed_ends_in_one_line_and_the_rerun_resumes(region, model, clean_output,
+                                                                                  tmp_path):
+    out = tmp_path / "out.zarr"
+    args = [str(BIN / "msmtu-batch"), "run", "--cube", str(region.cube), "--model", str(model), "--out", str(out),
+            "--chunk", "8"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and len(list((tmp_path / ".out.zarr.partial" / "msmtu_done").glob("*"))) < 5:
+        pass
+    process.terminate()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + 15, stderr
+    assert stderr.splitlines()[-1] == "msmtu-batch: interrupted; rerun the same command to resume", stderr
+    assert not out.exists() and not (tmp_path / ".out.zarr.lock").exists()
+    result = cli_process(*args[1:])
+    assert result.returncode == 0, result.stderr
+    resumed = re.search(r"(\d+) of 108 chunks computed", result.stdout)
+    assert resumed and 0 < int(resumed[1]) <= 103, result.stdout
+    np.testing.assert_allclose(open_output(out)["abundance"].values, open_output(clean_output)["abundance"].values,
+                               atol=1e-6)
+
+
+def test_reference_on_another_grid_is_refused(region, tmp_path):
+    level2 = xr.open_zarr(region.reference, group="level2", decode_coords="all", consolidated=False)
+    pixel = float(level2.x[1] - level2.x[0])
+    cases = {
+        "shifted": (level2.assign_coords(x=level2.x + 40.0),
+                    f"grid differs from {region.cube} along x by up to 40 (pixel size {pixel:g}; reference and cube "
+                    "must share one grid)"),
+        "geographic": (level2.rio.write_crs("EPSG:4326"),
+                       f"CRS EPSG:4326 differs from the cube's EPSG:25830 ({region.cube}); reproject the reference "
+                       "onto the cube's grid"),
+    }
+    for name, (reference, message) in cases.items():
+        store = tmp_path / f"{name}.zarr"
+        reference.to_zarr(store, consolidated=False)
+        line = one_line_error(cli("train", "--cube", region.cube, "--reference", store, "--level", "level2",
+                                  "--epochs", "1", "--out", tmp_path / "m.safetensors"))
+        assert line == f"{store}: {message}", name
+
+
+def test_scheduler_bound_to_every_interface_is_warned(tmp_path):
+    spec = tmp_path / "slurm.yaml"
+    spec.write_text("cluster: slurm\nscheduler_host: 0.0.0.0\nshared_directory: " + str(tmp_path / "shared") + "\n")
+    result = cli_process("cluster-script", spec)
+    assert result.returncode == 0, result.stderr
+    assert (f"msmtu-batch: warning: {spec}: scheduler_host 0.0.0.0 listens on every network interface of this "
+            "host") in result.stderr, result.stderr
+
+
+def with_header(path: Path, target: Path, edit) -> Path:
+    """``path`` with its safetensors header JSON text passed through ``edit`` (tensors kept)."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = edit(data[8:8 + length].decode())
+    assert header != data[8:8 + length].decode(), "the edit changed the header"
+    target.write_bytes(len(header.encode()).to_bytes(8, "little") + header.encode() + data[8 + length:])
+    return target
+
+
+def test_damaged_or_malformed_artifacts_are_refused_in_one_line(region, model, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    flipped = tmp_path / "flipped.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0x04  # one bit of the last tensor's weights
+    flipped.write_bytes(bytes(data))
+    edited = with_header(model, tmp_path / "edited.safetensors", lambda text: text.replace('level2', 'level9'))
+    for path in (flipped, edited):
+        line = one_line_error(cli("run", "--cube", region.cube, "--model", path, "--out", tmp_path / "o.zarr"))
+        assert line == (f"{path}: content does not match its checksum: the file was damaged or edited after it was "
+                        "written; use an intact copy")
+    # headers that are JSON but not an artifact's (with their checksum: the values are read, and refused)
+    cases = {
+        "units": ({"band_statistics_units": ["reflectance"]}, "malformed metadata (TypeError: unhashable type"),
+        "training": ({"training": "none"}, "training must be a JSON object of facts about the training, found 'none'"),
+    }
+    for name, (meta, message) in cases.items():
+        path = rewritten(model, tmp_path / f"{name}.safetensors", meta)
+        line = one_line_error(cli("run", "--cube", region.cube, "--model", path, "--out", tmp_path / "o.zarr"))
+        assert line.startswith(f"{path}: {message}"), line
+    nested = tmp_path / "nested.safetensors"
+    save_file({"w": torch.zeros(1)}, nested, metadata={"msmtu_batch": "[" * 100_000 + "]" * 100_000})
+    line = one_line_error(cli("run", "--cube", region.cube, "--model", nested, "--out", tmp_path / "o.zarr"))
+    assert line == f"{nested}: metadata nested too deeply to be an artifact's"
+
+
+def test_damaged_or_edited_checkpoint_is_refused_not_resumed(region, tmp_path):
+    from msmtu_batch.inputs.training_data import read_cube_reference
+    from msmtu_batch.model.train import Checkpointing
+
+    pixels = read_cube_reference(region.cube, region.reference, "level2")
+    checkpoint = tmp_path / "ckpt"
+    train(pixels, "level2", TrainConfig(epochs=1, hidden=16, embed=8, head_hidden=16),
+          checkpointing=Checkpointing(checkpoint))
+    data = bytearray(checkpoint.read_bytes())
+    data[-100] ^= 0x04
+    (tmp_path / "flipped").write_bytes(bytes(data))
+    with_header(checkpoint, tmp_path / "epoch99", lambda text: text.replace('\\"epoch\\": 1,', '\\"epoch\\": 9,'))
+    for name in ("flipped", "epoch99"):
+        with pytest.raises(MsmtuError) as err:
+            train(pixels, "level2", TrainConfig(epochs=6, hidden=16, embed=8, head_hidden=16),
+                  checkpointing=Checkpointing(tmp_path / name))
+        assert str(err.value) == (f"{tmp_path / name}: not a readable training checkpoint (its content does not "
+                                  "match its checksum: damaged or edited after it was written); delete it to start "
+                                  "afresh"), name
+
+
+def test_readers_of_an_archive_see_one_version_of_a_year_while_it_is_replaced(region, model, scheduler, tmp_path):
+    """As the workflow publishes a year (``run(..., versioned=True)``): a dataset opened before
+    the replacement reads the old year to the end, lazily too; reads in a loop during it are each
+    all old or all new (one in 103 lazy reads mixed them when the store was replaced by renames)."""
+    import threading
+
+    out = tmp_path / "archive" / "2013" / "abundance.zarr"
+    config = RunConfig(chunk=CHUNK)
+    run(region.cube, model, out, config=config, scheduler=scheduler, versioned=True)
+    old = open_output(out)["abundance"].values
+    lazy = open_output(tmp_path / "archive")  # opened before the replacement, read after it
+    other = edited_copy(region.cube, tmp_path / "other.zarr")
+    reads, stop = [], threading.Event()
+
+    def read_in_a_loop():
+        while not stop.is_set():
+            reads.append(open_output(tmp_path / "archive")["abundance"].isel(time=0).values)
+
+    reader = threading.Thread(target=read_in_a_loop)
+    reader.start()
+    try:
+        run(other, model, out, config=config, scheduler=scheduler, overwrite=True, versioned=True)
+        for _ in range(3):  # some reads after the replacement too
+            reads.append(open_output(tmp_path / "archive")["abundance"].isel(time=0).values)
+    finally:
+        stop.set()
+        reader.join()
+    new = open_output(out)["abundance"].values
+    assert not np.array_equal(old, new, equal_nan=True)
+    np.testing.assert_array_equal(lazy["abundance"].isel(time=0).values, old)
+    versions = [("old" if np.array_equal(r, old, equal_nan=True) else
+                 "new" if np.array_equal(r, new, equal_nan=True) else "mixed") for r in reads]
+    assert "mixed" not in versions and versions[-1] == "new" and versions[0] == "old", versions
+    # the store a reader may still hold is kept until the next replacement; older ones go
+    assert out.is_symlink() and len(list((out.parent / ".abundance.zarr.versions").iterdir())) == 2
+    run(region.cube, model, out, config=config, scheduler=scheduler, overwrite=True, versioned=True)
+    assert len(list((out.parent / ".abundance.zarr.versions").iterdir())) == 2
+    np.testing.assert_array_equal(open_output(out)["abundance"].values, old)
+
+
+def test_chunk_sizes_are_cut_to_the_region_and_checked_against_the_workers_memory(region, model, clean_output,
+                                                                                  tmp_path):
+    # larger than the region: one chunk of the region's size (it allocated 373 GiB, a MemoryError)
+    result = cli("run", "--cube", region.cube, "--model", model, "--out", tmp_path / "one.zarr", "--chunk", 100_000)
+    assert result.returncode == 0, result.stderr
+    assert "1 of 1 chunks computed" in result.stdout
+    assert zarr.open_array(tmp_path / "one.zarr" / "abundance", mode="r").chunks[1:] == (SMALL.height, SMALL.width)
+    np.testing.assert_allclose(open_output(tmp_path / "one.zarr")["abundance"].values,
+                               open_output(clean_output)["abundance"].values, atol=1e-6)
+    # a task that cannot fit its share of a worker's memory: refused before any work, naming what fits
+    spec = tmp_path / "small.yaml"
+    spec.write_text("cluster: local\nprocesses: false\nthreads_per_worker: 2\nmemory_limit: 360MB\n")
+    line = one_line_error(cli("run", "--cube", region.cube, "--model", model, "--out", tmp_path / "o.zarr",
+                              "--chunk", 96, "--scheduler", spec))
+    assert line == ("--chunk 96: a task of 72 x 96 pixels needs about 177.14 MiB, but a worker has 343.32 MiB for 2 "
+                    "tasks at once (171.66 MiB each); use --chunk 64 or less, or workers with more memory")
+    assert not (tmp_path / "o.zarr").exists()

@@ -228,7 +228,7 @@ def test_cube_reader_refuses_another_grid(region, tmp_path):
     ref.to_zarr(tmp_path / "ref.zarr", group="level2", consolidated=False)
     with pytest.raises(TrainingDataError) as err:
         read_cube_reference(region.cube, tmp_path / "ref.zarr", "level2")
-    assert str(err.value) == (f"{tmp_path / 'ref.zarr'}: grid differs from {region.cube} along x "
+    assert str(err.value) == (f"{tmp_path / 'ref.zarr'}: 95 pixels along x, the cube {region.cube} has 96 "
                               "(reference and cube must share one grid)")
 
 

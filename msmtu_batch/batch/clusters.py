@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,11 +54,19 @@ from pydantic import (
     model_validator,
 )
 
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.errors import MsmtuError, MsmtuWarning
 
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _memory_amount(value: str) -> str:
+    try:
+        parse_bytes(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{value!r} is not an amount of memory (e.g. 16GB)") from None
+    return value
 
 
 class LocalSpec(_Spec):
@@ -75,6 +84,13 @@ class LocalSpec(_Spec):
     processes: bool | None = None
     n_workers: int | None = Field(None, ge=1)
     threads_per_worker: int | None = Field(None, ge=1)
+    memory_limit: str | None = Field(None, description="memory of each worker, e.g. 8GB (default: this machine's "
+                                                       "memory shared among the workers)")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _limit_bytes(cls, value: str | None) -> str | None:
+        return None if value is None else _memory_amount(value)
 
     def cluster_shape(self, processes: bool) -> tuple[int, int]:
         """(workers, Dask threads per worker): as given, else one per core, as processes of
@@ -142,11 +158,7 @@ class _BatchSpec(_Spec):
     @field_validator("memory")
     @classmethod
     def _bytes(cls, value: str) -> str:
-        try:
-            parse_bytes(value)
-        except (ValueError, TypeError):
-            raise ValueError(f"{value!r} is not an amount of memory (e.g. 16GB)") from None
-        return value
+        return _memory_amount(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> _BatchSpec:
@@ -185,6 +197,10 @@ class _BatchSpec(_Spec):
         """dask-jobqueue keywords shared by both batch systems."""
         self._check_interface()
         host = None if self.interface else (self.scheduler_host or "127.0.0.1")
+        if host in ALL_INTERFACES:
+            warnings.warn(f"{self._source}: scheduler_host {host} listens on every network interface of this host: "
+                          "anyone who reaches it can try the scheduler (TLS keeps them out); prefer the address "
+                          "of the interface the compute nodes use", MsmtuWarning, stacklevel=2)
         shared = Path(os.path.expandvars(self.shared_directory)).expanduser()
         shared.mkdir(parents=True, exist_ok=True, mode=0o700)
         return dict(
@@ -196,6 +212,9 @@ class _BatchSpec(_Spec):
             worker_extra_args=["--resources", "GPU=1"] if self.gpu else [],
             # the dashboard stays on loopback: reach it through an SSH tunnel
             scheduler_options={"dashboard_address": "127.0.0.1:0"} | ({"host": host} if host else {}))
+
+
+ALL_INTERFACES = ("0.0.0.0", "::", "")  # a scheduler bound to these listens on every interface
 
 
 class SlurmSpec(_BatchSpec):
@@ -322,6 +341,7 @@ def connect(scheduler: str | AnySpec | Client | None = None, *, processes: bool 
         # on loopback, where Dask's default would be every interface.
         with dask.config.set({"distributed.worker.profile.enabled": profile}):  # read as each worker starts
             cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=False,
+                                   memory_limit=spec.memory_limit or "auto",
                                    scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
                                    worker_class=_LoopbackWorker, silence_logs=logging.ERROR)
         with cluster, _client_of(cluster) as client:
@@ -329,6 +349,7 @@ def connect(scheduler: str | AnySpec | Client | None = None, *, processes: bool 
         return
     # workers log errors only: a task's warnings on shutdown would otherwise follow the one line
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
+                      memory_limit=spec.memory_limit or "auto",
                       dashboard_address="127.0.0.1:0", security=Security.temporary(),
                       silence_logs=logging.ERROR) as cluster, _client_of(cluster) as client:
         client.register_plugin(QuietWhileClosing())

@@ -17,11 +17,16 @@ import contextlib
 import json
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blake3 import blake3
 
 from msmtu_batch.batch.outputs import write_text_durably
+
+if TYPE_CHECKING:
+    import torch
 
 
 def lower_thread_priority() -> None:
@@ -75,3 +80,35 @@ class DigestCache:
                 text = json.dumps(self._entries, sort_keys=True)
             self.store.parent.mkdir(parents=True, exist_ok=True)
             write_text_durably(self.store, text)
+
+
+
+CHECKSUM_FIELD = "content_blake3"  # a model file's content checksum, a field of its JSON metadata
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor], metadata: dict) -> str:
+    """BLAKE3 of a safetensors file's content as it is read back: its metadata (canonical JSON,
+    without the checksum field) and each tensor's name, dtype, shape and bytes, in name order.
+    Kept in the metadata on writing and compared on loading, so a flipped bit in the weights or
+    an edited header is caught (the format itself checks neither). In the one metadata entry,
+    not an entry of its own: safetensors writes its entries in no fixed order, and a model's
+    bytes must not depend on the process that wrote it."""
+    import torch  # here: the ingest's hashing needs no torch
+
+    described = {k: v for k, v in metadata.items() if k != CHECKSUM_FIELD}
+    digest = blake3(json.dumps(described, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def with_checksum(metadata: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """``metadata`` with the checksum of the file it describes (:func:`tensors_checksum`)."""
+    return {**metadata, CHECKSUM_FIELD: tensors_checksum(tensors, metadata)}
+
+
+def checksum_mismatch(metadata: dict, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a file's content differs from the checksum in its metadata (False without one)."""
+    return CHECKSUM_FIELD in metadata and metadata[CHECKSUM_FIELD] != tensors_checksum(tensors, metadata)

@@ -76,17 +76,67 @@ def output_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def replace_store(new: Path, final: Path) -> None:
+def replace_store(new: Path, final: Path, *, versioned: bool = False) -> None:
     """Put the finished store ``new`` at ``final``, replacing the store there (ours, checked by
-    the caller) by two renames: a reader meets the old store or the new one, never a half-written
-    or half-deleted one (only, for an instant, none)."""
-    if not final.exists():
+    the caller).
+
+    Plain: by two renames, so a reader that opens ``final`` meets the old store or the new
+    one, never a half-written or half-deleted one (only, for an instant, none). But a lazy
+    reader that opened the old store reads its chunks by path, and after the renames they are
+    the new store's. ``versioned``: each store is kept as ``.NAME.versions/<n>.zarr`` and
+    ``final`` is a symbolic link to the current one, replaced atomically; a reader resolves
+    the link once, at open (:func:`msmtu_batch.products.archive.open_output`), and so reads
+    one version to the end. The version replaced is kept until the next replacement, older
+    ones go."""
+    if versioned:
+        _publish_version(new, final)
+        return
+    if not final.exists() and not final.is_symlink():
         new.rename(final)
         return
     aside = final.with_name(f".{final.name}.replaced-{os.getpid()}")
     final.rename(aside)
     new.rename(final)
-    shutil.rmtree(aside)
+    if aside.is_symlink():  # a versioned store published plainly: its versions go with it
+        versions = store_versions(final)
+        aside.unlink()
+        shutil.rmtree(versions, ignore_errors=True)
+    else:
+        shutil.rmtree(aside)
+
+
+def store_versions(final: Path) -> Path:
+    """The folder holding the versions of a store published with ``versioned``."""
+    return final.with_name(f".{final.name}.versions")
+
+
+def _publish_version(new: Path, final: Path) -> None:
+    versions = store_versions(final)
+    versions.mkdir(exist_ok=True)
+    previous = final.resolve() if final.is_symlink() else None
+    if final.exists() and not final.is_symlink():  # published plainly before: it becomes a version
+        previous = versions / f"{time.time_ns()}.zarr"
+        final.rename(previous)
+    current = versions / f"{time.time_ns()}.zarr"
+    new.rename(current)
+    link = final.with_name(f".{final.name}.link-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    link.symlink_to(current.relative_to(final.parent))  # relative: the folder can be moved or copied whole
+    os.replace(link, final)
+    fsync_path(final.parent)
+    for old in versions.iterdir():
+        if old not in (current, previous):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def take_back(final: Path, staging: Path) -> None:
+    """Move the store at ``final`` (a versioned store's current version) to ``staging``, to be
+    repaired and published again."""
+    if final.is_symlink():
+        final.resolve().rename(staging)
+        final.unlink()
+    else:
+        final.rename(staging)
 
 
 def fsync_path(path: Path) -> None:

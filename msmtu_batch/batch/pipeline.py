@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+from dask.utils import format_bytes
 from distributed import Client, as_completed, default_client, get_worker
 from distributed import performance_report as dask_performance_report
 from threadpoolctl import ThreadpoolController
@@ -40,9 +43,18 @@ from msmtu_batch.batch.outputs import (
     fsync_path,
     output_lock,
     replace_store,
+    take_back,
     write_text_durably,
 )
-from msmtu_batch.batch.tiling import ChunkWindow, chunk_windows, peak_memory_mib
+from msmtu_batch.batch.tiling import (
+    ChunkWindow,
+    bound_heap_growth,
+    chunk_windows,
+    largest_chunk_within,
+    peak_memory_mib,
+    release_free_memory,
+    task_memory_bytes,
+)
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import (
     chunk_problem,
@@ -229,7 +241,8 @@ def _use_threads(spec: RunSpec) -> None:
     BLAS too: its idle threads spin after each product (the chunk checks' column sums) and
     took a core from the other task's model (benchmarks/NOTES.md, 2026-12-03). In threads of
     the run's own process the driver has set BLAS's count already (see :func:`run`), and
-    this call leaves it so."""
+    this call leaves it so. And the worker's large arrays mapped apart (:func:`bound_heap_growth`)."""
+    bound_heap_growth()
     torch.set_num_threads(spec.threads)
     numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
     _blas_threads().limit(limits=spec.threads, user_api="blas")
@@ -362,6 +375,27 @@ def input_content_digest(cube: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def input_file_stats(cube: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Each file of the input store, by relative path: inode, size, modification and change times.
+    The change time moves on every write and cannot be set back, so a copy that keeps the files'
+    modification times still shows."""
+    stats = {}
+    for path in cube.rglob("*"):
+        try:
+            st = path.stat()
+        except FileNotFoundError:  # removed while listed: the comparison sees it gone
+            continue
+        if stat.S_ISREG(st.st_mode):
+            stats[str(path.relative_to(cube))] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return stats
+
+
+def changed_input_files(cube: Path, before: dict[str, tuple[int, int, int, int]]) -> list[str]:
+    """The files of ``cube`` added, removed or written since ``before`` (:func:`input_file_stats`)."""
+    after = input_file_stats(cube)
+    return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+
+
 # What makes two runs the same: the content of the input and the model, the settings, the
 # software. The input's path is recorded, not compared.
 IDENTITY_KEYS = ("input_content", "model_hash", "settings", "software_version")
@@ -416,20 +450,26 @@ def _write_manifest(store: Path, manifest: dict) -> None:
 def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity: dict, run_id: str,
                   config: RunConfig, model_path: Path, command: str) -> None:
     """An empty output store carrying the grid, CRS, encodings and CF attributes
-    (:func:`output_template`) and the run's provenance."""
+    (:func:`output_template`) and the run's provenance. Its manifest is the first thing
+    written, marked ``created: false`` until every array exists: a rerun after a failure
+    here (a full disk, a kill) knows the folder as its own and creates it again."""
+    manifest = {**identity, "run_id": run_id, "complete": False, "created": False}
     out = output_template(ds, artifact, config)
     out.attrs.update(run_id=run_id, **provenance_attrs(
         model_hash=identity["model_hash"], model=str(model_path), input_store=identity["input"],
         input_content=identity["input_content"], command=command))
+    out.attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
     # the input's encodings (another Zarr format's codecs) stay behind
     out = for_zarr_format(project_store(out), config.zarr_format)
+    # chunks cut to the region (one of --chunk 100000 was allocated whole, 373 GiB, to write its part)
     encoding = cube_encoding(out, config.chunk, output_fills(out), config.zarr_format)
-    encoding["abundance"]["chunks"] = (len(artifact.classes), config.chunk, config.chunk)
     try:
-        out.to_zarr(store, mode="w", compute=False, encoding=encoding, consolidated=False,
+        zarr.open_group(store, mode="w", zarr_format=config.zarr_format,
+                        attributes={MANIFEST_ATTR: out.attrs[MANIFEST_ATTR]})
+        out.to_zarr(store, mode="a", compute=False, encoding=encoding, consolidated=False,
                     zarr_format=config.zarr_format)
         zarr.open_group(store, mode="r+").create_group(DONE_GROUP)
-        _write_manifest(store, {**identity, "run_id": run_id, "complete": False})
+        _write_manifest(store, {**manifest, "created": True})
     except OSError as exc:  # zarr's writes of metadata (a full disk, say) name no file: name the store
         if exc.filename:
             raise
@@ -453,7 +493,7 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
             if staging.exists():
                 check_replaceable(staging, read_manifest(staging) is not None)
                 shutil.rmtree(staging)
-            out.rename(staging)
+            take_back(out, staging)
             _write_manifest(staging, {**manifest, "complete": False})
             for window in damaged:
                 shutil.rmtree(_marker(staging, window).parent)
@@ -462,14 +502,46 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
                              "pass --overwrite to replace it")
     if staging.exists():
         manifest = read_manifest(staging)
-        check_replaceable(staging, manifest is not None)
-        if not _same_run(manifest, identity):
+        # an empty one is what a disk full before the manifest's first write leaves
+        check_replaceable(staging, manifest is not None or not any(staging.iterdir()))
+        if not _same_run(manifest, identity) or not manifest.get("created", True):
             finished = any(p.is_dir() for p in (staging / DONE_GROUP).glob("*"))
             if finished and not overwrite:  # without a finished chunk there is nothing to lose
                 raise MsmtuError(f"{staging} holds an interrupted run of another model, input or settings; "
                                  "pass --overwrite to discard it")
             shutil.rmtree(staging)
     return False
+
+
+def _check_input_unchanged(cube: Path, before: dict, staging: Path, windows: list[ChunkWindow], model_hash: str,
+                           config: RunConfig) -> None:
+    """Refuse to publish chunks read from an input that changed under the run (some would hold
+    the old content, some the new): they are discarded, and the staged store is made ready
+    for a rerun on the input as it is now."""
+    changed = changed_input_files(cube, before)
+    if not changed:
+        return
+    for window in windows:
+        shutil.rmtree(_marker(staging, window).parent, ignore_errors=True)
+    _write_manifest(staging, {**read_manifest(staging), **_identity(cube, model_hash, config)})
+    raise MsmtuError(f"{cube} changed while this run read it ({len(changed)} files, e.g. {changed[0]}); nothing was "
+                     "published and its chunks are discarded: rerun the same command once the input is final")
+
+
+def _check_task_memory(client: Client, chunk: int, height: int, width: int) -> None:
+    """Refuse, before any work, a chunk size whose task would not fit in its share of a
+    worker's memory (the worker's limit over the tasks it runs at once): a chunk of 4096 x 4096
+    pixels grew to 14 GB with no word, and its worker was killed."""
+    rows, columns = min(chunk, height), min(chunk, width)
+    need = task_memory_bytes(rows * columns)
+    for worker in client.scheduler_info()["workers"].values():
+        limit, tasks = worker.get("memory_limit") or 0, max(1, worker.get("nthreads", 1))
+        if limit and need > limit / tasks:
+            fits = largest_chunk_within(limit / tasks)
+            advice = f"use --chunk {fits} or less, or" if fits >= 8 else "use"
+            raise MsmtuError(f"--chunk {chunk}: a task of {rows} x {columns} pixels needs about {format_bytes(need)}, "
+                             f"but a worker has {format_bytes(limit)} for {tasks} tasks at once "
+                             f"({format_bytes(limit / tasks)} each); {advice} workers with more memory")
 
 
 def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
@@ -512,13 +584,18 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         scheduler: str | AnySpec | Client | None = None, overwrite: bool = False, cog_dir: str | Path | None = None,
         performance_report: str | Path | None = None,
         progress: Callable[[Iterator, int], Iterator] | None = None,
-        on_client: Callable[[object], None] | None = None, client: Client | None = None) -> RunSummary:
+        on_client: Callable[[object], None] | None = None, client: Client | None = None,
+        versioned: bool = False) -> RunSummary:
     """Unmix ``cube`` with ``model`` into the Zarr store ``out`` (see the module docstring).
 
     The work runs on ``client``, else on the cluster ``scheduler`` names (an address, a spec
     file or object), else on the current Dask client if there is one (a notebook's), else on
-    threads of this process, one per core (a LocalCluster without worker processes)."""
-    cube, model, out = Path(cube), Path(model), Path(out).resolve()
+    threads of this process, one per core (a LocalCluster without worker processes).
+    ``versioned``: publish ``out`` as a link to the version of this run, so that readers of
+    the store it replaces read that one to the end (:func:`replace_store`; the workflow's
+    archive)."""
+    # the link itself, not where it points: a versioned store is replaced through it
+    cube, model, out = Path(cube), Path(model), Path(os.path.abspath(out))
     config = config or RunConfig()
     start = time.perf_counter()
     scheduler = client or scheduler or _current_client()
@@ -534,6 +611,7 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         model_hash = artifact_hash(model)
+        input_stats = input_file_stats(cube)  # before the digest: a write while it reads shows at the end
         identity = _identity(cube, model_hash, config)
         run_id = "run-" + hashlib.sha256(json.dumps({k: identity[k] for k in IDENTITY_KEYS},
                                                     sort_keys=True).encode()).hexdigest()[:16]
@@ -570,9 +648,15 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
             # BLAS has one thread count per process, and threadpoolctl lets only one thread set it:
             # the driver sets the tasks' share for tasks in threads of this process, and gives the
             # caller (a notebook) its own count back after
+            _check_task_memory(client, config.chunk, height, width)
             with _blas_threads().limit(limits=spec.threads, user_api="blas"):
-                workers, peaks, prepared_by, stage_seconds = _compute_chunks(client, spec, todo, run_id, progress)
+                try:
+                    workers, peaks, prepared_by, stage_seconds = _compute_chunks(client, spec, todo, run_id, progress)
+                except MsmtuError:  # a file read half-written says why in its own words: the input changed
+                    _check_input_unchanged(cube, input_stats, staging, windows, model_hash, config)
+                    raise
             phases["chunks"] = time.perf_counter() - start - sum(phases.values())
+        _check_input_unchanged(cube, input_stats, staging, windows, model_hash, config)
         stats = {w.name: chunk_stats(staging, w) for w in windows}
         missing = [name for name, s in stats.items() if s is None]
         if missing:
@@ -582,9 +666,10 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         counts = {"valid_pixels": valid, "flagged_pixels": sum(flagged), "flagged_chunks": sum(n > 0 for n in flagged)}
         _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, **counts})
         consolidate(staging)
-        replace_store(staging, out)  # the old output (ours, checked above) is superseded
+        replace_store(staging, out, versioned=versioned)  # the old output (ours, checked above) is superseded
         phases["finish"] = time.perf_counter() - start - sum(phases.values())  # with the cluster's stop
         if cog_dir is not None:
+            release_free_memory()  # what the chunks left free, for the export's threads
             export_cogs(out, cog_dir)
             phases["export"] = time.perf_counter() - start - sum(phases.values())
         return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,

@@ -3,6 +3,8 @@ and the peak memory a worker process reports after a chunk."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import resource
 from dataclasses import dataclass
@@ -38,6 +40,25 @@ def chunk_windows(height: int, width: int, chunk: int) -> list[ChunkWindow]:
             for iy, y0 in enumerate(range(0, height, chunk)) for ix, x0 in enumerate(range(0, width, chunk))]
 
 
+# A chunk task's memory: its arrays per pixel (the chunk's values, masks, deltas, the model's
+# states and the products) and, besides, the model, the kernels and a batch's buffers. Measured
+# with the default architecture, a task alone, at chunks of 256 to 2048 pixels a side (2.4-4.3 KB
+# per pixel over the worker's memory before it; benchmarks/NOTES.md, 2026-12-07), rounded up.
+TASK_BYTES_PER_PIXEL = 2600
+TASK_BASE_BYTES = 160 * 2**20
+
+
+def task_memory_bytes(pixels: int) -> int:
+    """About how much memory a chunk task of ``pixels`` pixels takes at its peak."""
+    return TASK_BASE_BYTES + TASK_BYTES_PER_PIXEL * pixels
+
+
+def largest_chunk_within(budget: float, step: int = 64) -> int:
+    """The largest chunk side, a multiple of ``step``, whose task fits ``budget`` bytes (0 if none)."""
+    side = math.isqrt(max(0, int((budget - TASK_BASE_BYTES) // TASK_BYTES_PER_PIXEL)))
+    return side // step * step
+
+
 def peak_memory_mib() -> float:
     """This process's peak resident memory. Linux's VmHWM belongs to the process image;
     ru_maxrss would also count the parent's memory when a worker was forked from a driver."""
@@ -48,6 +69,35 @@ def peak_memory_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        library = ctypes.CDLL("libc.so.6")
+        return library if hasattr(library, "mallopt") and hasattr(library, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): their allocators are left as they are
+        return None
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+
+
+def bound_heap_growth() -> None:
+    """Give the arrays of 32 MiB and more (a chunk's inputs, the model's states) their own
+    mappings, returned to the system when freed. glibc's default threshold moves with the
+    sizes freed, and the chunks' arrays then fragment the heap: the peak of a 1024 x 1024 run
+    went from 891-936 MiB to 817-843 MiB, in the same time (benchmarks/NOTES.md, 2026-12-07).
+    For this process, from now on; idempotent."""
+    if (libc := _glibc()) is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``). The chunk
+    tasks leave memory free in their threads' heaps, which the export's threads do not reuse."""
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 def covering_window(crs: CRS, transform: Affine, height: int, width: int, src_crs: CRS, src_transform: Affine,

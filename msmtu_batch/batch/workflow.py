@@ -11,7 +11,8 @@ every year into its own version folder and keeps the previous one.
 Layout under ``output``::
 
     cubes/<year>.zarr                      input cube of the year (independent of the model)
-    <model-id>/<year>/abundance.zarr       output cube (model-id = model file stem + hash)
+    <model-id>/<year>/abundance.zarr       output cube (model-id = model file stem + hash): a link to
+                                           .abundance.zarr.versions/<n>.zarr, replaced atomically
     <model-id>/<year>/cog/*.tif            COGs (+ QGIS styles), with export.json saying what they were made from
     <model-id>/collection.json             STAC Collection of the version; an Item per year in <year>/
     latest -> <model-id>                   moved atomically once every year of the definition is done
@@ -302,7 +303,8 @@ class Workflow:
 
     def _run(self, year: int, paths: YearPaths) -> dict:
         summary = run(paths.cube, self.definition.model, paths.out, config=self.definition.run,
-                      scheduler=self.cluster.get(), overwrite=True, progress=self.reporter.progress(f"{year} run"))
+                      scheduler=self.cluster.get(), overwrite=True, progress=self.reporter.progress(f"{year} run"),
+                      versioned=True)
         return {"pixels": summary.pixels, "valid_pixels": summary.valid_pixels,
                 "pixels_per_second": summary.pixels_per_second, "chunks": summary.chunks,
                 "computed_chunks": summary.computed_chunks, "flagged_pixels": summary.flagged_pixels,

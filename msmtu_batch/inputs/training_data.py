@@ -37,6 +37,7 @@ from msmtu_batch.inputs.cube import (
     REFLECTANCE_SCALE,
     observed_mask,
     open_input_cube,
+    rioxarray_quietly,
 )
 from msmtu_batch.inputs.units import MSMTU_TABLE_UNITS, check_known_unit
 
@@ -359,6 +360,26 @@ def _read_series(root: Path, square_id: int, listed_in: str) -> tuple[np.ndarray
     return np.where(masks, values, 0.0), masks.astype(np.float32)
 
 
+def check_same_grid(cube: xr.Dataset, reference: xr.DataArray, cube_name: str, reference_name: str) -> None:
+    """The reference lies on the cube's grid: the same CRS (where it records one) and the same
+    pixel centres, to a hundredth of a pixel (a relative tolerance let a grid 40 m off pass)."""
+    with rioxarray_quietly():
+        cube_crs, reference_crs = cube.rio.crs, reference.rio.crs
+    if reference_crs is not None and cube_crs is not None and reference_crs != cube_crs:
+        raise TrainingDataError(f"{reference_name}: CRS {reference_crs.to_string()} differs from the cube's "
+                                f"{cube_crs.to_string()} ({cube_name}); reproject the reference onto the cube's grid")
+    for dim in ("y", "x"):
+        if cube.sizes[dim] != reference.sizes.get(dim):
+            raise TrainingDataError(f"{reference_name}: {reference.sizes.get(dim, 0)} pixels along {dim}, the cube "
+                                    f"{cube_name} has {cube.sizes[dim]} (reference and cube must share one grid)")
+        centres, theirs = cube[dim].values.astype(np.float64), reference[dim].values.astype(np.float64)
+        pixel = abs(centres[1] - centres[0]) if len(centres) > 1 else 1.0
+        offset = float(np.max(np.abs(centres - theirs))) if len(centres) else 0.0
+        if not offset <= pixel / 100:
+            raise TrainingDataError(f"{reference_name}: grid differs from {cube_name} along {dim} by up to {offset:g} "
+                                    f"(pixel size {pixel:g}; reference and cube must share one grid)")
+
+
 def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
                         ancillary: Sequence[str] = ANCILLARY_NAMES, split_block: int = 16,
                         fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> PixelSet:
@@ -374,19 +395,16 @@ def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
     ref_path = Path(reference)
     if not ref_path.exists():
         raise TrainingDataError(f"{ref_path}: reference abundance cube not found")
-    root = xr.open_zarr(ref_path, consolidated=False)
+    root = xr.open_zarr(ref_path, consolidated=False, decode_coords="all")
     group = level if (ref_path / level).is_dir() else None
-    ref = xr.open_zarr(ref_path, group=group, consolidated=False) if group else root
+    ref = xr.open_zarr(ref_path, group=group, consolidated=False, decode_coords="all") if group else root
     if "abundance" not in ref:
         raise TrainingDataError(f"{ref_path}: no 'abundance(lulc_class, y, x)' variable for level "
                                 f"'{level}' (looked in group '{group or '/'}')")
     abundance = ref["abundance"]
     if LEGACY_CLASS_DIM in abundance.dims:
         abundance = abundance.rename({LEGACY_CLASS_DIM: CLASS_DIM})
-    for dim in ("y", "x"):
-        if ds.sizes[dim] != abundance.sizes.get(dim) or not np.allclose(ds[dim], abundance[dim]):
-            raise TrainingDataError(f"{ref_path}: grid differs from {cube} along {dim} "
-                                    "(reference and cube must share one grid)")
+    check_same_grid(ds, abundance, str(cube), str(ref_path))
     height, width = ds.sizes["y"], ds.sizes["x"]
     partition = (root["partition"].values.astype(np.int8) if "partition" in root
                  else spatial_block_split(height, width, split_block, fractions, seed))

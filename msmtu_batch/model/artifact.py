@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from msmtu_batch import __version__
+from msmtu_batch.batch.digests import checksum_mismatch, with_checksum
 from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
 from msmtu_batch.inputs.training_data import PixelSet
@@ -125,7 +126,7 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
         metadata["error_head"] = artifact.error_head.metadata()
     _check_metadata_meaning(path, metadata)  # what load_artifact would refuse is never written
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
+    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(with_checksum(metadata, tensors))})
     tmp.replace(path)
     return path
 
@@ -145,6 +146,23 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         meta = json.loads(header[METADATA_KEY])
     except (KeyError, json.JSONDecodeError):
         raise ArtifactError(f"{path}: no msmtu-batch metadata in the safetensors header") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: metadata nested too deeply to be an artifact's") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: metadata is a JSON {type(meta).__name__}, expected an object")
+    if checksum_mismatch(meta, tensors):  # artifacts written before checksums carry none: they load as before
+        raise ArtifactError(f"{path}: content does not match its checksum: the file was damaged or edited after "
+                            "it was written; use an intact copy")
+    try:
+        return _artifact_from(path, meta, tensors, device)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # values of the wrong kind
+        raise ArtifactError(f"{path}: malformed metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _artifact_from(path: Path, meta: dict, tensors: dict[str, torch.Tensor], device: str | torch.device
+                   ) -> ModelArtifact:
     if meta.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path}: artifact format {meta.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
     _check_metadata_meaning(path, meta)
@@ -206,6 +224,9 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
             error_head = ErrorHead.from_artifact(tensors, meta["error_head"], n_features, str(path))
         except MsmtuError as exc:
             raise ArtifactError(str(exc)) from None
+    training = meta.get("training", {})
+    if not isinstance(training, dict):
+        raise ArtifactError(f"{path}: training must be a JSON object of facts about the training, found {training!r}")
     ancillary_stats = None
     if ancillary:
         if stats.get("ancillary_mean", np.empty(0)).shape != (len(ancillary),):
@@ -216,7 +237,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
                          band_stats=Standardizer(stats["band_mean"] * np.float32(band_factor),
                                                  stats["band_std"] * np.float32(band_factor)),
                          ancillary_stats=ancillary_stats, band_names=tuple(meta["band_names"]),
-                         software_version=meta["software_version"], training=meta.get("training", {}),
+                         software_version=str(meta["software_version"]), training=training,
                          ancillary_units=units, class_colors=colors, hierarchy=hierarchy, error_head=error_head)
 
 

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
+from msmtu_batch.batch.digests import CHECKSUM_FIELD, checksum_mismatch, with_checksum
 from msmtu_batch.batch.outputs import fsync_path
 from msmtu_batch.errors import MsmtuError
 
@@ -85,7 +86,7 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike) -> Path:
                 "optimiser_groups": state.optimiser["param_groups"], "scheduler": state.scheduler,
                 "numpy_rng": state.numpy_rng, "cuda_devices": len(state.cuda_rng or [])}
     partial = path.with_name(f"{path.name}.partial")
-    save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(metadata)})
+    save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(with_checksum(metadata, tensors))})
     fsync_path(partial)
     partial.replace(path)
     fsync_path(path.parent)
@@ -97,13 +98,19 @@ def load_checkpoint(path: str | os.PathLike) -> TrainingState:
     path = Path(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {})[METADATA_KEY])
+            header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        meta = json.loads(header[METADATA_KEY])
+        if not isinstance(meta, dict) or CHECKSUM_FIELD not in meta or checksum_mismatch(meta, tensors):
+            raise ValueError("its content does not match its checksum: damaged or edited after it was written")
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        return _state_from(meta, tensors)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise MsmtuError(f"{path}: not a readable training checkpoint ({exc}); delete it to start afresh") from None
 
+
+def _state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> TrainingState:
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -114,8 +121,9 @@ def load_checkpoint(path: str | os.PathLike) -> TrainingState:
     groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimiser_groups"]]
     best = part("best.")
     return TrainingState(
-        identity=meta["identity"], epoch=meta["epoch"], history=meta["history"], best_rmse=meta["best_rmse"],
-        best_epoch=meta["best_epoch"], stale=meta["stale"], train_seconds=meta["train_seconds"],
-        model=part("model."), best_model=best or None, optimiser={"state": moments, "param_groups": groups},
-        scheduler=meta["scheduler"], torch_rng=tensors["rng.torch"], numpy_rng=meta["numpy_rng"],
-        cuda_rng=[tensors[f"rng.cuda.{d}"] for d in range(meta["cuda_devices"])] or None)
+        identity=meta["identity"], epoch=int(meta["epoch"]), history=list(meta["history"]),
+        best_rmse=float(meta["best_rmse"]), best_epoch=int(meta["best_epoch"]), stale=int(meta["stale"]),
+        train_seconds=float(meta["train_seconds"]), model=part("model."), best_model=best or None,
+        optimiser={"state": moments, "param_groups": groups}, scheduler=dict(meta["scheduler"]),
+        torch_rng=tensors["rng.torch"], numpy_rng=dict(meta["numpy_rng"]),
+        cuda_rng=[tensors[f"rng.cuda.{d}"] for d in range(int(meta["cuda_devices"]))] or None)

@@ -4,9 +4,11 @@ dimension.
 The archive is one store per year (as the workflow lays it out: ``<version>/<year>/abundance.zarr``)
 and this opener concatenates them lazily along ``time``. One store per year, rather than one
 store that years are written into, because a year rerun must replace that year only and
-atomically: the pipeline builds the year's store at a hidden staging path and puts it in
-place by renames (:func:`msmtu_batch.batch.outputs.replace_store`), so a reader meets the old year
-or the new one, never half of one, and the other years' bytes are never touched. A single
+atomically: the pipeline builds the year's store at a hidden staging path and publishes it
+as a new version, ``abundance.zarr`` being a link to the current one replaced atomically
+(:func:`msmtu_batch.batch.outputs.replace_store`). The openers here resolve the links once, so
+a dataset opened before a replacement reads the old year to the end and one opened after reads
+the new one, never half of each; the other years' bytes are never touched. A single
 store would need region writes that a reader can observe half-done, or a transactional
 layer (Icechunk) as a new dependency for what two renames give.
 """
@@ -79,7 +81,8 @@ def open_archive(stores: str | os.PathLike | Sequence[str | os.PathLike]) -> xr.
     ``time_bounds``). ``stores`` is an archive folder (see :func:`archive_stores`) or a list
     of output stores; they must share the grid and the classes."""
     paths = archive_stores(stores) if isinstance(stores, str | os.PathLike) else [Path(p) for p in stores]
-    years = sorted((_year_dataset(p) for p in paths), key=lambda d: d["time"].values[0])
+    # each store's current version, resolved once: its chunks are read from there to the end
+    years = sorted((_year_dataset(p.resolve()) for p in paths), key=lambda d: d["time"].values[0])
     first = years[0]
     for ds in years[1:]:
         for coord in ("y", "x", CLASS_DIM):
@@ -99,7 +102,7 @@ def open_output(path: str | os.PathLike | Sequence[str | os.PathLike]) -> xr.Dat
     """An output store (its CRS decoded; a plain ``xr.open_zarr`` works too), or an archive
     folder or a list of stores as one dataset across years (:func:`open_archive`)."""
     if isinstance(path, str | os.PathLike) and is_store(Path(path)):
-        return xr.open_zarr(path, decode_coords="all")
+        return xr.open_zarr(Path(path).resolve(), decode_coords="all")  # the version current now (see above)
     if isinstance(path, str | os.PathLike) and not Path(path).exists():
         raise MsmtuError(f"{path}: no such output store or archive")
     return open_archive(path)

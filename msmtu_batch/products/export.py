@@ -13,20 +13,30 @@ carry the year: ``abundance_2013.tif``.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import math
 import os
+import shutil
+import socket
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import psutil
 import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
+import wurlitzer
 import xarray as xr
+from rasterio._err import CPLE_BaseError
 from rasterio.enums import ColorInterp
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
@@ -59,8 +69,9 @@ DEFLATE_LEVEL = 1
 BLOCK = 256
 # GDAL's block cache while a COG is written and its overviews built: GDAL's default is 5 % of
 # the machine's memory (1.2 GB on 24 GB), which a large product would fill; the writes go block
-# by block in order, so they need few blocks cached
-GDAL_CACHE_BYTES = 64 * 2**20
+# by block in order, so they need few blocks cached. A 4096 x 4096 abundance: 16 MiB took 104 MiB
+# less than 64 at the peak of the export, in the same time (benchmarks/NOTES.md, 2026-12-07)
+GDAL_CACHE_BYTES = 16 * 2**20
 QUALITY_COLORS = ("#1a9850", "#bdbdbd", "#fc8d59")  # estimated, too few observations, unlike training
 # viridis at 0, 0.25, 0.5, 0.75, 1: the 0-1 ramp of abundance, uncertainty, valid fraction
 RAMP = ((0.0, "#440154"), (0.25, "#3b528b"), (0.5, "#21918c"), (0.75, "#5ec962"), (1.0, "#fde725"))
@@ -102,6 +113,16 @@ def _windows(product: xr.DataArray) -> Iterator[tuple[tuple[int, int], tuple[int
     return itertools.product(rows, columns)
 
 
+def north_up(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with its rows from north to south and its columns from west to east, as a GeoTIFF
+    lays them out: a store may keep y increasing (a user's xarray cube, and so its output), which
+    written row by row would put the raster upside down and a whole height off (lazy: flips
+    only the order in which windows are read)."""
+    flips = {dim: slice(None, None, -1) for dim, reverse in (("y", False), ("x", True))
+             if ds.sizes.get(dim, 0) > 1 and bool(ds[dim][0] > ds[dim][-1]) == reverse}
+    return ds.isel(flips) if flips else ds
+
+
 def product_stem(name: str, attrs: dict) -> str:
     """``abundance_2013``: the product and the year its output covers (none if unknown)."""
     start = str(attrs.get("time_coverage_start", ""))
@@ -116,13 +137,92 @@ def export_cogs(store: str | Path, cog_dir: str | Path, parallel: int = 2) -> li
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
     products = output_products(ds)
-    # rasterio's warped reads inside rio-cogeo use affine's deprecated `*` too (in these threads)
-    with rioxarray_quietly(), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        return [path for paths in pool.map(lambda name: _export_product(ds, name, *products[name], cog_dir), products)
-                for path in paths]
+    _remove_abandoned_work(cog_dir)
+    # every temporary file of this export, rio-cogeo's too, in a hidden folder of this process:
+    # removed on every exit path (SIGTERM included: the command line turns it into an exception)
+    work = cog_dir / f"{WORK_PREFIX}{socket.gethostname()}-{os.getpid()}"
+    work.mkdir(exist_ok=True)
+    try:
+        # rasterio's warped reads inside rio-cogeo use affine's deprecated `*` too (in these threads)
+        with rioxarray_quietly(), _gdal_messages() as said:
+            pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+            try:
+                futures = [pool.submit(_export_or_fail, ds, name, *products[name], cog_dir, work) for name in products]
+                return [path for future in futures for path in future.result()]
+            finally:  # on a failure or an interruption the products not begun are dropped, those begun end
+                pool.shutdown(wait=True, cancel_futures=True)
+    except _CogWriteError as failure:
+        raise failure.explained(said) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: Path) -> list[Path]:
+WORK_PREFIX = ".msmtu-export-"
+
+
+def _remove_abandoned_work(cog_dir: Path) -> None:
+    """The temporary folders of exports on this host whose process is gone (killed outright)."""
+    host = socket.gethostname()
+    for folder in cog_dir.glob(f"{WORK_PREFIX}{host}-*"):
+        pid = folder.name.removeprefix(f"{WORK_PREFIX}{host}-")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _gdal_messages() -> Iterator[list[str]]:
+    """What GDAL and libtiff say during the export, kept rather than printed: rasterio logs
+    GDAL's messages, libtiff writes its own to the process's stderr (ten lines on a full disk,
+    before rasterio's "Write failed. See previous exception"). A failure is explained in one
+    line from them; after a success they are printed as they would have been."""
+    handler = _Messages()
+    logger = logging.getLogger("rasterio")
+    logger.addHandler(handler)
+    failed = True
+    try:
+        with wurlitzer.pipes(stdout=None, stderr=wurlitzer.PIPE) as (_, native):
+            yield handler.lines
+        failed = False
+    finally:
+        logger.removeHandler(handler)
+        handler.lines.extend(native.getvalue().splitlines())
+        if not failed and native.getvalue():
+            sys.stderr.write(native.getvalue())
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+class _CogWriteError(Exception):
+    def __init__(self, final: Path, error: Exception) -> None:
+        super().__init__(str(error))
+        self.final, self.error = final, error
+
+    def explained(self, said: list[str]) -> Exception:
+        """One line naming the COG: a full disk as the operating system's ENOSPC (the command
+        line's one line for a full disk), else what GDAL said."""
+        reasons = [*said, str(self.error), str(self.error.__cause__ or "")]
+        if any("No space left on device" in reason for reason in reasons):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.final))
+        return MsmtuError(f"{self.final}: GDAL could not write it ({'; '.join(r for r in reasons if r)})")
+
+
+def _export_or_fail(ds: xr.Dataset, name: str, *args) -> list[Path]:
+    """:func:`_export_product`, its GDAL failures naming the COG (explained once GDAL's
+    messages are all in: :func:`export_cogs`)."""
+    try:
+        return _export_product(ds, name, *args)
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise _CogWriteError(Path(args[2]) / f"{product_stem(name, ds.attrs)}.tif", exc) from exc
+
+
+def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: Path, work: Path) -> list[Path]:
     """One product's COG (written aside, validated, renamed), its QGIS style and, for the
     categorical ones, its category names; ``kind`` and ``suffix`` as :func:`output_products` gives."""
     nodata, resampling, predictor = PRODUCTS[kind]
@@ -132,12 +232,12 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     tags = {k: str(ds.attrs[k]) for k in PROVENANCE_TAGS if k in ds.attrs}
     stem = product_stem(name, ds.attrs)
     descriptions = classes if class_dim in ds[name].dims else [name]
+    ds = north_up(ds)
     product = ds[name].transpose(..., "y", "x")  # (classes,) y, x; lazy: read window by window
     height, width = product.sizes["y"], product.sizes["x"]
     final = cog_dir / f"{stem}.tif"
-    # temporary names of this process only: a COG appears at its final name complete or not at all
-    plain = cog_dir / f".{stem}.{os.getpid()}.plain.tif"
-    partial = cog_dir / f".{stem}.{os.getpid()}.partial.tif"
+    # written in this process's work folder: a COG appears at its final name complete or not at all
+    plain, partial = work / f"{stem}.plain.tif", work / f"{stem}.tif"
     colormap = None
     if kind == "dominant_class" and len(colors) == len(classes):
         colormap = {i: (*rgb(c), 255) for i, c in enumerate(colors)} | {DOMINANT_FILL: (0, 0, 0, 0)}
