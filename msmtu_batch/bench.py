@@ -4,8 +4,11 @@ research-code way of feeding it (one JSON file per pixel through a DataLoader)."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
+import os
+import platform
 import resource
 import shutil
 import statistics
@@ -30,6 +33,30 @@ PIPELINE_STAGES = ("read", "prepare", "model", "write")  # RunSummary.stage_seco
 PRECISION_RMSE_TOLERANCE = 1e-3  # a reduced precision keeps the map if the test RMSE moves less (issue 14)
 BRITS_FLOPS_PER_PIXEL = 2.4e6  # forward pass, both directions (docs/design.md section 5)
 TRAINING_FLOPS_FACTOR = 3.0  # forward + backward is about three forward passes
+
+
+# the instruction sets the engines' speed depends on (bf16 GEMMs at 4x fp32 need AVX512-BF16 or AMX)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> dict:
+    """The CPU every figure of a bench comes from: its model name, cores and which of
+    :data:`CPU_FLAGS` it has (Linux's /proc/cpuinfo, as ``lscpu`` reads it; elsewhere the
+    platform's name and no flags)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    return {"model": model, "cores": os.cpu_count(), "flags": {flag: flag in flags for flag in CPU_FLAGS}}
+
+
+def cpu_line(cpu: dict) -> str:
+    return (f"CPU: {cpu['model']}, {cpu['cores']} cores; "
+            + ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in cpu["flags"].items()))
 
 
 def brits_flops_per_pixel(cfg: BritsConfig) -> float:
@@ -373,6 +400,8 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     rates = {"end_to_end": end_to_end["pixels_per_second"], "model_fused": fused,
              "model_fused_error_head": fused_with_head, "model_fused_bf16": fused_bf16,
              "model_straightforward": straightforward, "research_code": research}
+    processor = cpu_description()
+    say(cpu_line(processor))
     say(f"region {height} x {width} ({height * width:,} pixels), chunk {chunk}; ceiling {ceiling:,.0f} pixels/s "
         f"(LSTM GEMM {gemm_rate / 1e9:.0f} GFLOP/s fp32 / {brits_flops_per_pixel(cfg) / 1e6:.2f} MFLOP per pixel)")
     say("| method | pixels/s | vs research-code way | fraction of ceiling |")
@@ -439,7 +468,7 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
             say(f"| {r['seed']} | {r['precision']} | {r['max_abs_difference']:.2e} | {r['test_rmse']:.4f} | "
                 f"{r['rmse_change']:+.5f} | {r['pixels_per_second']:,.0f} | {r['fraction_of_ceiling']:.1%} | "
                 f"{'yes' if r['keeps_the_map'] else 'no'} |")
-    record = {"ceiling": ceiling, "gemm_flops": gemm_rate, "bf16_ceiling": bf16_ceiling,
+    record = {"cpu": processor, "ceiling": ceiling, "gemm_flops": gemm_rate, "bf16_ceiling": bf16_ceiling,
               "bf16_gemm_flops": bf16_gemm_rate, "rates": rates, "end_to_end": end_to_end,
               "memory_scaling": {str(k): v for k, v in scaling.items()}, "precision": precision_rows}
     (out / "bench.json").write_text(json.dumps(record, indent=2))

@@ -237,7 +237,14 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
                  "--precision-size", "24", "32", "--model-pixels", "2048")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("region 32 x 40 (1,280 pixels), chunk 16; ceiling ")
+    # the CPU every figure comes from, as lscpu names it
+    lscpu = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+                                                               check=True).stdout.splitlines() if ":" in line)
+    flags = set(lscpu["Flags"].split())
+    assert lines[0] == (f"CPU: {lscpu['Model name'].strip()}, {os.cpu_count()} cores; " + ", ".join(
+        f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx2", "avx512f", "avx512_bf16", "amx_tile",
+                                                                  "amx_bf16")))
+    assert lines[1].startswith("region 32 x 40 (1,280 pixels), chunk 16; ceiling ")
     rows = [line for line in lines if line.startswith("| ") and "pixels/s |" not in line]
     assert [row.split(" | ")[0] for row in rows] == [
         "| msmtu-batch run (Zarr in, Zarr + COG out, threads of one process)",
@@ -252,6 +259,7 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     assert rows[5].split(" | ")[2] == "1.0x"
     record = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert record["memory_scaling"]["24"]["pixels"] == 576
+    assert record["cpu"]["flags"] == {flag: flag in flags for flag in record["cpu"]["flags"]}
     # the per-stage split: the table shows what the record holds, every stage and phase ran
     assert rows[7] == ("| region | plan | cluster | chunks | finish | export | read | prepare | model | write | "
                        "user | system |")

@@ -452,7 +452,8 @@ def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity
     """An empty output store carrying the grid, CRS, encodings and CF attributes
     (:func:`output_template`) and the run's provenance. Its manifest is the first thing
     written, marked ``created: false`` until every array exists: a rerun after a failure
-    here (a full disk, a kill) knows the folder as its own and creates it again."""
+    here (a full disk, a kill) knows the folder as its own and creates it again (as it does
+    a store whose chunks were discarded: :func:`_check_input_unchanged`)."""
     manifest = {**identity, "run_id": run_id, "complete": False, "created": False}
     out = output_template(ds, artifact, config)
     out.attrs.update(run_id=run_id, **provenance_attrs(
@@ -504,8 +505,10 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
         manifest = read_manifest(staging)
         # an empty one is what a disk full before the manifest's first write leaves
         check_replaceable(staging, manifest is not None or not any(staging.iterdir()))
-        if not _same_run(manifest, identity) or not manifest.get("created", True):
-            finished = any(p.is_dir() for p in (staging / DONE_GROUP).glob("*"))
+        # created false: a store whose creation did not end, or whose chunks were discarded
+        discarded = manifest is not None and not manifest.get("created", True)
+        if discarded or not _same_run(manifest, identity):
+            finished = not discarded and any(p.is_dir() for p in (staging / DONE_GROUP).glob("*"))
             if finished and not overwrite:  # without a finished chunk there is nothing to lose
                 raise MsmtuError(f"{staging} holds an interrupted run of another model, input or settings; "
                                  "pass --overwrite to discard it")
@@ -513,17 +516,15 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
     return False
 
 
-def _check_input_unchanged(cube: Path, before: dict, staging: Path, windows: list[ChunkWindow], model_hash: str,
-                           config: RunConfig) -> None:
+def _check_input_unchanged(cube: Path, before: dict, staging: Path) -> None:
     """Refuse to publish chunks read from an input that changed under the run (some would hold
-    the old content, some the new): they are discarded, and the staged store is made ready
-    for a rerun on the input as it is now."""
+    the old content, some the new): the staged store, provenance of the old input included, is
+    marked as holding nothing to keep (``created: false``; tasks still running may write into
+    it), and a rerun maps the input as it is then, without --overwrite."""
     changed = changed_input_files(cube, before)
     if not changed:
         return
-    for window in windows:
-        shutil.rmtree(_marker(staging, window).parent, ignore_errors=True)
-    _write_manifest(staging, {**read_manifest(staging), **_identity(cube, model_hash, config)})
+    _write_manifest(staging, {**(read_manifest(staging) or {}), "created": False})
     raise MsmtuError(f"{cube} changed while this run read it ({len(changed)} files, e.g. {changed[0]}); nothing was "
                      "published and its chunks are discarded: rerun the same command once the input is final")
 
@@ -645,18 +646,18 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
                 on_client(client)
             spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
                            "state_qa" in ds.data_vars, config, threads_per_task(client), conversions)
+            _check_task_memory(client, config.chunk, height, width)
             # BLAS has one thread count per process, and threadpoolctl lets only one thread set it:
             # the driver sets the tasks' share for tasks in threads of this process, and gives the
             # caller (a notebook) its own count back after
-            _check_task_memory(client, config.chunk, height, width)
             with _blas_threads().limit(limits=spec.threads, user_api="blas"):
                 try:
                     workers, peaks, prepared_by, stage_seconds = _compute_chunks(client, spec, todo, run_id, progress)
                 except MsmtuError:  # a file read half-written says why in its own words: the input changed
-                    _check_input_unchanged(cube, input_stats, staging, windows, model_hash, config)
+                    _check_input_unchanged(cube, input_stats, staging)
                     raise
             phases["chunks"] = time.perf_counter() - start - sum(phases.values())
-        _check_input_unchanged(cube, input_stats, staging, windows, model_hash, config)
+        _check_input_unchanged(cube, input_stats, staging)
         stats = {w.name: chunk_stats(staging, w) for w in windows}
         missing = [name for name, s in stats.items() if s is None]
         if missing:

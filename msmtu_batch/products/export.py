@@ -14,6 +14,7 @@ carry the year: ``abundance_2013.tif``.
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import logging
 import math
@@ -178,16 +179,17 @@ def _gdal_messages() -> Iterator[list[str]]:
     handler = _Messages()
     logger = logging.getLogger("rasterio")
     logger.addHandler(handler)
-    failed = True
+    native = io.StringIO()
     try:
-        with wurlitzer.pipes(stdout=None, stderr=wurlitzer.PIPE) as (_, native):
+        with wurlitzer.pipes(stdout=None, stderr=native):
             yield handler.lines
-        failed = False
+    except BaseException:
+        handler.lines.extend(native.getvalue().splitlines())
+        raise
+    else:
+        sys.stderr.write(native.getvalue())
     finally:
         logger.removeHandler(handler)
-        handler.lines.extend(native.getvalue().splitlines())
-        if not failed and native.getvalue():
-            sys.stderr.write(native.getvalue())
 
 
 class _Messages(logging.Handler):
