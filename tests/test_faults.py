@@ -1008,6 +1008,6 @@ def test_chunk_sizes_are_cut_to_the_region_and_checked_against_the_workers_memor
     spec.write_text("cluster: local\nprocesses: false\nthreads_per_worker: 2\nmemory_limit: 360MB\n")
     line = one_line_error(cli("run", "--cube", region.cube, "--model", model, "--out", tmp_path / "o.zarr",
                               "--chunk", 96, "--scheduler", spec))
-    assert line == ("--chunk 96: a task of 72 x 96 pixels needs about 177.14 MiB, but a worker has 343.32 MiB for 2 "
+    assert line == ("--chunk 96: a task of 72 x 96 pixels needs about 177.80 MiB, but a worker has 343.32 MiB for 2 "
                     "tasks at once (171.66 MiB each); use --chunk 64 or less, or workers with more memory")
     assert not (tmp_path / "o.zarr").exists()

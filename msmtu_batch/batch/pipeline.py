@@ -539,7 +539,7 @@ def _check_task_memory(client: Client, chunk: int, height: int, width: int) -> N
         limit, tasks = worker.get("memory_limit") or 0, max(1, worker.get("nthreads", 1))
         if limit and need > limit / tasks:
             fits = largest_chunk_within(limit / tasks)
-            advice = f"use --chunk {fits} or less, or" if fits >= 8 else "use"
+            advice = f"use --chunk {fits} or less, or" if fits else "use"
             raise MsmtuError(f"--chunk {chunk}: a task of {rows} x {columns} pixels needs about {format_bytes(need)}, "
                              f"but a worker has {format_bytes(limit)} for {tasks} tasks at once "
                              f"({format_bytes(limit / tasks)} each); {advice} workers with more memory")

@@ -44,7 +44,7 @@ def chunk_windows(height: int, width: int, chunk: int) -> list[ChunkWindow]:
 # states and the products) and, besides, the model, the kernels and a batch's buffers. Measured
 # with the default architecture, a task alone, at chunks of 256 to 2048 pixels a side (2.4-4.3 KB
 # per pixel over the worker's memory before it; benchmarks/NOTES.md, 2026-12-07), rounded up.
-TASK_BYTES_PER_PIXEL = 2600
+TASK_BYTES_PER_PIXEL = 2700
 TASK_BASE_BYTES = 160 * 2**20
 
 
@@ -53,10 +53,11 @@ def task_memory_bytes(pixels: int) -> int:
     return TASK_BASE_BYTES + TASK_BYTES_PER_PIXEL * pixels
 
 
-def largest_chunk_within(budget: float, step: int = 64) -> int:
-    """The largest chunk side, a multiple of ``step``, whose task fits ``budget`` bytes (0 if none)."""
+def largest_chunk_within(budget: float) -> int:
+    """The largest chunk side, a power of two (whole input chunks of 128 from 128 up), whose task
+    fits ``budget`` bytes; 0 if not even 8 does."""
     side = math.isqrt(max(0, int((budget - TASK_BASE_BYTES) // TASK_BYTES_PER_PIXEL)))
-    return side // step * step
+    return 1 << (side.bit_length() - 1) if side >= 8 else 0
 
 
 def peak_memory_mib() -> float:
