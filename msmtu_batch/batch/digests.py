@@ -82,7 +82,6 @@ class DigestCache:
             write_text_durably(self.store, text)
 
 
-
 CHECKSUM_FIELD = "content_blake3"  # a model file's content checksum, a field of its JSON metadata
 
 

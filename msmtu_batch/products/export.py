@@ -134,7 +134,7 @@ def export_cogs(store: str | Path, cog_dir: str | Path, parallel: int = 2) -> li
     """Write ``cog_dir/<product>_<year>.tif`` (and its ``.qml``) for every product of the
     output cube ``store``; returns the files written. ``parallel`` products at once (GDAL
     releases the GIL; each COG's deflate also runs on every core)."""
-    ds = xr.open_zarr(store, decode_coords="all", mask_and_scale=False)
+    ds = north_up(xr.open_zarr(store, decode_coords="all", mask_and_scale=False))
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
     products = output_products(ds)
@@ -215,13 +215,13 @@ class _CogWriteError(Exception):
         return MsmtuError(f"{self.final}: GDAL could not write it ({'; '.join(r for r in reasons if r)})")
 
 
-def _export_or_fail(ds: xr.Dataset, name: str, *args) -> list[Path]:
+def _export_or_fail(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: Path, work: Path) -> list[Path]:
     """:func:`_export_product`, its GDAL failures naming the COG (explained once GDAL's
     messages are all in: :func:`export_cogs`)."""
     try:
-        return _export_product(ds, name, *args)
+        return _export_product(ds, name, kind, suffix, cog_dir, work)
     except (RasterioError, CPLE_BaseError) as exc:
-        raise _CogWriteError(Path(args[2]) / f"{product_stem(name, ds.attrs)}.tif", exc) from exc
+        raise _CogWriteError(cog_dir / f"{product_stem(name, ds.attrs)}.tif", exc) from exc
 
 
 def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: Path, work: Path) -> list[Path]:
@@ -234,7 +234,6 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     tags = {k: str(ds.attrs[k]) for k in PROVENANCE_TAGS if k in ds.attrs}
     stem = product_stem(name, ds.attrs)
     descriptions = classes if class_dim in ds[name].dims else [name]
-    ds = north_up(ds)
     product = ds[name].transpose(..., "y", "x")  # (classes,) y, x; lazy: read window by window
     height, width = product.sizes["y"], product.sizes["x"]
     final = cog_dir / f"{stem}.tif"
