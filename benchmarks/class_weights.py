@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from msmtu_batch.bench import over_seeded_regions
-from msmtu_batch.evaluation.metrics import rmse
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.inference import predict
+from msmtu_batch.model.metrics import rmse
 from msmtu_batch.model.train import TrainConfig, train
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 

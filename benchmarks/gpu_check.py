@@ -138,7 +138,7 @@ def gpu_cluster(cpu_workers: int):
 def pipeline_check(region: Path, model_path: Path, out: Path, cpu_workers: int) -> dict:
     from distributed import Client
 
-    from msmtu_batch.batch.pipeline import RunConfig, run
+    from msmtu_batch.orchestration.pipeline import RunConfig, run
 
     start = time.perf_counter()
     with gpu_cluster(cpu_workers) as cluster, Client(cluster) as client:

@@ -45,7 +45,7 @@ def granule_folder(folder: Path, year: int) -> Path:
 def write_granules(granules: Path, year: int, seed: int, chunks: int | None = None, dates: int = 46) -> None:
     """The year's granules of h17v05 and h18v05 (the first ``dates`` composites), deflate-compressed,
     stored whole as MODAPS does or in ``chunks`` x ``chunks`` HDF4 chunks."""
-    from msmtu_batch.inputs.modis import write_granule
+    from msmtu_batch.testing.granules import write_granule
 
     granules.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -73,7 +73,8 @@ def write_inputs(folder: Path, years: int = 1) -> None:
     from shapely.geometry import box
 
     from msmtu_batch.inputs.cube import CLIMATIC_NAMES
-    from msmtu_batch.inputs.modis import SINUSOIDAL_CRS, TILE_SIZE, tile_upper_left
+    from msmtu_batch.inputs.modis import SINUSOIDAL_CRS, TILE_SIZE
+    from msmtu_batch.testing.granules import tile_upper_left
 
     for k, year in enumerate(YEARS[:years]):
         write_granules(granule_folder(folder, year), year, seed=k)
@@ -111,11 +112,11 @@ def read_floor(folder: Path, granules: Path) -> dict[str, float]:
     window of every granule layer, and the DEM's and climate rasters' windows covering it."""
     import rasterio
 
-    from msmtu_batch.batch.tiling import covering_window
     from msmtu_batch.inputs.ancillary import MARGIN
     from msmtu_batch.inputs.cube import CLIMATIC_NAMES
-    from msmtu_batch.inputs.ingest import IngestConfig, _read_region, plan_grid
     from msmtu_batch.inputs.modis import open_reflectance
+    from msmtu_batch.orchestration.ingest import IngestConfig, _read_region, plan_grid
+    from msmtu_batch.runtime.tiling import covering_window
 
     source = open_reflectance([granules])
     grid = plan_grid(source.grid, IngestConfig(region=folder / "region.gpkg"), _read_region(folder / "region.gpkg"))
@@ -135,9 +136,9 @@ def read_floor(folder: Path, granules: Path) -> dict[str, float]:
 
 def ingest_child(folder: Path, out: Path, chunk: int, crs: str | None, resolution: float | None,
                  years: int, granules: Path | None, read_order: str) -> None:
-    from msmtu_batch.batch.tiling import peak_memory_mib
     from msmtu_batch.inputs.cube import CLIMATIC_NAMES
-    from msmtu_batch.inputs.ingest import IngestConfig, ingest, ingest_years
+    from msmtu_batch.orchestration.ingest import IngestConfig, ingest, ingest_years
+    from msmtu_batch.runtime.tiling import peak_memory_mib
 
     config = IngestConfig(inputs=[granules] if granules else [granule_folder(folder, y) for y in YEARS[:years]],
                           region=folder / "region.gpkg", dem=folder / "dem_3arcsec.tif",

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RUN = """
 import json, sys, time
-from msmtu_batch.batch.pipeline import RunConfig, run
+from msmtu_batch.orchestration.pipeline import RunConfig, run
 summary = run(sys.argv[1], sys.argv[2], sys.argv[3], config=RunConfig(chunk=256), overwrite=True, cog_dir=sys.argv[4])
 print(json.dumps({"seconds": summary.seconds, "pixels_per_second": summary.pixels_per_second}))
 """
@@ -65,18 +65,13 @@ def pieces(region: Path, model: Path, output: Path) -> dict[str, float]:
     from crc32c import crc32c
     from safetensors import safe_open
 
-    from msmtu_batch.batch.digests import tensors_checksum
-    from msmtu_batch.batch.pipeline import (
-        _flush_chunk,
-        changed_input_files,
-        damaged_chunks,
-        input_content_digest,
-        input_file_stats,
-    )
-    from msmtu_batch.batch.tiling import chunk_windows
     from msmtu_batch.model.artifact import load_artifact
     from msmtu_batch.model.kernels import prepare_chunk
+    from msmtu_batch.orchestration.pipeline import _flush_chunk, damaged_chunks
     from msmtu_batch.products.blocks import RunConfig, unlike_training
+    from msmtu_batch.runtime.digests import tensors_checksum
+    from msmtu_batch.runtime.stores import changed_input_files, input_content_digest, input_file_stats
+    from msmtu_batch.runtime.tiling import chunk_windows
 
     cube = region / "cube.zarr"
     group = zarr.open_group(cube, mode="r")

@@ -20,19 +20,14 @@ from pathlib import Path
 
 import torch
 
-from msmtu_batch.bench import (
-    TRAINING_FLOPS_FACTOR,
-    ResearchBRITS,
-    brits_flops_per_pixel,
-    lstm_gemm_rate,
-    naive_training_throughput,
-)
+from msmtu_batch.bench import TRAINING_FLOPS_FACTOR, brits_flops_per_pixel, lstm_gemm_rate
 from msmtu_batch.inputs.cube import ANCILLARY_SETS
 from msmtu_batch.inputs.training_data import read_msmtu
 from msmtu_batch.model.brits import BritsConfig
 from msmtu_batch.model.preprocess import Standardizer
 from msmtu_batch.model.train import TrainConfig, train
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
+from msmtu_batch.testing.research import ResearchBRITS, naive_training_throughput
 
 
 def main() -> None:

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from msmtu_batch.bench import over_seeded_regions
-from msmtu_batch.evaluation.metrics import rmse
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.hierarchy import hierarchy_in_training_data
 from msmtu_batch.model.inference import predict
+from msmtu_batch.model.metrics import rmse
 from msmtu_batch.model.train import TrainConfig, train
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 

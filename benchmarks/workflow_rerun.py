@@ -26,11 +26,11 @@ import yaml
 from rasterio.transform import from_origin
 
 from msmtu_batch.inputs.cube import CLIMATIC_NAMES
-from msmtu_batch.inputs.modis import write_granule
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import save_artifact
 from msmtu_batch.model.train import TrainConfig, train
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
+from msmtu_batch.testing.granules import write_granule
 
 BIN = Path(sys.executable).parent
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import open_input_cube
-from msmtu_batch.inputs.ingest import IngestConfig, ingest
-from msmtu_batch.inputs.modis import write_granule
+from msmtu_batch.orchestration.ingest import IngestConfig, ingest
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.testing.granules import write_granule
 
 
 def main() -> None:

@@ -13,13 +13,9 @@ The Python API (the command line is a thin layer over it)::
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-try:
-    __version__ = version("msmtu-batch")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from msmtu_batch.runtime.provenance import __version__
 
 # Public name -> module. Imported on first use, so that `import msmtu_batch` stays light (the
 # CLI's --help, a Dask worker unpickling one function) and torch loads only when needed.
@@ -28,7 +24,7 @@ _API = {
     "unmix": "msmtu_batch.products.blocks",
     "RunConfig": "msmtu_batch.products.blocks",
     "load_model": "msmtu_batch.model.artifact",
-    "run": "msmtu_batch.batch.pipeline",
+    "run": "msmtu_batch.orchestration.pipeline",
     "open_output": "msmtu_batch.products.archive",
     "open_archive": "msmtu_batch.products.archive",
     "write_catalog": "msmtu_batch.products.catalog",
@@ -39,8 +35,8 @@ __all__ = ["RunConfig", "__version__", "export_cogs", "load_model", "open_archiv
            "unmix", "write_catalog"]
 
 if TYPE_CHECKING:
-    from msmtu_batch.batch.pipeline import run
     from msmtu_batch.model.artifact import load_artifact as load_model
+    from msmtu_batch.orchestration.pipeline import run
     from msmtu_batch.products.archive import open_archive, open_output
     from msmtu_batch.products.blocks import RunConfig, open_cube, unmix
     from msmtu_batch.products.catalog import write_catalog

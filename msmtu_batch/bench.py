@@ -1,5 +1,6 @@
-"""Measurements shared by the benchmarks: the machine's FLOP ceiling for BRITS and the
-research-code way of feeding it (one JSON file per pixel through a DataLoader)."""
+"""``msmtu-batch bench`` and the measurements the benchmarks share: the machine's FLOP ceiling
+for BRITS, the engines and the pipeline against the research code's way of running the model
+(:mod:`msmtu_batch.testing.research`)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from msmtu_batch.batch.tiling import peak_memory_mib
-from msmtu_batch.errors import MsmtuError
-from msmtu_batch.inputs.training_data import MSMTU_VALUE_SCALE, PARTITIONS
-from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, BritsOutput, LossWeights, brits_loss
-from msmtu_batch.model.preprocess import Standardizer, compute_deltas
+from msmtu_batch.model.brits import BRITS, BritsConfig
+from msmtu_batch.model.preprocess import Standardizer
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.tiling import peak_memory_mib
+from msmtu_batch.testing.research import research_inference_throughput
 
 PIPELINE_PHASES = ("plan", "cluster", "chunks", "finish", "export")  # RunSummary.phase_seconds
 PIPELINE_STAGES = ("read", "prepare", "model", "write")  # RunSummary.stage_seconds
@@ -87,128 +86,6 @@ def lstm_gemm_rate(batch: int = 4096, hidden: int = 100, features: int = 14, sec
         synchronize()
         count += repeats
     return 2.0 * batch * (features + hidden) * 4 * hidden * count / (time.perf_counter() - start)
-
-
-class ResearchRITS(RITS):
-    """The straightforward per-step formulation of the research code: decays, combination
-    weight and losses computed inside the time loop, one small operation after another.
-    Same parameters as :class:`RITS`, so the same weights load into both."""
-
-    def __init__(self, cfg: BritsConfig) -> None:
-        super().__init__(cfg)
-        self.sigmoid_combination = cfg.combine_activation == "sigmoid"
-
-    def forward(self, values, masks, deltas, ancillary, with_loss=True):
-        batch, steps, _ = values.shape
-        h = values.new_zeros(batch, self.hidden)
-        c = values.new_zeros(batch, self.hidden)
-        imputed, loss = [], values.new_zeros(())
-        for t in range(steps):
-            x, m, d = values[:, t], masks[:, t], deltas[:, t]
-            h = h * self.decay_hidden(d)
-            x_hist = self.history_regression(h)
-            z_feat = self.feature_regression(m * x + (1 - m) * x_hist)
-            alpha = self.combine(torch.cat([self.decay_input(d), m], dim=1))
-            if self.sigmoid_combination:
-                alpha = torch.sigmoid(alpha)
-            x_comb = alpha * z_feat + (1 - alpha) * x_hist
-            if with_loss:
-                observed = m.sum() + 1e-5
-                for estimate in (x_hist, z_feat, x_comb):
-                    loss = loss + ((estimate - x).abs() * m).sum() / observed
-            x_filled = m * x + (1 - m) * x_comb
-            h, c = self.cell(torch.cat([x_filled, m], dim=1), (h, c))
-            imputed.append(x_filled)
-        return self.logits(h, ancillary), torch.stack(imputed, dim=1), loss / (3 * steps)
-
-
-class ResearchBRITS(BRITS):
-    """BRITS as the research code runs it: one direction after the other, each in the
-    per-step formulation of :class:`ResearchRITS`; the same parameters as :class:`BRITS`."""
-
-    def __init__(self, cfg: BritsConfig) -> None:
-        super().__init__(cfg)
-        self.forward_pass, self.backward_pass = ResearchRITS(cfg), ResearchRITS(cfg)
-
-    def forward(self, values, masks, deltas_forward, deltas_backward, ancillary=None, with_loss=True):
-        logits_f, imputed_f, loss_f = self.forward_pass(values, masks, deltas_forward, ancillary, with_loss)
-        logits_b, imputed_b, loss_b = self.backward_pass(values.flip(1), masks.flip(1), deltas_backward,
-                                                         ancillary, with_loss)
-        return BritsOutput.of_directions(logits_f, logits_b, imputed_f, imputed_b.flip(1), 0.5 * (loss_f + loss_b),
-                                         with_loss)
-
-
-class JsonPixelDataset(Dataset):
-    """Research-code style: every item opens and parses its pixel's JSON file."""
-
-    def __init__(self, root: Path, level: str, partition: str, ancillary_names: tuple[str, ...],
-                 bands: Standardizer, ancillary: Standardizer | None) -> None:
-        self.root = Path(root)
-        labels = pd.read_csv(self.root / "labels" / level / "partitions" / f"{partition}.csv")
-        self.classes = [c for c in labels.columns if c not in ("square_id", "Class_max")]
-        self.ids = labels["square_id"].to_numpy()
-        self.labels = labels[self.classes].to_numpy(np.float32)
-        table = pd.read_csv(self.root / "ancillary" / "topo_climatic.csv").set_index("square_id")
-        self.ancillary = table.loc[self.ids, list(ancillary_names)].to_numpy(np.float32)
-        self.bands, self.ancillary_stats = bands, ancillary
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        record = json.loads((self.root / "ts_files" / f"{int(self.ids[i]):07d}.json").read_text())
-        forward = record["ts_data"]["forward"]
-        values = np.asarray(forward["values"], np.float32) * np.float32(1 / MSMTU_VALUE_SCALE)
-        masks = np.asarray(forward["masks"], np.float32)
-        item = {"values": self.bands.apply(values, masks), "masks": masks,
-                "deltas_forward": compute_deltas(masks), "deltas_backward": compute_deltas(masks[::-1]),
-                "label": self.labels[i]}
-        if self.ancillary_stats is not None:
-            item["ancillary"] = self.ancillary_stats.apply(self.ancillary[i])
-        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in item.items()}
-
-
-def naive_training_throughput(root: Path, level: str, model: BRITS, bands: Standardizer,
-                              ancillary_names: tuple[str, ...], ancillary: Standardizer | None,
-                              batch_size: int = 256, max_batches: int | None = None) -> float:
-    """Training pixels/s of one epoch fed per-sample from JSON files through a DataLoader."""
-    dataset = JsonPixelDataset(root, level, PARTITIONS[0], ancillary_names, bands, ancillary)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    seen, start = 0, time.perf_counter()
-    for step, batch in enumerate(loader):
-        out = model(batch["values"], batch["masks"], batch["deltas_forward"], batch["deltas_backward"],
-                    batch.get("ancillary"))
-        loss, _ = brits_loss(out, batch["label"], LossWeights())
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        seen += len(batch["label"])
-        if max_batches is not None and step + 1 >= max_batches:
-            break
-    return seen / (time.perf_counter() - start)
-
-
-def research_inference_throughput(root: Path, level: str, artifact, out_csv: Path, batch_size: int = 256) -> float:
-    """Pixels/s of inference the research-code way: one JSON per pixel through a DataLoader
-    into the per-step model, predictions appended to a CSV per batch."""
-    model = ResearchBRITS(artifact.config)
-    model.load_state_dict(artifact.model.state_dict())
-    model.eval()
-    seen, start = 0, time.perf_counter()
-    for partition in PARTITIONS:
-        dataset = JsonPixelDataset(root, level, partition, artifact.ancillary_names, artifact.band_stats,
-                                   artifact.ancillary_stats)
-        with torch.no_grad():
-            for batch in DataLoader(dataset, batch_size=batch_size):
-                out = model(batch["values"], batch["masks"], batch["deltas_forward"], batch["deltas_backward"],
-                            batch.get("ancillary"))
-                pd.DataFrame(out.abundance.numpy(), columns=list(artifact.classes)).to_csv(
-                    out_csv, mode="a", header=not out_csv.exists(), index=False)
-                seen += len(batch["values"])
-    return seen / (time.perf_counter() - start)
 
 
 def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, batch_size: int = 1024,
@@ -280,9 +157,9 @@ def precision_table(out: Path, epochs: int, size: tuple[int, int], seeds: tuple[
     the model under autocast): the largest
     abundance difference to fp32, the test RMSE against the simulated truth and its change,
     and pixels/s on this machine's CPU."""
-    from msmtu_batch.evaluation.metrics import rmse
     from msmtu_batch.inputs.training_data import read_cube_reference
     from msmtu_batch.model.inference import predict
+    from msmtu_batch.model.metrics import rmse
     from msmtu_batch.model.train import TrainConfig, train
     from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 
@@ -335,7 +212,7 @@ def pipeline_run(cube: Path, model: Path, out: Path, chunk: int, cog_dir: Path) 
     """``run`` with COG export in this process, as ``msmtu-batch run`` runs it: the bench starts
     one fresh process per run, so that the peak memory is the run's alone (the bench's own
     process holds the model-only measurements and what earlier runs left on its heap)."""
-    from msmtu_batch.batch.pipeline import RunConfig, run
+    from msmtu_batch.orchestration.pipeline import RunConfig, run
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     summary = run(cube, model, out, config=RunConfig(chunk=chunk, out_of_distribution="flag"), overwrite=True,

@@ -22,10 +22,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 
-from msmtu_batch import __version__
-from msmtu_batch.errors import MsmtuError, MsmtuWarning
 from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_SETS, open_input_cube
 from msmtu_batch.inputs.training_data import PARTITIONS, PixelSet
+from msmtu_batch.runtime.errors import MsmtuError, MsmtuWarning
+from msmtu_batch.runtime.provenance import __version__
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 
 app = typer.Typer(help="LULC abundance mapping from MODIS monthly time series with BRITS.",
@@ -317,8 +317,8 @@ def train_command(
     from msmtu_batch.model.artifact import artifact_hash, load_artifact, save_artifact
     from msmtu_batch.model.checkpoint import checkpoint_path
     from msmtu_batch.model.hierarchy import hierarchy_in_training_data, read_hierarchy_file
+    from msmtu_batch.model.palette import read_class_colors
     from msmtu_batch.model.train import Checkpointing, FineTuning, inherit_architecture, train, training_device
-    from msmtu_batch.products.palette import read_class_colors
 
     with _user_errors():
         cfg = _train_config(config, ancillary=ancillary.value if ancillary else None, epochs=epochs,
@@ -456,7 +456,7 @@ def ablation_command(
 
 def _chunk_progress(description: str):
     """A progress bar over finished chunks on a terminal; progress lines in batch logs."""
-    from msmtu_batch.batch.reporting import Reporter
+    from msmtu_batch.runtime.reporting import Reporter
 
     return Reporter(console).progress(description)
 
@@ -475,10 +475,14 @@ def _pairs_option(values: list[str] | None, option: str, example: str) -> dict[s
 @app.command("ingest")
 def ingest_command(
     inputs: Annotated[list[Path] | None, typer.Argument(
-        help="MOD09A1 C6.1 granules (.hdf), GeoTIFF exports (.tif), or folders of them.")] = None,
+        help="MOD09A1 (Terra) or MYD09A1 (Aqua) C6.1 granules (.hdf), GeoTIFF exports (.tif), or folders of them.")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Input cube (Zarr) to write; with several years, a path "
                                                      "with {year} (cubes/{year}.zarr).")] = ...,
     manifest: Annotated[Path | None, typer.Option(help="CSV with columns path,date for GeoTIFF exports.")] = None,
+    sensor: Annotated[str | None, typer.Option(
+        help="The sensor the granules must be of: MOD09A1, MYD09A1, or MOD09A1+MYD09A1 (Terra and Aqua granules "
+             "composited together). Default: the one that reads the granules given.")] = None,
     year: Annotated[list[int] | None, typer.Option(
         help="Year of the cube (default: the inputs' year); repeat it for several years at once on one cluster, "
              "each from the composites that reach into it.")] = None,
@@ -504,7 +508,7 @@ def ingest_command(
         = None,
     band_quality: Annotated[bool | None, typer.Option(
         "--band-quality/--no-band-quality", help="Also reject a band's value that sur_refl_qc_500m flags as not of "
-        "the highest quality (MOD09A1 granules; bit layout in the README).")] = None,
+        "the highest quality (MODIS granules; bit layout in docs/ingest.md).")] = None,
     zarr_format: ZarrFormatOption = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML workflow with an 'ingest' section (keys as the flags); flags override it.")] = None,
@@ -513,11 +517,11 @@ def ingest_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cube at --out.")] = False,
 ) -> None:
     """Build an input cube: monthly QA-filtered composites on a grid and region, plus ancillary data."""
-    from msmtu_batch.inputs.ingest import IngestConfig, ingest, ingest_years
+    from msmtu_batch.orchestration.ingest import IngestConfig, ingest, ingest_years
 
     with _user_errors():
         settings = _with_overrides(_config_section(config, "ingest"), dict(
-            inputs=inputs or None, manifest=manifest, year=year[0] if year and len(year) == 1 else None,
+            inputs=inputs or None, manifest=manifest, sensor=sensor, year=year[0] if year and len(year) == 1 else None,
             region=region, crs=crs, resolution=resolution,
             resampling=resampling, composite=composite, dem=dem,
             climate=_pairs_option(climate, "--climate", "NAME=RASTER, e.g. precipitation=pre.tif") or None,
@@ -564,9 +568,12 @@ def run_command(
                                                  "settings.")] = False,
     cog: Annotated[Path | None, typer.Option(help="Also write Cloud-Optimized GeoTIFFs to this folder.")] = None,
     performance_report: Annotated[Path | None, typer.Option(help="Write Dask's HTML performance report.")] = None,
+    allow_other_sensor: Annotated[bool, typer.Option(
+        help="Map a cube of a sensor other than the model's training data (e.g. MYD09A1 with a MOD09A1 model; the "
+             "bands must be the same).")] = False,
 ) -> None:
     """Unmix an input cube with a model into an output cube; resumable and idempotent."""
-    from msmtu_batch.batch.pipeline import RunConfig, run
+    from msmtu_batch.orchestration.pipeline import RunConfig, run
 
     def announce(client) -> None:
         if not client.scheduler.address.startswith("inproc://"):  # threads of this process: no dashboard
@@ -579,7 +586,8 @@ def run_command(
                                                               zarr_format=zarr_format or 3,
                                                               precision=precision.value),
                       scheduler=scheduler, overwrite=overwrite, cog_dir=cog, performance_report=performance_report,
-                      progress=_chunk_progress("unmixing chunks"), on_client=announce)
+                      progress=_chunk_progress("unmixing chunks"), on_client=announce,
+                      allow_other_sensor=allow_other_sensor)
         flagged = f"; WARNING: {summary.flagged_line}" if summary.flagged_pixels else ""
         if summary.already_complete:
             print(f"{out} is already complete for this model, input and settings; nothing to do{flagged}")
@@ -625,8 +633,8 @@ def workflow_command(
     output is out of date with its inputs by content. Exit status: 0 all years done, 3 some
     years failed (the others finished), 2 a bad definition. A run record (JSON) is written
     under OUTPUT/records/."""
-    from msmtu_batch.batch.reporting import Reporter
-    from msmtu_batch.batch.workflow import run_workflow
+    from msmtu_batch.orchestration.workflow import run_workflow
+    from msmtu_batch.runtime.reporting import Reporter
 
     with _user_errors(), Reporter(console, log_file) as reporter:
         status, record = run_workflow(definition, reporter, _years_option(years), dry_run)
@@ -647,7 +655,7 @@ def cluster_script_command(
 ) -> None:
     """Print the job script a SLURM or PBS cluster spec submits for its workers (dask-jobqueue's
     job_script()), to check before a run. The scheduler address in it changes with every run."""
-    from msmtu_batch.batch.clusters import PbsSpec, SlurmSpec, job_script, load_cluster_spec
+    from msmtu_batch.runtime.clusters import PbsSpec, SlurmSpec, job_script, load_cluster_spec
 
     with _user_errors():
         cluster = load_cluster_spec(spec if spec.endswith((".yaml", ".yml")) else spec + ".yaml")

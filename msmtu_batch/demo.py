@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from msmtu_batch.batch.pipeline import RunConfig, run
-from msmtu_batch.evaluation.metrics import abundance_metrics
 from msmtu_batch.inputs.cube import CLASS_DIM, open_input_cube
 from msmtu_batch.inputs.training_data import PARTITIONS, read_cube_reference
 from msmtu_batch.model.artifact import save_artifact
+from msmtu_batch.model.metrics import abundance_metrics
 from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.orchestration.pipeline import RunConfig, run
 from msmtu_batch.products.export import dominant_quicklook, quicklook
 from msmtu_batch.synthetic.simulate import SimulationConfig, describe_region, simulate
 

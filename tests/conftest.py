@@ -1,4 +1,5 @@
-"""Shared fixtures: small simulated regions written to real Zarr stores on disk."""
+"""Shared fixtures, one of each for the whole session: small simulated regions written to real
+Zarr stores on disk, a small model trained on one, a real Dask cluster and a real SLURM."""
 
 from __future__ import annotations
 
@@ -75,6 +76,38 @@ def gdal(*args: str, stderr: bool = True) -> str:
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout + (result.stderr if stderr else "")
+
+
+SMALL_TRAINING = {"epochs": 1, "hidden": 8, "embed": 4, "head_hidden": 8}  # seconds to train; maps the region
+
+
+def train_small_model(region: SimulationResult, path: Path, seed: int = 0) -> Path:
+    """A small level-2 model trained on the region's reference, saved at ``path``."""
+    from msmtu_batch.inputs.training_data import read_cube_reference
+    from msmtu_batch.model.artifact import save_artifact
+    from msmtu_batch.model.train import TrainConfig, train
+
+    pixels = read_cube_reference(region.cube, region.reference, "level2")
+    return save_artifact(train(pixels, "level2", TrainConfig(**SMALL_TRAINING, seed=seed)).artifact, path)
+
+
+@pytest.fixture(scope="session")
+def small_model(region: SimulationResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model the run, fault, workflow and cluster tests map the region with."""
+    return train_small_model(region, tmp_path_factory.mktemp("small-model") / "level2.safetensors")
+
+
+@pytest.fixture(scope="session")
+def local_scheduler() -> str:
+    """The address of one real LocalCluster (2 worker processes on 127.0.0.1) that runs under
+    test connect to, as to an operator's scheduler, rather than each starting one."""
+    from distributed import LocalCluster
+
+    # its dashboard on a free port: the default, 8787 (None means the default too), would push
+    # the clusters of examples and notebooks under test aside with a warning
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        yield cluster.scheduler_address
 
 
 def zarr_files(store: Path) -> dict[str, bytes]:

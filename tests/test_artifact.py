@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from msmtu_batch.batch.digests import with_checksum
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import BAND_NAMES, GEOTOPO_NAMES
 from msmtu_batch.model.artifact import ArtifactError, ModelArtifact, load_artifact, save_artifact
 from msmtu_batch.model.brits import BRITS, BritsConfig
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import Standardizer
+from msmtu_batch.runtime.digests import with_checksum
+from msmtu_batch.runtime.errors import MsmtuError
 from tests.test_model import synthetic_problem
 
 
@@ -115,7 +115,7 @@ def test_artifact_refuses_data_it_does_not_match(artifact):
 
 
 def test_class_colours_default_override_round_trip_and_refusals(artifact, tmp_path):
-    from msmtu_batch.products.palette import class_colors, default_class_colors, read_class_colors
+    from msmtu_batch.model.palette import class_colors, default_class_colors, read_class_colors
 
     assert default_class_colors(("olive_grove", "water", "mystery")) == ("#e6a600", "#00ccf2", "#2ca02c")
     assert artifact.class_colors == ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"), "tab20 for unknown names"

@@ -8,17 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from msmtu_batch.bench import (
-    JsonPixelDataset,
-    ResearchBRITS,
-    brits_flops_per_pixel,
-    lstm_gemm_rate,
-    naive_training_throughput,
-)
+from msmtu_batch.bench import brits_flops_per_pixel, lstm_gemm_rate
 from msmtu_batch.inputs.cube import ANCILLARY_SETS
 from msmtu_batch.inputs.training_data import read_msmtu
 from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.model.preprocess import Standardizer, prepare_inputs
+from msmtu_batch.testing.research import JsonPixelDataset, ResearchBRITS, naive_training_throughput
 from tests.test_model import synthetic_problem, tensors
 
 

@@ -10,7 +10,6 @@ import pytest
 import xarray as xr
 import zarr
 
-from msmtu_batch.errors import CubeValidationError
 from msmtu_batch.inputs.cube import (
     BAND_NAMES,
     GEOTOPO_NAMES,
@@ -18,6 +17,7 @@ from msmtu_batch.inputs.cube import (
     open_input_cube,
     write_input_cube,
 )
+from msmtu_batch.runtime.errors import CubeValidationError
 
 
 def test_valid_cube_passes_and_stays_lazy(region, tiny, tmp_path):
@@ -75,7 +75,7 @@ CORRUPTIONS = {
     "scale": (lambda ds: ds.assign(reflectance=ds["reflectance"].assign_attrs(scale_factor=0.001)),
               "variable 'reflectance': expected scale_factor 0.0001, found scale_factor 0.001"),
     "six bands": (lambda ds: ds.isel(band=slice(0, 6)),
-                  "variable 'band': expected 7 bands, found 6 bands"),
+                  "variable 'band': expected 7 bands (MOD09A1), found 6 bands"),
     "band order": (lambda ds: ds.assign_coords(band=np.array(
         [BAND_NAMES[1], BAND_NAMES[0], *BAND_NAMES[2:]], dtype=object)),
         "variable 'band': expected labels " + ", ".join(BAND_NAMES) + ", found labels "

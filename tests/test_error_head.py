@@ -14,12 +14,12 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 from sklearn.ensemble import HistGradientBoostingRegressor
 
-from msmtu_batch.batch.digests import with_checksum
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import ArtifactError, load_artifact, save_artifact
 from msmtu_batch.model.error_head import ErrorHead, error_features, tree_arrays
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.runtime.digests import with_checksum
 
 
 @settings(max_examples=25, deadline=None)

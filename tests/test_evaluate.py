@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from msmtu_batch.evaluation.evaluate import evaluate, fcls_unmix, hide_observations, temporal_endmembers
-from msmtu_batch.evaluation.metrics import rmse
 from msmtu_batch.inputs.training_data import PixelSet, read_cube_reference
 from msmtu_batch.model.artifact import load_artifact, save_artifact
 from msmtu_batch.model.inference import predict
+from msmtu_batch.model.metrics import rmse
 from msmtu_batch.model.train import TrainConfig, train
 
 
@@ -118,7 +118,7 @@ def test_training_is_reproducible_by_seed(region):
 
 
 def test_divergence_stops_with_a_clear_message(region):
-    from msmtu_batch.errors import MsmtuError
+    from msmtu_batch.runtime.errors import MsmtuError
 
     pixels = read_cube_reference(region.cube, region.reference, "level1").subset(np.arange(0, 6912, 9))
     with pytest.raises(MsmtuError, match=r"training diverged at epoch 1 \(validation RMSE nan\); lower the"):

@@ -27,17 +27,17 @@ import pytest
 import xarray as xr
 import zarr
 
-from msmtu_batch.batch.digests import with_checksum
-from msmtu_batch.batch.pipeline import RunConfig, run
-from msmtu_batch.errors import MsmtuError, TrainingDataError
 from msmtu_batch.evaluation.evaluate import evaluate
-from msmtu_batch.evaluation.metrics import rmse
 from msmtu_batch.inputs.cube import ALL_CHUNKS_ATTR, REFLECTANCE_FILL
 from msmtu_batch.inputs.training_data import read_msmtu
 from msmtu_batch.model.artifact import load_artifact, save_artifact
 from msmtu_batch.model.inference import predict
+from msmtu_batch.model.metrics import rmse
 from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.orchestration.pipeline import RunConfig, run
 from msmtu_batch.products.archive import open_output
+from msmtu_batch.runtime.digests import with_checksum
+from msmtu_batch.runtime.errors import MsmtuError, TrainingDataError
 from tests.conftest import SMALL, gdal, zarr_files
 
 BIN = Path(sys.executable).parent
@@ -80,14 +80,8 @@ def one_line_error(result: Done) -> str:
 
 
 @pytest.fixture(scope="module")
-def scheduler():
-    """One real LocalCluster (2 worker processes on 127.0.0.1) for this module's runs: the runs
-    under test connect to it, as to an operator's scheduler, rather than each starting one."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
+def scheduler(local_scheduler) -> str:
+    return local_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +258,7 @@ def test_corrupted_chunk_fails_its_checksum_and_is_named(region, model, tmp_path
 LOGS_WHILE_CLOSING = """
 import logging
 from distributed import WorkerPlugin
-from msmtu_batch.batch.clusters import LocalSpec, connect
+from msmtu_batch.runtime.clusters import LocalSpec, connect
 
 class LoudTeardown(WorkerPlugin):  # as a heartbeat cut by the close (dask/distributed#7105)
     def teardown(self, worker):
@@ -358,7 +352,7 @@ def test_overwrite_never_touches_the_input_or_foreign_folders(region, model, tmp
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from msmtu_batch.batch.outputs import output_lock
+from msmtu_batch.runtime.outputs import output_lock
 with output_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -527,7 +521,7 @@ def test_meaningless_artifacts_are_refused(model, tmp_path):
         ({"band_names": ["sur_refl_b02", "sur_refl_b01", *[f"sur_refl_b0{i}" for i in range(3, 8)]]}, {},
          "band_names ['sur_refl_b02', 'sur_refl_b01', 'sur_refl_b03', 'sur_refl_b04', 'sur_refl_b05', "
          "'sur_refl_b06', 'sur_refl_b07'], expected sur_refl_b01, sur_refl_b02, sur_refl_b03, sur_refl_b04, "
-         "sur_refl_b05, sur_refl_b06, sur_refl_b07 in that order"),
+         "sur_refl_b05, sur_refl_b06, sur_refl_b07 in that order (MOD09A1)"),
     ]
     for i, (meta, tensors, message) in enumerate(cases):
         path = rewritten(model, tmp_path / f"bad{i}.safetensors", meta, tensors)
@@ -544,7 +538,7 @@ def test_local_cluster_refuses_clients_without_its_credentials():
     from distributed import Client
     from distributed.security import Security
 
-    from msmtu_batch.batch.clusters import connect
+    from msmtu_batch.runtime.clusters import connect
 
     with connect() as client:
         address = client.scheduler.address
@@ -559,7 +553,7 @@ def test_local_cluster_refuses_clients_without_its_credentials():
 
 def test_threads_of_one_process_listen_on_nothing():
     """``run``'s default: the workers are threads of the driver, reached in memory."""
-    from msmtu_batch.batch.clusters import connect
+    from msmtu_batch.runtime.clusters import connect
 
     with connect(processes=False) as client:
         assert client.scheduler.address.startswith("inproc://"), client.scheduler.address

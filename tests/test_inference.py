@@ -8,11 +8,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msmtu_batch.bench import ResearchBRITS
 from msmtu_batch.model.brits import BRITS, BritsConfig
 from msmtu_batch.model.fastmath import decay_factor, lstm_update, tanh_fraction
 from msmtu_batch.model.inference import FusedBrits, bfloat16_round_trip, predict
 from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
+from msmtu_batch.testing.research import ResearchBRITS
 
 TOLERANCE = 2e-5  # float32 rounding through 12 recurrent steps, plus the 3e-7 tanh approximation
 RELATIVE = 2e-5  # the same rounding on imputed values of magnitude above 1 (hypothesis found 2.1e-5 at 2.02)

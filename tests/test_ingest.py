@@ -20,15 +20,11 @@ import pyproj
 import pytest
 import rasterio
 import xarray as xr
-from distributed import LocalCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from msmtu_batch.batch.digests import file_blake3
-from msmtu_batch.batch.pipeline import RunConfig, run
-from msmtu_batch.errors import CubeValidationError, MsmtuError
 from msmtu_batch.inputs.ancillary import AncillarySources, _read_float, chunk_ancillary
 from msmtu_batch.inputs.composite import CompositeRule, composite_months, composite_months_numpy
 from msmtu_batch.inputs.cube import (
@@ -38,7 +34,6 @@ from msmtu_batch.inputs.cube import (
     band_quality_rejected,
     open_input_cube,
 )
-from msmtu_batch.inputs.ingest import COUNT_VARIABLE, IngestConfig, ingest, planned_sources
 from msmtu_batch.inputs.ingest_tasks import ScratchStore
 from msmtu_batch.inputs.modis import (
     DOY_FILL,
@@ -51,12 +46,15 @@ from msmtu_batch.inputs.modis import (
     ObservationWindow,
     open_reflectance,
     read_granule_info,
-    tile_upper_left,
-    write_granule,
 )
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import save_artifact
 from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.orchestration.ingest import COUNT_VARIABLE, IngestConfig, ingest, planned_sources
+from msmtu_batch.orchestration.pipeline import RunConfig, run
+from msmtu_batch.runtime.digests import file_blake3
+from msmtu_batch.runtime.errors import CubeValidationError, MsmtuError
+from msmtu_batch.testing.granules import tile_upper_left, write_granule
 from tests.conftest import gdal
 
 N = 24  # pixels per tile side of the test granules (2400 in the product): 46.3 km pixels
@@ -67,11 +65,9 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def scheduler():
-    """One real LocalCluster (2 worker processes on 127.0.0.1) shared by this module's ingests."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
+def scheduler(local_scheduler) -> str:
+    """The session's LocalCluster, which this module's ingests connect to."""
+    return local_scheduler
 
 
 def tile_values(h: int) -> np.ndarray:
@@ -798,7 +794,7 @@ def test_band_quality_is_refused_for_geotiff_exports(tmp_path):
                      from_origin(left, top, TILE_SIZE / N, TILE_SIZE / N))
     with pytest.raises(MsmtuError) as err:
         ingest(IngestConfig(inputs=[exports], band_quality=True), tmp_path / "cube.zarr")
-    assert str(err.value) == ("band_quality needs the sur_refl_qc_500m layer of MOD09A1 granules; GeoTIFF exports "
+    assert str(err.value) == ("band_quality needs the sur_refl_qc_500m layer of MODIS granules; GeoTIFF inputs "
                               "do not carry it")
     with pytest.raises(MsmtuError) as err:
         ingest(IngestConfig(inputs=[exports], read_order="by-date"), tmp_path / "cube.zarr")

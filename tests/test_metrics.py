@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msmtu_batch.evaluation.metrics import abundance_metrics, masked_mae, rmse, uncertainty_reliability
+from msmtu_batch.model.metrics import abundance_metrics, masked_mae, rmse, uncertainty_reliability
 
 TRUE = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.25, 0.75]])
 PRED = np.array([[0.8, 0.2], [0.5, 0.5], [0.2, 0.8], [0.75, 0.25]])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from msmtu_batch.bench import ResearchBRITS
 from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import Standardizer, compute_deltas, prepare_inputs
+from msmtu_batch.testing.research import ResearchBRITS
 
 
 def synthetic_problem(n: int = 96, seed: int = 0, n_ancillary: int = 3):

@@ -19,12 +19,12 @@ import rasterio
 import xarray as xr
 
 import msmtu_batch as mb
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import consolidate
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import artifact_hash, save_artifact
+from msmtu_batch.model.palette import class_colors, rgb
 from msmtu_batch.model.train import TrainConfig, train
-from msmtu_batch.products.palette import class_colors, rgb
+from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 from tests.conftest import gdal, zarr_files
 

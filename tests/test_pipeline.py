@@ -19,14 +19,15 @@ import xarray as xr
 import zarr
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
-from msmtu_batch.batch.pipeline import DONE_GROUP, RunConfig, model_loads, run
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import REFLECTANCE_FILL, observed_mask, write_input_cube
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import save_artifact
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.orchestration.pipeline import RunConfig, model_loads, run
 from msmtu_batch.products.archive import open_output
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.stores import DONE_GROUP
 from tests.conftest import zarr_files
 from tests.test_cube_validation import CORRUPTIONS
 
@@ -36,10 +37,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def model(region, tmp_path_factory) -> Path:
-    pixels = read_cube_reference(region.cube, region.reference, "level2")
-    result = train(pixels, "level2", TrainConfig(epochs=2, hidden=16, embed=8, head_hidden=16, batch_size=256))
-    return save_artifact(result.artifact, tmp_path_factory.mktemp("model") / "model.safetensors")
+def model(small_model) -> Path:
+    return small_model
 
 
 def finished_chunks(staging: Path) -> int:

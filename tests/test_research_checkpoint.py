@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from msmtu_batch.bench import ResearchBRITS
 from msmtu_batch.inputs.units import MSMTU_TABLE_UNIT
 from msmtu_batch.model.artifact import load_artifact
 from msmtu_batch.model.brits import BritsConfig
 from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import compute_deltas, prepare_inputs
+from msmtu_batch.testing.research import ResearchBRITS
 from tests.test_faults import cli, one_line_error
 
 CLASSES = ("urban", "water", "crops", "forest", "shrubs", "bare")

@@ -7,8 +7,8 @@ import pytest
 import xarray as xr
 from pyproj import Transformer
 
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import REFLECTANCE_FILL, open_input_cube
+from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.synthetic.simulate import (
     CLASS_HIERARCHY,
     LEVEL1_CLASSES,

@@ -11,12 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msmtu_batch.batch.clusters import LocalSpec, cluster_spec_from, job_script, load_cluster_spec
-from msmtu_batch.batch.pipeline import RunConfig, run
-from msmtu_batch.errors import MsmtuError
-from msmtu_batch.inputs.training_data import read_cube_reference
-from msmtu_batch.model.artifact import save_artifact
-from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.orchestration.pipeline import RunConfig, run
+from msmtu_batch.runtime.clusters import LocalSpec, cluster_spec_from, job_script, load_cluster_spec
+from msmtu_batch.runtime.errors import MsmtuError
 from tests.conftest import zarr_files
 from tests.test_faults import cli, one_line_error
 
@@ -25,10 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model(region, tmp_path_factory) -> Path:
-    pixels = read_cube_reference(region.cube, region.reference, "level2")
-    result = train(pixels, "level2", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8))
-    return save_artifact(result.artifact, tmp_path_factory.mktemp("model") / "model.safetensors")
+def model(small_model) -> Path:
+    return small_model
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import artifact_hash, load_artifact, save_artifact
 from msmtu_batch.model.checkpoint import checkpoint_path, load_checkpoint
 from msmtu_batch.model.train import Checkpointing, FineTuning, TrainConfig, train
+from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 from tests.conftest import SMALL
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msmtu_batch.errors import TrainingDataError
 from msmtu_batch.inputs.cube import ANCILLARY_NAMES, REFLECTANCE_FILL
 from msmtu_batch.inputs.training_data import PARTITIONS, read_cube_reference, read_msmtu, spatial_block_split
+from msmtu_batch.runtime.errors import TrainingDataError
 from msmtu_batch.synthetic.simulate import LEVELS
 from tests.conftest import SMALL
 from tests.test_simulate import rejected_by_qa

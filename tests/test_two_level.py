@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from msmtu_batch.evaluation.metrics import rmse
 from msmtu_batch.inputs.training_data import read_cube_reference, read_msmtu
 from msmtu_batch.model.artifact import ArtifactError, load_artifact, save_artifact
 from msmtu_batch.model.brits import brits_loss
 from msmtu_batch.model.hierarchy import ClassHierarchy, HierarchyError, read_hierarchy_file
 from msmtu_batch.model.inference import predict
+from msmtu_batch.model.metrics import rmse
 from msmtu_batch.model.train import TrainConfig, train
 from msmtu_batch.synthetic.simulate import CLASS_HIERARCHY, LEVEL1_CLASSES, LEVEL2_CLASSES
 from tests.test_faults import cli, one_line_error

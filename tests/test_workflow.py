@@ -19,18 +19,14 @@ import pytest
 import rasterio
 import xarray as xr
 import yaml
-from distributed import LocalCluster
 from rasterio.transform import from_origin
 from rich.console import Console
 
-from msmtu_batch.batch.reporting import Reporter
-from msmtu_batch.batch.workflow import load_workflow, run_workflow
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import CLIMATIC_NAMES
-from msmtu_batch.inputs.training_data import read_cube_reference
-from msmtu_batch.model.artifact import save_artifact
-from msmtu_batch.model.train import TrainConfig, train
-from tests.conftest import zarr_files
+from msmtu_batch.orchestration.workflow import load_workflow, run_workflow
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.reporting import Reporter
+from tests.conftest import train_small_model, zarr_files
 from tests.test_faults import cli, one_line_error
 from tests.test_ingest import geojson, tile_values, write_raster, write_year
 
@@ -52,12 +48,6 @@ def write_granules(downloads: Path, year: int) -> Path:
                       values=year_values(year))
 
 
-def trained_model(region, path: Path, seed: int) -> Path:
-    pixels = read_cube_reference(region.cube, region.reference, "level2")
-    result = train(pixels, "level2", TrainConfig(epochs=1, hidden=8, embed=4, head_hidden=8, seed=seed))
-    return save_artifact(result.artifact, path)
-
-
 @pytest.fixture(scope="module")
 def downloads(tmp_path_factory) -> Path:
     """Granules of 2013-2015 (tile h17v05), a DEM, climate rasters and a boundary."""
@@ -74,19 +64,16 @@ def downloads(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scheduler():
-    """One real LocalCluster (2 worker processes on 127.0.0.1) shared by this module's
-    workflows, given to them as a `cluster: address` spec: warm workers, no start per run."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
-        yield {"cluster": "address", "address": cluster.scheduler_address}
+def scheduler(local_scheduler) -> dict:
+    """The session's LocalCluster, given to the workflows as a `cluster: address` spec: warm
+    workers, no start per run."""
+    return {"cluster": "address", "address": local_scheduler}
 
 
 @pytest.fixture(scope="module")
-def models(region, tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("models")
-    return trained_model(region, folder / "level2.safetensors", 0), trained_model(region, folder / "next.safetensors",
-                                                                                     1)
+def models(region, small_model, tmp_path_factory) -> tuple[Path, Path]:
+    """The session's model, and a second one (another seed): a new model version."""
+    return small_model, train_small_model(region, tmp_path_factory.mktemp("models") / "next.safetensors", seed=1)
 
 
 def definition(downloads: Path, output: Path, model: Path, years=(2013, 2014), cluster=None, **extra) -> dict:
@@ -272,8 +259,8 @@ def test_a_bad_definition_exits_2_before_any_work(downloads, models, tmp_path):
 
 
 def test_the_shipped_definitions_are_valid():
-    from msmtu_batch.batch.clusters import cluster_spec_from
-    from msmtu_batch.batch.workflow import WorkflowDefinition, year_ingest_config
+    from msmtu_batch.orchestration.workflow import WorkflowDefinition, year_ingest_config
+    from msmtu_batch.runtime.clusters import cluster_spec_from
 
     values = yaml.safe_load((ROOT / "workflows" / "andalusia.yaml").read_text())["workflow"]
     production = WorkflowDefinition(**values)
@@ -311,7 +298,7 @@ def test_workflow_as_a_self_resubmitting_batch_job_with_slurm_workers(slurm, dow
             "jobs": 1, "shared_directory": str(tmp_path / "tls"), "worker_start_timeout": 120}
     path = write_definition(tmp_path / "w.yaml", definition(downloads, output, models[0], years=(2013,),
                                                              cluster=spec, cog=False))
-    before = len(slurm.jobs())
+    before = {j["JobId"] for j in slurm.jobs()}  # by id: scontrol lists the jobs in no fixed order
     # --chdir: the resubmitted job's default output file lands there too
     first = sbatch(slurm, "--chdir", str(tmp_path), "--output", str(tmp_path / "rerun-%j.out"),
                    str(ROOT / "deploy/slurm/rerun.sbatch"),
@@ -321,7 +308,7 @@ def test_workflow_as_a_self_resubmitting_batch_job_with_slurm_workers(slurm, dow
     outputs = [p.read_text() for p in tmp_path.glob("*.out")]
     assert [(j["JobState"], j["ExitCode"]) for j in drivers] == [("COMPLETED", "0:0")] * 2, outputs
     assert drivers[0]["JobId"] == first and drivers[1]["StartTime"] >= drivers[0]["EndTime"]
-    workers = [j for j in slurm.jobs()[before:] if j["Name"] == "msmtu-worker"]
+    workers = [j for j in slurm.jobs() if j["JobId"] not in before and j["Name"] == "msmtu-worker"]
     # the first run's one worker job ran inside the driver's time; the second run needed none
     assert len(workers) == 1, slurm.jobs()
     assert drivers[0]["StartTime"] <= workers[0]["StartTime"] <= workers[0]["EndTime"] <= drivers[0]["EndTime"]

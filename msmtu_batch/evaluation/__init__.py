@@ -1,1 +1,2 @@
-"""Evaluation: metrics, baselines, reports and the ablation."""
+"""Evaluation: baselines, reports and the ablation (the metrics themselves are
+:mod:`msmtu_batch.model.metrics`, as training scores with them too)."""

@@ -29,19 +29,19 @@ import numpy as np
 from scipy.optimize import nnls
 from sklearn.ensemble import RandomForestRegressor
 
-from msmtu_batch.errors import TrainingDataError
-from msmtu_batch.evaluation.metrics import (
+from msmtu_batch.inputs.cube import ANCILLARY_SETS, BAND_NAMES
+from msmtu_batch.inputs.training_data import PixelSet
+from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, save_artifact
+from msmtu_batch.model.inference import predict
+from msmtu_batch.model.metrics import (
     abundance_metrics,
     expected_error_reliability,
     masked_mae,
     uncertainty_reliability,
 )
-from msmtu_batch.inputs.cube import ANCILLARY_SETS, BAND_NAMES
-from msmtu_batch.inputs.training_data import PixelSet
-from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, save_artifact
-from msmtu_batch.model.inference import predict
 from msmtu_batch.model.preprocess import linear_interpolate_gaps
 from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.runtime.errors import TrainingDataError
 
 HIDE_FRACTION = 0.10
 FCLS_SUM_WEIGHT = 10.0  # weight of the sum-to-one row appended to each pixel's system

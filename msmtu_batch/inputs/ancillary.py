@@ -28,10 +28,10 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
-from msmtu_batch.batch.tiling import covering_window
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.layers import ANCILLARY_UNITS, CLIMATIC_NAMES
 from msmtu_batch.inputs.units import convert, linear_conversion
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.tiling import covering_window
 
 MARGIN = 3  # source pixels read beyond a chunk: the slope's neighbours and the resampling kernels
 SLOPE_NAMES = ("altitude", "slope")

@@ -23,7 +23,6 @@ import zarr
 from numcodecs import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from msmtu_batch.errors import CubeValidationError
 from msmtu_batch.inputs.layers import (  # noqa: F401  (the contract's names, defined there)
     ALL_CHUNKS_ATTR,
     ANCILLARY_NAMES,
@@ -61,6 +60,8 @@ from msmtu_batch.inputs.layers import (  # noqa: F401  (the contract's names, de
     qa_rejected,
     write_window,
 )
+from msmtu_batch.inputs.sensors import SENSOR_ATTR, Sensor, sensor_named
+from msmtu_batch.runtime.errors import CubeValidationError, MsmtuError
 
 
 @contextmanager
@@ -207,6 +208,15 @@ def write_input_cube(ds: xr.Dataset, store: str | os.PathLike, chunk: int = 128,
     consolidate(store)
 
 
+def cube_sensor(ds: xr.Dataset, store: Path | str = "<dataset>") -> Sensor:
+    """The sensor spec a cube records in its ``sensor`` attribute (none: MOD09A1, the published
+    layout); one line naming the store when it names no known sensor."""
+    try:
+        return sensor_named(ds.attrs.get(SENSOR_ATTR), f"{store}: attribute {SENSOR_ATTR}")
+    except MsmtuError as exc:
+        raise CubeValidationError(str(exc)) from None
+
+
 def _expect(condition: bool, store: Path | str, variable: str, expected: str, found: object) -> None:
     if not condition:
         raise CubeValidationError(
@@ -239,11 +249,12 @@ def validate_input_cube(ds: xr.Dataset, *, store: Path | str = "<dataset>",
     _expect(np.isclose(float(scale), REFLECTANCE_SCALE, rtol=1e-6, atol=0), store, "reflectance",
             f"scale_factor {REFLECTANCE_SCALE:g}", f"scale_factor {scale}")
 
+    sensor = cube_sensor(ds, store)
     bands = [str(b) for b in ds["band"].values]
-    _expect(len(bands) == len(BAND_NAMES), store, "band",
-            f"{len(BAND_NAMES)} bands", f"{len(bands)} bands")
-    _expect(bands == list(BAND_NAMES), store, "band",
-            "labels " + ", ".join(BAND_NAMES), "labels " + ", ".join(bands))
+    _expect(len(bands) == len(sensor.bands), store, "band",
+            f"{len(sensor.bands)} bands ({sensor.name})", f"{len(bands)} bands")
+    _expect(bands == list(sensor.bands), store, "band",
+            "labels " + ", ".join(sensor.bands), "labels " + ", ".join(bands))
 
     _validate_time(ds, store)
     _validate_grid(ds, store)

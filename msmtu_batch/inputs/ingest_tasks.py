@@ -1,4 +1,4 @@
-"""What the ingest's Dask tasks run (:mod:`msmtu_batch.inputs.ingest` plans and submits them):
+"""What the ingest's Dask tasks run (:mod:`msmtu_batch.orchestration.ingest` plans and submits them):
 a date task reads one date's window of the granules, top to bottom in strips, into the
 scratch store; a chunk task composites, warps, clips, adds the ancillary data to and writes
 one chunk of the cube. This module imports only what the tasks use (NumPy, Zarr, Numba,
@@ -19,8 +19,6 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
-from msmtu_batch.batch.tiling import ChunkWindow, covering_window, peak_memory_mib
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.ancillary import AncillarySources, chunk_ancillary, source_of
 from msmtu_batch.inputs.composite import CompositeRule, composite_months
 from msmtu_batch.inputs.layers import (
@@ -32,6 +30,8 @@ from msmtu_batch.inputs.layers import (
     write_window,
 )
 from msmtu_batch.inputs.modis import DOY_FILL, QA_FILL, ObservationWindow, ReflectanceSource
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.tiling import ChunkWindow, covering_window, peak_memory_mib
 
 SOURCE_MARGIN = 2  # source pixels read around a chunk before warping it
 _SCRATCH_LAYERS = len(BAND_NAMES) + 2  # reflectance, StateQA, day of year

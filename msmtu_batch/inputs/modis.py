@@ -37,10 +37,12 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.layers import BAND_NAMES, REFLECTANCE_FILL
+from msmtu_batch.inputs.sensors import DEFAULT_SENSOR, SENSORS, Sensor, sensor_named, sensor_of_products
+from msmtu_batch.runtime.errors import MsmtuError
 
-PRODUCT = "MOD09A1"
+PRODUCT = "MOD09A1"  # the default product of a granule (inputs/sensors.py: MYD09A1 reads the same way)
+HDF4_PRODUCTS = frozenset(p for s in SENSORS.values() if s.file_format == "HDF4-EOS" for p in s.products)
 COLLECTION = 61
 QA_LAYER = "sur_refl_state_500m"
 DOY_LAYER = "sur_refl_day_of_year"
@@ -121,6 +123,19 @@ def _overlap(start: int, stop: int, size: int) -> tuple[int, int]:
     return max(start, 0), min(stop, size)
 
 
+def strip_part(granule: Granule, row_off: int, col_off: int, top: int, bottom: int, col0: int, col1: int
+               ) -> tuple[tuple[int, int], tuple[int, int], slice, slice] | None:
+    """The part of the strip (mosaic rows ``top:bottom``, columns ``col0:col1``) that ``granule``,
+    placed at (``row_off``, ``col_off``), covers: its own rows and columns, and where they go in
+    the strip; None where it covers none of the strip's rows."""
+    r0, r1 = _overlap(top - row_off, bottom - row_off, granule.shape[0])
+    c0, c1 = _overlap(col0 - col_off, col1 - col_off, granule.shape[1])
+    if r0 >= r1:
+        return None
+    return (r0, r1), (c0, c1), slice(r0 + row_off - top, r1 + row_off - top), slice(c0 + col_off - col0,
+                                                                                  c1 + col_off - col0)
+
+
 # --- MOD09A1 HDF4-EOS granules -------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -131,6 +146,7 @@ class Granule:
     upper_left: tuple[float, float]
     pixel_size: float
     shape: tuple[int, int]  # (rows, columns)
+    product: str = PRODUCT  # MOD09A1 (Terra) or MYD09A1 (Aqua)
 
 
 def _odl_value(text: str, name: str) -> str | None:
@@ -172,6 +188,27 @@ def text_attributes(sd, names: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def sinusoidal_tile(path: str, struct: str, projection: str
+                    ) -> tuple[str, tuple[float, float], float, tuple[int, int]]:
+    """Where an HDF-EOS grid lies, from its ``StructMetadata.0`` (HDF-EOS2 or HDF-EOS5, whose
+    projection is named ``GCTP_SNSOID`` or ``HE5_GCTP_SNSOID``): its tile (``hHHvVV``), upper-left
+    corner, pixel size and (rows, columns), checked to be a square-pixel tile of the MODIS
+    sinusoidal grid."""
+    if _struct_value(struct, "Projection") != projection:
+        raise MsmtuError(f"{path}: grid projection {_struct_value(struct, 'Projection')}, expected {projection}")
+    radius = (_numbers(_struct_value(struct, "ProjParams")) or [0.0])[0]
+    if not np.isclose(radius, SPHERE_RADIUS, rtol=1e-9):
+        raise MsmtuError(f"{path}: sinusoidal sphere radius {radius}, expected {SPHERE_RADIUS}")
+    columns, rows = (int(_numbers(_struct_value(struct, k))[0]) for k in ("XDim", "YDim"))
+    left, top = _numbers(_struct_value(struct, "UpperLeftPointMtrs"))
+    right, bottom = _numbers(_struct_value(struct, "LowerRightMtrs"))
+    pixel = (right - left) / columns
+    if not np.isclose((top - bottom) / rows, pixel, rtol=1e-6):
+        raise MsmtuError(f"{path}: grid pixels are not square ({pixel} x {(top - bottom) / rows} m)")
+    h, v = round((left - GRID_ORIGIN[0]) / TILE_SIZE), round((GRID_ORIGIN[1] - top) / TILE_SIZE)
+    return f"h{h:02d}v{v:02d}", (left, top), pixel, (rows, columns)
+
+
 def read_granule_info(path: str | Path) -> Granule:
     """Check a granule's product, collection, layers and grid metadata; return where it lies."""
     from pyhdf.error import HDF4Error
@@ -192,8 +229,9 @@ def read_granule_info(path: str | Path) -> Granule:
     if not core or not struct:
         raise MsmtuError(f"{path}: no CoreMetadata.0/StructMetadata.0 attributes; expected a MODIS HDF-EOS granule")
     product, version = _odl_value(core, "SHORTNAME"), _odl_value(core, "VERSIONID")
-    if product != PRODUCT:
-        raise MsmtuError(f"{path}: product {product}, expected {PRODUCT} (500 m 8-day surface reflectance)")
+    if product not in HDF4_PRODUCTS:
+        raise MsmtuError(f"{path}: product {product}, expected {' or '.join(sorted(HDF4_PRODUCTS))} (500 m 8-day "
+                         "surface reflectance)")
     if version is None or int(float(version)) != COLLECTION:
         raise MsmtuError(f"{path}: collection {version}, expected {COLLECTION:03d} (collection 6.1)")
     begin = _odl_value(core, "RANGEBEGINNINGDATE")
@@ -201,35 +239,25 @@ def read_granule_info(path: str | Path) -> Granule:
         start = dt.date.fromisoformat(begin or "")
     except ValueError:
         raise MsmtuError(f"{path}: RANGEBEGINNINGDATE {begin!r} is not a date (YYYY-MM-DD)") from None
-    if _struct_value(struct, "Projection") != "GCTP_SNSOID":
-        raise MsmtuError(f"{path}: grid projection {_struct_value(struct, 'Projection')}, expected GCTP_SNSOID")
-    radius = (_numbers(_struct_value(struct, "ProjParams")) or [0.0])[0]
-    if not np.isclose(radius, SPHERE_RADIUS, rtol=1e-9):
-        raise MsmtuError(f"{path}: sinusoidal sphere radius {radius}, expected {SPHERE_RADIUS}")
-    columns, rows = (int(_numbers(_struct_value(struct, k))[0]) for k in ("XDim", "YDim"))
-    left, top = _numbers(_struct_value(struct, "UpperLeftPointMtrs"))
-    right, bottom = _numbers(_struct_value(struct, "LowerRightMtrs"))
-    pixel = (right - left) / columns
-    if not np.isclose((top - bottom) / rows, pixel, rtol=1e-6):
-        raise MsmtuError(f"{path}: grid pixels are not square ({pixel} x {(top - bottom) / rows} m)")
-    h, v = round((left - GRID_ORIGIN[0]) / TILE_SIZE), round((GRID_ORIGIN[1] - top) / TILE_SIZE)
+    tile, (left, top), pixel, (rows, columns) = sinusoidal_tile(path, struct, "GCTP_SNSOID")
     # day of year: uint16 (fill 65535) as MODAPS writes it, int16 (fill -1) as some tools rewrite it;
     # both read as int16 with -1 for fill
     expected_types = {QA_LAYER: (SDC.UINT16,), DOY_LAYER: (SDC.UINT16, SDC.INT16)}
     for layer in LAYERS:
         if layer not in datasets:
-            raise MsmtuError(f"{path}: layer {layer} missing; a {PRODUCT} granule has {', '.join(LAYERS)}")
+            raise MsmtuError(f"{path}: layer {layer} missing; a {product} granule has {', '.join(LAYERS)}")
         (_dims, shape, dtype, _index) = datasets[layer]
         types = expected_types.get(layer, (SDC.INT16,))
         if tuple(shape) != (rows, columns) or dtype not in types:
             raise MsmtuError(f"{path}: layer {layer} is {shape} of HDF4 type {dtype}, expected "
                              f"[{rows}, {columns}] of type {' or '.join(map(str, types))}")
-    return Granule(path, start, f"h{h:02d}v{v:02d}", (left, top), pixel, (rows, columns))
+    return Granule(path, start, tile, (left, top), pixel, (rows, columns), product)
 
 
 @dataclass(frozen=True)
 class GranuleObservation:
-    """One 8-day composite: a granule per tile, placed at (row, column) offsets of the mosaic."""
+    """One 8-day composite of one satellite: a granule per tile, placed at (row, column)
+    offsets of the mosaic."""
 
     start: dt.date
     granules: tuple[tuple[Granule, int, int], ...]
@@ -290,12 +318,9 @@ class GranuleObservation:
                         out.band_quality = band_quality_block[:bottom - top]
                         out.band_quality[:] = QC_FILL
                     for granule, row_off, col_off, _sd, datasets in opened:
-                        r0, r1 = _overlap(top - row_off, bottom - row_off, granule.shape[0])
-                        c0, c1 = _overlap(col0 - col_off, col1 - col_off, granule.shape[1])
-                        if r0 >= r1:
+                        if (part := strip_part(granule, row_off, col_off, top, bottom, col0, col1)) is None:
                             continue
-                        rows = slice(r0 + row_off - top, r1 + row_off - top)
-                        cols = slice(c0 + col_off - col0, c1 + col_off - col0)
+                        (r0, r1), (c0, c1), rows, cols = part
                         for layer, sds in datasets.items():
                             with HDF4_LOCK:
                                 values = sds[r0:r1, c0:c1]
@@ -312,21 +337,26 @@ class GranuleObservation:
                     sd.end()
 
 
-def _granule_mosaic(granules: list[Granule]) -> tuple[SourceGrid, list[GranuleObservation]]:
+def granule_mosaic(granules: list[Granule], observation: type[GranuleObservation] | None = None
+                   ) -> tuple[SourceGrid, list[GranuleObservation]]:
+    """The mosaic of ``granules`` (tiles of one grid) and its observations, one per date and
+    product, each read by ``observation`` (default :class:`GranuleObservation`, HDF4)."""
+    observation = observation or GranuleObservation
     first = granules[0]
     for g in granules[1:]:
         if g.shape != first.shape or not np.isclose(g.pixel_size, first.pixel_size, rtol=1e-9):
             raise MsmtuError(f"{g.path}: grid of {g.shape[1]} x {g.shape[0]} pixels of {g.pixel_size:.4f} m "
                              f"differs from {first.path} ({first.shape[1]} x {first.shape[0]} of "
                              f"{first.pixel_size:.4f} m)")
-    by_date: dict[dt.date, dict[str, Granule]] = defaultdict(dict)
+    # one observation per date and satellite: Terra's and Aqua's composites of a date are two
+    by_date: dict[tuple[dt.date, str], dict[str, Granule]] = defaultdict(dict)
     for g in granules:
-        if g.tile in by_date[g.start]:
-            raise MsmtuError(f"{g.path}: a second granule of tile {g.tile} for {g.start} "
-                             f"(the first is {by_date[g.start][g.tile].path})")
-        by_date[g.start][g.tile] = g
+        if g.tile in by_date[g.start, g.product]:
+            raise MsmtuError(f"{g.path}: a second {g.product} granule of tile {g.tile} for {g.start} "
+                             f"(the first is {by_date[g.start, g.product][g.tile].path})")
+        by_date[g.start, g.product][g.tile] = g
     tiles = sorted({g.tile for g in granules})
-    for start, found in sorted(by_date.items()):
+    for (start, _product), found in sorted(by_date.items()):
         if len(found) != len(tiles):
             missing = sorted(set(tiles) - set(found))
             raise MsmtuError(f"{next(iter(found.values())).path}: the composite of {start} has tiles "
@@ -346,8 +376,8 @@ def _granule_mosaic(granules: list[Granule]) -> tuple[SourceGrid, list[GranuleOb
             raise MsmtuError(f"{g.path}: tile corner is not on the pixel grid of {first.path}")
         return g, round(row), round(col)
 
-    observations = [GranuleObservation(start, tuple(offsets(found[t]) for t in tiles))
-                    for start, found in sorted(by_date.items())]
+    observations = [observation(start, tuple(offsets(found[t]) for t in tiles))
+                    for (start, _product), found in sorted(by_date.items())]
     return grid, observations
 
 
@@ -484,124 +514,53 @@ def _read_manifest(manifest: Path) -> dict[Path, dt.date]:
 
 @dataclass(frozen=True)
 class ReflectanceSource:
-    kind: str  # "MOD09A1 HDF4" or "GeoTIFF"
+    kind: str  # "MOD09A1 HDF4", "MYD09A1 HDF4", "MOD09A1+MYD09A1 HDF4" or "GeoTIFF"
     grid: SourceGrid
     observations: tuple[GranuleObservation | GeoTiffObservation, ...]
     files: tuple[str, ...]
+    sensor: Sensor = DEFAULT_SENSOR
 
 
-def open_reflectance(inputs: Sequence[str | Path], manifest: str | Path | None = None) -> ReflectanceSource:
-    """Scan granules or GeoTIFF exports (files or folders) and check that they fit together."""
+def open_reflectance(inputs: Sequence[str | Path], manifest: str | Path | None = None,
+                     sensor: str | None = None) -> ReflectanceSource:
+    """Scan granules (MODIS HDF4-EOS ``.hdf``, VIIRS HDF5-EOS ``.h5``) or GeoTIFF exports (files
+    or folders) and check that they fit together. ``sensor``: the spec the granules must be of
+    (inputs/sensors.py); None takes the one that reads the products found (MOD09A1, MYD09A1,
+    both: Terra+Aqua, VNP09A1 or VJ109A1)."""
+    from msmtu_batch.inputs.viirs import ViirsObservation, read_viirs_granule_info  # it builds on this module
+
     dates = _read_manifest(Path(manifest)) if manifest else {}
     paths: list[Path] = list(dates) if manifest and not inputs else []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in (".hdf", ".tif", ".tiff"))
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in _FORMATS)
         elif item.exists():
             paths.append(item)
         else:
             raise MsmtuError(f"{item}: input not found")
     if not paths:
-        raise MsmtuError("no reflectance inputs: give MOD09A1 granules (.hdf), GeoTIFF exports or folders of them")
-    kinds = {p.suffix.lower() in (".tif", ".tiff") for p in paths}
+        raise MsmtuError("no reflectance inputs: give MOD09A1/MYD09A1 granules (.hdf), VNP09A1 granules (.h5), "
+                         "GeoTIFF exports or folders of them")
+    kinds = {_FORMATS.get(p.suffix.lower(), "HDF4") for p in paths}
     if len(kinds) > 1:
-        raise MsmtuError("inputs mix HDF4 granules and GeoTIFF exports; give one kind")
-    if kinds == {True}:
+        raise MsmtuError(f"inputs mix {' and '.join(sorted(kinds))} files; give one kind")
+    kind = kinds.pop()
+    if kind == "GeoTIFF":
         grid, observations = _geotiff_observations(paths, dates)
-        kind = "GeoTIFF"
+        return ReflectanceSource(kind, grid, tuple(observations), tuple(map(str, paths)), sensor_named(sensor))
+    read_info, observation = (read_granule_info, GranuleObservation) if kind == "HDF4" else (
+        read_viirs_granule_info, ViirsObservation)
+    granules = [read_info(p) for p in paths]
+    if sensor is None:
+        spec = sensor_of_products({g.product for g in granules}, "inputs")
     else:
-        grid, observations = _granule_mosaic([read_granule_info(p) for p in paths])
-        kind = f"{PRODUCT} HDF4"
-    return ReflectanceSource(kind, grid, tuple(observations), tuple(map(str, paths)))
+        spec = sensor_named(sensor)
+        other = sorted((g for g in granules if not spec.reads(g.product)), key=lambda g: g.path)
+        if other:
+            raise MsmtuError(f"{other[0].path}: a {other[0].product} granule, but sensor {spec.name} reads "
+                             f"{' and '.join(spec.products)} granules only")
+    grid, observations = granule_mosaic(granules, observation)
+    return ReflectanceSource(f"{spec.name} {kind}", grid, tuple(observations), tuple(map(str, paths)), spec)
 
 
-# --- writing granules (tests, benchmarks, examples) ---------------------------------------
-
-def tile_upper_left(h: int, v: int) -> tuple[float, float]:
-    return GRID_ORIGIN[0] + h * TILE_SIZE, GRID_ORIGIN[1] - v * TILE_SIZE
-
-
-def _odl_object(name: str, value: str) -> str:
-    return f"    OBJECT = {name}\n      NUM_VAL = 1\n      VALUE = {value}\n    END_OBJECT = {name}"
-
-
-def write_granule(path: str | Path, start: dt.date, tile: tuple[int, int], reflectance: np.ndarray,
-                  state_qa: np.ndarray, day_of_year: np.ndarray, *, band_quality: np.ndarray | None = None,
-                  product: str = PRODUCT, collection: int = COLLECTION, compress: bool = True,
-                  chunks: tuple[int, int] | None = None) -> Path:
-    """Write a MOD09A1 C6.1 granule as MODAPS does, through the HDF-EOS2 library
-    (:mod:`msmtu_batch.inputs.hdfeos`): grid ``MOD_Grid_500m_Surface_Reflectance`` on tile
-    ``(h, v)``'s corners, sinusoidal sphere, the product's fields, types, fill values and
-    attributes, deflate compression, and the ECS metadata (``CoreMetadata.0``,
-    ``ArchiveMetadata.0``; the library writes ``StructMetadata.0``). ``reflectance`` is
-    (7, n, n) int16 (n = 2400 in the real product; any n sets the pixel size), ``state_qa``
-    and ``band_quality`` (``sur_refl_qc_500m``, default 0: ideal quality) per pixel,
-    ``day_of_year`` 1-366 (-1 or 65535 for fill). ``chunks`` (rows, columns) stores every field
-    in HDF4 chunks (MODAPS stores them whole)."""
-    from pyhdf.SD import SD, SDC
-
-    from msmtu_batch.inputs.hdfeos import NUMBER_TYPES, write_sinusoidal_grid
-
-    rows, columns = state_qa.shape
-    left, top = tile_upper_left(*tile)
-    quality = np.zeros((rows, columns), np.uint32) if band_quality is None else np.asarray(band_quality, np.uint32)
-    angle = np.full((rows, columns), 3000, np.int16)  # 30 degrees: the angles are carried, not used
-    fields = [(band, np.asarray(reflectance[i], np.int16), REFLECTANCE_FILL) for i, band in enumerate(BAND_NAMES)]
-    fields += [(QC_LAYER, quality, QC_FILL), ("sur_refl_szen", angle, 0), ("sur_refl_vzen", angle, 0),
-               ("sur_refl_raz", angle, 0), (QA_LAYER, np.asarray(state_qa, np.uint16), QA_FILL),
-               (DOY_LAYER, np.asarray(day_of_year).astype(np.uint16), 65535)]
-    with HDF4_LOCK:
-        write_sinusoidal_grid(path, GRID_NAME, (left, top), (left + TILE_SIZE, top - TILE_SIZE), SPHERE_RADIUS,
-                              fields, deflate=1 if compress else None, tile=chunks)
-        end = start + dt.timedelta(days=COMPOSITE_DAYS - 1)
-        core = "\n".join([
-            "GROUP = INVENTORYMETADATA", "  GROUPTYPE = MASTERGROUP", "  GROUP = COLLECTIONDESCRIPTIONCLASS",
-            _odl_object("SHORTNAME", f'"{product}"'), _odl_object("VERSIONID", str(collection)),
-            "  END_GROUP = COLLECTIONDESCRIPTIONCLASS", "  GROUP = RANGEDATETIME",
-            _odl_object("RANGEBEGINNINGDATE", f'"{start}"'), _odl_object("RANGEENDINGDATE", f'"{end}"'),
-            "  END_GROUP = RANGEDATETIME", "END_GROUP = INVENTORYMETADATA", "END", ""])
-        archive = "\n".join([
-            "GROUP = ARCHIVEDMETADATA", "  GROUPTYPE = MASTERGROUP", "  GROUP = BOUNDINGRECTANGLE",
-            *(_odl_object(name, f"{value:.6f}") for name, value in zip(
-                ("NORTHBOUNDINGCOORDINATE", "SOUTHBOUNDINGCOORDINATE", "EASTBOUNDINGCOORDINATE",
-                 "WESTBOUNDINGCOORDINATE"), _tile_bounding_coordinates(left, top))),
-            "  END_GROUP = BOUNDINGRECTANGLE", "END_GROUP = ARCHIVEDMETADATA", "END", ""])
-        sd = SD(str(path), SDC.WRITE)
-        try:
-            sd.attr("CoreMetadata.0").set(SDC.CHAR, core)
-            sd.attr("ArchiveMetadata.0").set(SDC.CHAR, archive)
-            for name, values, _fill in fields:
-                sds = sd.select(name)
-                long_name, units, valid, scale = _FIELD_ATTRIBUTES.get(name, _reflectance_attributes(name))
-                hdf_type = NUMBER_TYPES[values.dtype]  # HDF4's number types, as pyhdf's SDC names them
-                sds.attr("long_name").set(SDC.CHAR, long_name)
-                sds.attr("units").set(SDC.CHAR, units)
-                sds.attr("valid_range").set(hdf_type, list(valid))
-                if scale is not None:
-                    sds.attr("scale_factor").set(SDC.FLOAT64, scale)
-                    sds.attr("add_offset").set(SDC.FLOAT64, 0.0)
-                sds.endaccess()
-        finally:
-            sd.end()
-    return Path(path)
-
-
-def _tile_bounding_coordinates(left: float, top: float) -> tuple[float, float, float, float]:
-    """North, south, east, west of a sinusoidal tile, in degrees (the widest parallel)."""
-    north, south = np.degrees(top / SPHERE_RADIUS), np.degrees((top - TILE_SIZE) / SPHERE_RADIUS)
-    widest = np.cos(np.radians(min(abs(north), abs(south)))) * SPHERE_RADIUS
-    return north, south, np.degrees((left + TILE_SIZE) / widest), np.degrees(left / widest)
-
-
-def _reflectance_attributes(name: str) -> tuple[str, str, tuple[int, int], float]:
-    return f"Surface_reflectance_for_band_{name[-1]}", "reflectance", (-100, 16000), 0.0001
-
-
-_FIELD_ATTRIBUTES: dict[str, tuple[str, str, tuple[int, int], float | None]] = {
-    "sur_refl_qc_500m": ("500m Reflectance Band Quality", "bit field", (0, 4294966531), None),
-    "sur_refl_szen": ("MODIS Band Solar Zenith Angle", "degree", (0, 18000), 0.01),
-    "sur_refl_vzen": ("MODIS Band View Zenith Angle", "degree", (0, 18000), 0.01),
-    "sur_refl_raz": ("MODIS Band Relative Azimuth Angle", "degree", (-18000, 18000), 0.01),
-    "sur_refl_state_500m": ("500m State Flags", "bit field", (0, 57343), None),
-    "sur_refl_day_of_year": ("Julian Day", "Julian day", (1, 366), None),
-}
+_FORMATS = {".hdf": "HDF4", ".h5": "HDF5", ".tif": "GeoTIFF", ".tiff": "GeoTIFF"}  # input file kinds by suffix

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -27,23 +26,25 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from msmtu_batch.errors import TrainingDataError
 from msmtu_batch.inputs.cube import (
     ANCILLARY_NAMES,
     ANCILLARY_UNITS,
     CLASS_DIM,
     LEGACY_CLASS_DIM,
     N_MONTHS,
-    REFLECTANCE_SCALE,
+    cube_sensor,
     observed_mask,
     open_input_cube,
     rioxarray_quietly,
 )
+from msmtu_batch.inputs.sensors import DEFAULT_SENSOR
 from msmtu_batch.inputs.units import MSMTU_TABLE_UNITS, check_known_unit
+from msmtu_batch.runtime.errors import TrainingDataError
+from msmtu_batch.runtime.outputs import durable_file
 
 PARTITIONS: tuple[str, ...] = ("train", "validation", "test")
 N_BANDS = 7
-CACHE_FORMAT = 2  # 2: values in physical reflectance units, read from the published x1e4 layout; units
+CACHE_FORMAT = 3  # 3: the sensor recorded; 2: values in physical reflectance units, read from the x1e4 layout;
 UNITS_FILE = "units.json"  # ancillary/units.json: {variable: CF units}; absent in the published layout
 MSMTU_VALUE_UNITS = "reflectance x 1e4"
 MSMTU_VALUE_SCALE = 1e4  # JSON value = reflectance x 1e4
@@ -72,6 +73,7 @@ class PixelSet:
     classes: tuple[str, ...]
     grid_shape: tuple[int, int] | None = None
     ancillary_units: tuple[str, ...] = ()  # per ancillary variable; default: the cube contract's units
+    sensor: str = DEFAULT_SENSOR.name  # the sensor spec the reflectance came from (inputs/sensors.py)
 
     def __post_init__(self) -> None:
         if not self.ancillary_units:
@@ -97,15 +99,14 @@ class PixelSet:
                        ancillary_units=tuple(self.ancillary_units[c] for c in columns))
 
     def save(self, path: Path, fingerprint: str = "") -> None:
-        """Write atomically (temporary file, then rename): readers never see half a file."""
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.npz")
-        np.savez(tmp, **{f: getattr(self, f) for f in _ARRAY_FIELDS},
-                 ancillary_names=np.array(self.ancillary_names, dtype=str),
-                 ancillary_units=np.array(self.ancillary_units, dtype=str),
-                 classes=np.array(self.classes, dtype=str),
-                 grid_shape=np.array(self.grid_shape or (0, 0)),
-                 fingerprint=np.array(fingerprint), format=np.array(CACHE_FORMAT))
-        tmp.replace(path)
+        """Write atomically and durably: readers never see half a file."""
+        with durable_file(path, suffix=".npz") as partial:  # np.savez adds .npz to a name without it
+            np.savez(partial, **{f: getattr(self, f) for f in _ARRAY_FIELDS},
+                     ancillary_names=np.array(self.ancillary_names, dtype=str),
+                     ancillary_units=np.array(self.ancillary_units, dtype=str),
+                     classes=np.array(self.classes, dtype=str),
+                     grid_shape=np.array(self.grid_shape or (0, 0)),
+                     sensor=np.array(self.sensor), fingerprint=np.array(fingerprint), format=np.array(CACHE_FORMAT))
 
     @classmethod
     def load(cls, path: Path, fingerprint: str | None = None) -> PixelSet | None:
@@ -120,7 +121,7 @@ class PixelSet:
                            ancillary_names=tuple(str(v) for v in data["ancillary_names"]),
                            ancillary_units=tuple(str(v) for v in data["ancillary_units"]),
                            classes=tuple(str(v) for v in data["classes"]),
-                           grid_shape=grid if grid != (0, 0) else None)
+                           grid_shape=grid if grid != (0, 0) else None, sensor=str(data["sensor"]))
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
             return None
 
@@ -412,8 +413,9 @@ def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
     refl = ds["reflectance"].values
     qa = ds["state_qa"].values if "state_qa" in ds else None
     masks = observed_mask(refl, qa)  # (T, B, y, x)
-    values = np.where(masks, refl * np.float32(REFLECTANCE_SCALE), 0.0).astype(np.float32)
-    to_pixels = lambda a: a.reshape(N_MONTHS, N_BANDS, -1).transpose(2, 0, 1)  # noqa: E731
+    sensor = cube_sensor(ds, cube)  # its bands and scale
+    values = np.where(masks, refl * np.float32(sensor.scale), 0.0).astype(np.float32)
+    to_pixels = lambda a: a.reshape(N_MONTHS, len(sensor.bands), -1).transpose(2, 0, 1)  # noqa: E731
     truth = abundance.transpose(CLASS_DIM, "y", "x").values.reshape(abundance.sizes[CLASS_DIM], -1).T
     keep = np.isfinite(truth).all(axis=1)
     ids = np.nonzero(keep)[0].astype(np.int64)
@@ -424,4 +426,4 @@ def read_cube_reference(cube: str | Path, reference: str | Path, level: str, *,
         abundance=truth[keep].astype(np.float32), ids=ids, partition=partition.ravel()[keep],
         ancillary_names=tuple(ancillary), classes=tuple(str(c) for c in abundance[CLASS_DIM].values),
         ancillary_units=tuple(str(ds[n].attrs.get("units", "")) for n in ancillary),
-        grid_shape=(height, width))
+        grid_shape=(height, width), sensor=sensor.name)

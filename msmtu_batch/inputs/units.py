@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.runtime.errors import MsmtuError
 
 # The units of the published Andalusia-MSMTU ancillary table (ancillary/topo_climatic.csv).
 # Its precipitation and evapotranspiration are in a unit of its own: nothing converts to it.

@@ -21,17 +21,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from msmtu_batch import __version__
-from msmtu_batch.batch.digests import checksum_mismatch, with_checksum
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
+from msmtu_batch.inputs.sensors import DEFAULT_SENSOR, SENSORS
 from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.inputs.units import apply_conversions, conversions_to_model
 from msmtu_batch.model.brits import BRITS, FORMULATION_OPTIONS, BritsConfig
 from msmtu_batch.model.error_head import FEATURES, ErrorHead
 from msmtu_batch.model.hierarchy import ClassHierarchy, hierarchy_from_metadata
+from msmtu_batch.model.palette import class_colors, default_class_colors
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
-from msmtu_batch.products.palette import class_colors, default_class_colors
+from msmtu_batch.runtime.digests import checksum_mismatch, with_checksum
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.outputs import durable_file
+from msmtu_batch.runtime.provenance import __version__
 
 ARTIFACT_FORMAT = "msmtu-batch-model/1"
 METADATA_KEY = "msmtu_batch"
@@ -58,9 +60,10 @@ class ModelArtifact:
     software_version: str = __version__
     training: dict = field(default_factory=dict)
     ancillary_units: tuple[str, ...] = ()  # units of the ancillary statistics; default: the cube contract's
-    class_colors: tuple[str, ...] = ()  # '#rrggbb' per class for maps; default: msmtu_batch.products.palette's
+    class_colors: tuple[str, ...] = ()  # '#rrggbb' per class for maps; default: msmtu_batch.model.palette's
     hierarchy: ClassHierarchy | None = None  # a two-level model's parent classes (msmtu_batch.model.hierarchy)
     error_head: ErrorHead | None = None  # expected abundance RMSE per pixel (msmtu_batch.model.error_head)
+    sensor: str = DEFAULT_SENSOR.name  # the sensor of the training data (msmtu_batch.inputs.sensors)
 
     def __post_init__(self) -> None:
         if not self.ancillary_units:
@@ -88,6 +91,13 @@ class ModelArtifact:
     def to_model_units(self, ancillary: np.ndarray, data_units: Mapping[str, str | None], source: str) -> np.ndarray:
         """``ancillary`` (A, ...) in the model's variable order, converted to the statistics' units."""
         return apply_conversions(ancillary, self.unit_conversions(data_units, source))
+
+    def check_sensor(self, sensor: str, source: str, allow_other: bool = False) -> None:
+        """Refuse data of a sensor other than the training data's, unless ``allow_other`` (the
+        bands must match all the same: :meth:`check_matches`)."""
+        if sensor != self.sensor and not allow_other:
+            raise ArtifactError(f"{source}: sensor {sensor}, but the model was trained on {self.sensor} data; "
+                                "pass --allow-other-sensor to map it all the same")
 
     def check_matches(self, band_names: Sequence[str], ancillary_available: Sequence[str],
                       source: str) -> None:
@@ -117,7 +127,7 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
         "level": artifact.level, "classes": list(artifact.classes),
         "band_names": list(artifact.band_names), "band_statistics_units": BAND_STATISTICS_UNITS,
         "ancillary_names": list(artifact.ancillary_names), "ancillary_units": list(artifact.ancillary_units),
-        "training": artifact.training, "class_colors": list(artifact.class_colors),
+        "training": artifact.training, "class_colors": list(artifact.class_colors), "sensor": artifact.sensor,
     }
     if artifact.hierarchy is not None:
         metadata["hierarchy"] = artifact.hierarchy.to_dict()
@@ -125,9 +135,8 @@ def save_artifact(artifact: ModelArtifact, path: str | os.PathLike) -> Path:
         tensors |= artifact.error_head.tensors()
         metadata["error_head"] = artifact.error_head.metadata()
     _check_metadata_meaning(path, metadata)  # what load_artifact would refuse is never written
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(with_checksum(metadata, tensors))})
-    tmp.replace(path)
+    with durable_file(path) as partial:
+        save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(with_checksum(metadata, tensors))})
     return path
 
 
@@ -238,7 +247,8 @@ def _artifact_from(path: Path, meta: dict, tensors: dict[str, torch.Tensor], dev
                                                  stats["band_std"] * np.float32(band_factor)),
                          ancillary_stats=ancillary_stats, band_names=tuple(meta["band_names"]),
                          software_version=str(meta["software_version"]), training=training,
-                         ancillary_units=units, class_colors=colors, hierarchy=hierarchy, error_head=error_head)
+                         ancillary_units=units, class_colors=colors, hierarchy=hierarchy, error_head=error_head,
+                         sensor=meta.get("sensor", DEFAULT_SENSOR.name))
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -258,9 +268,12 @@ def _check_metadata_meaning(path: Path, meta: dict) -> None:
     level = meta.get("level")
     if not isinstance(level, str) or not _SAFE_NAME.fullmatch(level):
         refuse(f"level {level!r} is not a safe name (letters, digits, _ . -; at most 64 characters)")
+    sensor = meta.get("sensor", DEFAULT_SENSOR.name)  # artifacts before sensors were recorded: MOD09A1
+    if not isinstance(sensor, str) or sensor not in SENSORS:
+        refuse(f"sensor {sensor!r} is not one this software reads (known: {', '.join(SENSORS)})")
     bands = meta.get("band_names")
-    if not isinstance(bands, list) or bands != list(BAND_NAMES):
-        refuse(f"band_names {bands!r}, expected {', '.join(BAND_NAMES)} in that order")
+    if not isinstance(bands, list) or bands != list(SENSORS[sensor].bands):
+        refuse(f"band_names {bands!r}, expected {', '.join(SENSORS[sensor].bands)} in that order ({sensor})")
     ancillary = meta.get("ancillary_names")
     if not isinstance(ancillary, list) or not all(isinstance(a, str) for a in ancillary):
         refuse(f"ancillary_names must be a list of names, found {ancillary!r}")

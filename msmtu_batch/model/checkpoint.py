@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from msmtu_batch.batch.digests import CHECKSUM_FIELD, checksum_mismatch, with_checksum
-from msmtu_batch.batch.outputs import fsync_path
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.runtime.digests import CHECKSUM_FIELD, checksum_mismatch, with_checksum
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.outputs import durable_file
 
 CHECKPOINT_FORMAT = "msmtu-batch-training-checkpoint/1"
 METADATA_KEY = "msmtu_checkpoint"
@@ -85,11 +85,8 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike) -> Path:
                 "stale": state.stale, "train_seconds": state.train_seconds,
                 "optimiser_groups": state.optimiser["param_groups"], "scheduler": state.scheduler,
                 "numpy_rng": state.numpy_rng, "cuda_devices": len(state.cuda_rng or [])}
-    partial = path.with_name(f"{path.name}.partial")
-    save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(with_checksum(metadata, tensors))})
-    fsync_path(partial)
-    partial.replace(path)
-    fsync_path(path.parent)
+    with durable_file(path) as partial:
+        save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(with_checksum(metadata, tensors))})
     return path
 
 

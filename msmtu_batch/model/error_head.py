@@ -27,7 +27,7 @@ import numba
 import numpy as np
 import torch
 
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.runtime.errors import MsmtuError
 
 # per pixel, in this order, then the abundance of each class and each standardised ancillary value
 FEATURES = ("uncertainty", "entropy", "largest_abundance", "valid_fraction")

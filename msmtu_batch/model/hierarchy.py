@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.runtime.errors import MsmtuError
 
 HIERARCHY_FILE = "hierarchy.json"  # in an MSMTU folder's labels/
 HIERARCHY_ATTRIBUTE = "hierarchy"  # of a reference store's root group

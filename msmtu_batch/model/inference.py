@@ -39,10 +39,10 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
 from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, lstm_update
 from msmtu_batch.model.preprocess import ModelInputs
+from msmtu_batch.runtime.errors import MsmtuError
 
 PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
 # Tiles are padded to a multiple of this many pixels: the GEMM libraries compute the last,

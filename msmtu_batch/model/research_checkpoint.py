@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_UNITS
 from msmtu_batch.inputs.training_data import MSMTU_VALUE_SCALE
 from msmtu_batch.inputs.units import MSMTU_TABLE_UNITS
 from msmtu_batch.model.artifact import ModelArtifact
 from msmtu_batch.model.brits import BRITS, BritsConfig
 from msmtu_batch.model.preprocess import Standardizer
+from msmtu_batch.runtime.errors import MsmtuError
 
 # The research datamodule's constants, reflectance x 1e4, bands b01..b07 (MOD09A1 order)
 RESEARCH_BAND_MEAN = (1778.0370, 2885.0557, 1256.2632, 1586.7336, 2817.6737, 2420.8652, 1763.7377)

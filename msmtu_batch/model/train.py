@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from msmtu_batch.errors import MsmtuError, TrainingDataError
-from msmtu_batch.evaluation.metrics import pixel_rmse, rmse
 from msmtu_batch.inputs.cube import ANCILLARY_SETS
+from msmtu_batch.inputs.sensors import SENSORS
 from msmtu_batch.inputs.training_data import PixelSet
 from msmtu_batch.model.artifact import ModelArtifact
 from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
@@ -24,8 +23,10 @@ from msmtu_batch.model.checkpoint import TrainingState, load_checkpoint, save_ch
 from msmtu_batch.model.error_head import ErrorHead, error_features
 from msmtu_batch.model.hierarchy import ClassHierarchy
 from msmtu_batch.model.inference import predict
+from msmtu_batch.model.metrics import pixel_rmse, rmse
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
 from msmtu_batch.model.recurrence import steps_on_tiles, warm_up
+from msmtu_batch.runtime.errors import MsmtuError, TrainingDataError
 
 AncillarySet = Literal["none", "geotopo", "all"]
 
@@ -242,7 +243,8 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
                                       ancillary_stats)
         val_inputs = prepare_inputs(val_set.values, val_set.masks, val_set.ancillary, band_stats,
                                     ancillary_stats)
-    model = BRITS(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names), hidden=cfg.hidden,
+    model = BRITS(BritsConfig(n_classes=len(pixels.classes), n_ancillary=len(names),
+                              n_features=len(SENSORS[pixels.sensor].bands), hidden=cfg.hidden,
                               embed=cfg.embed, head_hidden=cfg.head_hidden, dropout=cfg.dropout,
                               **(init_from.parent.config.formulation if init_from is not None else {})))
     fresh = _load_parent_weights(model, init_from, pixels.classes) if init_from is not None else []
@@ -349,6 +351,7 @@ def train(pixels: PixelSet, level: str, cfg: TrainConfig, *,
     artifact = ModelArtifact(
         model=model, level=level, classes=pixels.classes, ancillary_names=names, band_stats=band_stats,
         ancillary_units=units, ancillary_stats=ancillary_stats, hierarchy=hierarchy, error_head=error_head,
+        sensor=pixels.sensor, band_names=SENSORS[pixels.sensor].bands,
         training={"source": source, "config": cfg.model_dump(), "train_pixels": len(train_set),
                   "validation_pixels": len(val_set), "epochs_run": len(history), "best_epoch": best_epoch,
                   "validation_rmse": best_rmse, **lineage})

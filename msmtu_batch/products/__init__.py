@@ -1,1 +1,1 @@
-"""The output products: schema and per-block computation, the archive opener, COG export, STAC, class colours."""
+"""The output products: schema and per-block computation, the archive opener, COG export, STAC."""

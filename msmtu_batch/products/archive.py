@@ -6,7 +6,7 @@ and this opener concatenates them lazily along ``time``. One store per year, rat
 store that years are written into, because a year rerun must replace that year only and
 atomically: the pipeline builds the year's store at a hidden staging path and publishes it
 as a new version, ``abundance.zarr`` being a link to the current one replaced atomically
-(:func:`msmtu_batch.batch.outputs.replace_store`). The openers here resolve the links once, so
+(:func:`msmtu_batch.runtime.outputs.replace_store`). The openers here resolve the links once, so
 a dataset opened before a replacement reads the old year to the end and one opened after reads
 the new one, never half of each; the other years' bytes are never touched. A single
 store would need region writes that a reader can observe half-done, or a transactional
@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import CLASS_DIM
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.stores import read_manifest
 
 OUTPUT_NAME = "abundance.zarr"  # a year's output store in the workflow layout
 
@@ -36,8 +37,6 @@ def is_store(path: Path) -> bool:
 def archive_stores(root: str | os.PathLike) -> list[Path]:
     """The complete yearly output stores of an archive folder: the workflow's output root (its
     ``latest`` version), a version folder (``<year>/abundance.zarr``), or a folder of stores."""
-    from msmtu_batch.batch.pipeline import read_manifest
-
     root = Path(root)
     if (root / "latest").is_dir():
         root = root / "latest"

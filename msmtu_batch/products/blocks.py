@@ -21,8 +21,6 @@ import pandas as pd
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
-from msmtu_batch import __version__
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import (
     ANCILLARY_NAMES,
     BAND_COMMON_NAMES,
@@ -31,6 +29,7 @@ from msmtu_batch.inputs.cube import (
     REFLECTANCE_FILL,
     REFLECTANCE_SCALE,
     check_ancillary_finite,
+    cube_sensor,
     grid_transform,
     open_input_cube,
     validate_input_cube,
@@ -40,8 +39,10 @@ from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, load_artifa
 from msmtu_batch.model.hierarchy import ClassHierarchy
 from msmtu_batch.model.inference import predict, require_cpu_kernels
 from msmtu_batch.model.kernels import prepare_chunk
+from msmtu_batch.model.palette import default_class_colors
 from msmtu_batch.model.preprocess import ModelInputs
-from msmtu_batch.products.palette import default_class_colors
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.provenance import __version__
 
 FLAG_ESTIMATED, FLAG_TOO_FEW_OBSERVATIONS, FLAG_UNLIKE_TRAINING = 0, 1, 2
 DOMINANT_FILL = 255  # dominant_class is a byte raster: classes 0..254, 255 = no estimate
@@ -218,7 +219,7 @@ def output_template(grid: xr.Dataset, artifact: ModelArtifact, config: RunConfig
     if grid.rio.crs is not None:
         out = out.rio.write_crs(grid.rio.crs).rio.write_transform(grid_transform(grid))
     out.attrs.update(Conventions="CF-1.8, ACDD-1.3", title=f"LULC abundances, {artifact.level} (msmtu-batch)",
-                     source=f"msmtu-batch {__version__}: BRITS on MODIS MOD09A1 monthly reflectance",
+                     source=f"msmtu-batch {__version__}: BRITS on {cube_sensor(grid).name} monthly reflectance",
                      references=REFERENCES, level=artifact.level,
                      model_ancillary=", ".join(artifact.ancillary_names) or "none",
                      min_observed_months=config.min_months, **time_coverage(grid["time"].values))
@@ -343,17 +344,20 @@ def _raw_input(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign(reflectance=raw)
 
 
-def unmix(ds: xr.Dataset, model: ModelArtifact | str | os.PathLike, config: RunConfig | None = None) -> xr.Dataset:
+def unmix(ds: xr.Dataset, model: ModelArtifact | str | os.PathLike, config: RunConfig | None = None, *,
+          allow_other_sensor: bool = False) -> xr.Dataset:
     """The output products of ``ds`` (an input cube: opened with :func:`open_cube`, a plain
     ``xr.open_zarr``, a subset such as ``ds.isel(y=[10], x=[20])`` for one pixel, or built in
     memory), lazily: one dask task per (y, x) chunk of ``ds``, computed by the same per-block
     function as ``run``. Returns the same variables and attributes as ``open_output`` on
-    ``run``'s store (decoded: NaN where no estimate)."""
+    ``run``'s store (decoded: NaN where no estimate). A cube of a sensor other than the model's
+    training data is refused unless ``allow_other_sensor``."""
     config = config or RunConfig()
     artifact = model if isinstance(model, ModelArtifact) else load_artifact(model)
     model_hash = "unknown (an in-memory model)" if isinstance(model, ModelArtifact) else artifact_hash(model)
     source = str(ds.encoding.get("source", "the dataset"))
     ds = _raw_input(ds)
+    artifact.check_sensor(cube_sensor(ds, source).name, source, allow_other_sensor)  # before its bands or variables
     validate_input_cube(ds, store=source, ancillary=artifact.ancillary_names, read_values=False)
     artifact.check_matches([str(b) for b in ds["band"].values], list(ds.data_vars), source)
     conversions = artifact.unit_conversions({n: ds[n].attrs.get("units") for n in artifact.ancillary_names}, source)

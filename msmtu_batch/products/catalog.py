@@ -24,10 +24,11 @@ from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from rasterio.warp import transform_bounds
 
-from msmtu_batch.batch.outputs import write_text_durably
 from msmtu_batch.inputs.cube import CLASS_DIM, grid_bounds, grid_transform
 from msmtu_batch.products.archive import OUTPUT_NAME, archive_stores, check_one_store_per_year
 from msmtu_batch.products.export import PRODUCTS, output_products, product_stem
+from msmtu_batch.runtime.outputs import write_text_durably
+from msmtu_batch.runtime.stores import read_manifest
 
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
 QML_MEDIA_TYPE = "application/xml"
@@ -49,8 +50,6 @@ def _footprint(ds: xr.Dataset) -> tuple[list[float], dict]:
 
 
 def _run_record(store: Path, ds: xr.Dataset) -> dict:
-    from msmtu_batch.batch.pipeline import read_manifest
-
     keys = ("date_created", "history", "software_versions", "model", "model_hash", "input_store", "input_content",
             "run_id", "time_coverage_start", "time_coverage_end")
     return {"output": store.name, "manifest": read_manifest(store), **{k: ds.attrs[k] for k in keys if k in ds.attrs}}
@@ -63,8 +62,6 @@ def run_record_path(store: Path) -> Path:
 
 
 def _item(store: Path, collection_id: str) -> pystac.Item:
-    from msmtu_batch.batch.pipeline import read_manifest
-
     ds = xr.open_zarr(store, decode_coords="all", mask_and_scale=False)
     manifest = read_manifest(store) or {}
     year = ds.attrs["time_coverage_start"][:4]

@@ -42,11 +42,11 @@ from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
 
-from msmtu_batch.batch.outputs import write_text_durably
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import CLASS_DIM, grid_transform, rioxarray_quietly
+from msmtu_batch.model.palette import rgb
 from msmtu_batch.products.blocks import DOMINANT_FILL
-from msmtu_batch.products.palette import rgb
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.outputs import publish_file, write_text_durably
 
 
 class CogSettings(NamedTuple):
@@ -279,7 +279,7 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     if kind in ("dominant_class", "quality_flag"):
         names = classes if kind == "dominant_class" else str(ds["quality_flag"].attrs.get("flag_meanings", "")).split()
         write_text_durably(cog_dir / f"{stem}.tif.aux.xml", _category_names(names))
-    partial.replace(final)
+    publish_file(partial, final)
     return [final, cog_dir / f"{stem}.qml"]
 
 

@@ -27,10 +27,8 @@ output does not depend on the block size.
 from __future__ import annotations
 
 import json
-import shutil
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +42,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pyproj import Transformer
 from scipy.special import ndtri
 
-from msmtu_batch import __version__
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import (
     ANCILLARY_NAMES,
     ANCILLARY_UNITS,
@@ -77,6 +73,9 @@ from msmtu_batch.inputs.training_data import (
     spatial_block_split,
     write_msmtu_layout,
 )
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.outputs import staged_folder
+from msmtu_batch.runtime.provenance import __version__
 
 MODIS_PIXEL_SIZE = 463.312716528  # m, MOD09A1 500 m grid
 MAX_ALTITUDE = 3400.0
@@ -479,17 +478,6 @@ class SimulationResult:
     config: SimulationConfig
 
 
-@contextmanager
-def _staged(final: Path) -> Iterator[Path]:
-    """Write to a hidden sibling and move into place only once complete."""
-    staging = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    yield staging
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
-
-
 def _template(landscape: SyntheticAndalusia, with_reflectance: bool) -> xr.Dataset:
     """Lazy, all-zero dataset carrying coordinates, encodings and attributes."""
     c = landscape.config
@@ -586,7 +574,7 @@ def simulate(config: SimulationConfig, out: str | Path, *, overwrite: bool = Fal
     for final in outputs:
         if final.exists() and not overwrite:
             raise MsmtuError(f"{final} already exists; pass --overwrite to replace it")
-    with _staged(outputs[0]) as cube, _staged(outputs[1]) as reference, _staged(outputs[2]) as msmtu:
+    with staged_folder(outputs[0]) as cube, staged_folder(outputs[1]) as reference, staged_folder(outputs[2]) as msmtu:
         cube_template = _template(landscape, with_reflectance=True)
         cube_template.to_zarr(cube, mode="w", compute=False, encoding=cube_encoding(cube_template, c.chunk),
                               consolidated=False)

@@ -44,18 +44,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from msmtu_batch import __version__
-from msmtu_batch.batch.clusters import AnySpec, LocalSpec, cluster_spec_from, connect, load_cluster_spec
-from msmtu_batch.batch.digests import DigestCache
-from msmtu_batch.batch.outputs import write_text_durably
-from msmtu_batch.batch.pipeline import RunConfig, output_status, read_manifest, run
-from msmtu_batch.batch.reporting import Reporter
-from msmtu_batch.errors import MsmtuError
-from msmtu_batch.inputs.ingest import IngestConfig, cube_status, ingest, planned_sources
 from msmtu_batch.model.artifact import artifact_hash
+from msmtu_batch.orchestration.ingest import IngestConfig, cube_status, ingest, planned_sources
+from msmtu_batch.orchestration.pipeline import RunConfig, output_status, run
 from msmtu_batch.products.blocks import software_versions
 from msmtu_batch.products.catalog import write_catalog
 from msmtu_batch.products.export import export_cogs
+from msmtu_batch.runtime.clusters import AnySpec, LocalSpec, cluster_spec_from, connect, load_cluster_spec
+from msmtu_batch.runtime.digests import DigestCache
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.outputs import replace_link, write_text_durably
+from msmtu_batch.runtime.provenance import __version__
+from msmtu_batch.runtime.reporting import Reporter
+from msmtu_batch.runtime.stores import read_manifest
 
 EXIT_OK, EXIT_BAD_DEFINITION, EXIT_YEARS_FAILED = 0, 2, 3
 EXPORT_RECORD = "export.json"
@@ -371,10 +372,7 @@ class Workflow:
             return self.model_id
         if link.exists() and not link.is_symlink():
             raise MsmtuError(f"{link} exists and is not a symbolic link; move it away")
-        temporary = self.root / f".latest.{os.getpid()}"
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(self.model_id)
-        os.replace(temporary, link)
+        replace_link(link, self.model_id)
         return self.model_id
 
 

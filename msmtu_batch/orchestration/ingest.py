@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -53,24 +52,13 @@ from rasterio.features import geometry_mask
 from rasterio.warp import transform_bounds
 from rasterio.windows import from_bounds
 
-from msmtu_batch import __version__
-from msmtu_batch.batch.clusters import AnySpec, connect, load_cluster_spec, threads_per_task
-from msmtu_batch.batch.digests import file_blake3, lower_thread_priority
-from msmtu_batch.batch.outputs import check_output_path, check_replaceable, output_lock, replace_store
-from msmtu_batch.batch.tiling import chunk_windows, covering_window
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.ancillary import AncillarySources
 from msmtu_batch.inputs.composite import CompositeRule
 from msmtu_batch.inputs.cube import (
     ALL_CHUNKS_ATTR,
     ANCILLARY_UNITS,
-    BAND_NAMES,
     INGEST_STATUS_ATTR,
     N_MONTHS,
-    REFLECTANCE_FILL,
-    REFLECTANCE_SCALE,
-    REFLECTANCE_VALID_RANGE,
-    consolidate,
     cube_encoding,
     for_zarr_format,
     open_input_cube,
@@ -91,6 +79,14 @@ from msmtu_batch.inputs.modis import (
     SourceGrid,
     open_reflectance,
 )
+from msmtu_batch.inputs.sensors import SENSOR_ATTR, SENSORS, sensor_named
+from msmtu_batch.orchestration.driver import Driver, Progress, follow
+from msmtu_batch.runtime.clusters import AnySpec, connect, load_cluster_spec, threads_per_task
+from msmtu_batch.runtime.digests import file_blake3, lower_thread_priority
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.outputs import check_replaceable
+from msmtu_batch.runtime.provenance import __version__
+from msmtu_batch.runtime.tiling import chunk_windows, covering_window
 
 
 class IngestConfig(BaseModel):
@@ -100,6 +96,9 @@ class IngestConfig(BaseModel):
 
     inputs: list[Path] = Field(default_factory=list, description="granules, GeoTIFF exports or folders of them")
     manifest: Path | None = Field(None, description="CSV path,date of GeoTIFF exports")
+    sensor: Literal[tuple(SENSORS)] | None = Field(  # type: ignore[valid-type]
+        None, description="the sensor the granules must be of: MOD09A1 (Terra), MYD09A1 (Aqua) or MOD09A1+MYD09A1 "
+        "(both, composited together); default: the one that reads the granules given")
     year: int | None = Field(None, ge=2000, le=2100, description="default: the year most composites start in")
     region: Path | None = Field(None, description="boundary (GeoJSON, GeoPackage...); outside is fill")
     crs: str | None = Field(None, description="target CRS (e.g. EPSG:25830); default: native sinusoidal")
@@ -245,20 +244,21 @@ def _scratch_store(path: Path, source: ReflectanceSource, grid: TargetGrid, chun
 
 def _create_store(store: Path, grid: TargetGrid, year: int, names: tuple[str, ...], chunk: int,
                   attrs: dict, source_units: dict[str, str], zarr_format: int = 3) -> None:
+    sensor = sensor_named(attrs[SENSOR_ATTR])
     height, width = grid.height, grid.width
     cols, rows = np.arange(width) + 0.5, np.arange(height) + 0.5
     ds = xr.Dataset(coords={
         "time": pd.date_range(f"{year}-01-01", periods=N_MONTHS, freq="MS"),
-        "band": np.array(BAND_NAMES, dtype=object),
+        "band": np.array(sensor.bands, dtype=object),
         "y": (grid.transform * (np.zeros(height), rows))[1], "x": (grid.transform * (cols, np.zeros(width)))[0]})
 
     def lazy(shape: tuple[int, ...], dtype: type, fill: float) -> da.Array:
         return da.full(shape, fill, dtype=dtype, chunks=(*shape[:-2], chunk, chunk))
 
     ds["reflectance"] = (("time", "band", "y", "x"),
-                         lazy((N_MONTHS, len(BAND_NAMES), height, width), np.int16, REFLECTANCE_FILL))
-    ds["reflectance"].attrs.update(long_name="monthly composite of MOD09A1 surface reflectance", units="1",
-                                   scale_factor=REFLECTANCE_SCALE, valid_range=list(REFLECTANCE_VALID_RANGE))
+                         lazy((N_MONTHS, len(sensor.bands), height, width), np.int16, sensor.fill))
+    ds["reflectance"].attrs.update(long_name=f"monthly composite of {sensor.name} surface reflectance", units="1",
+                                   scale_factor=sensor.scale, valid_range=list(sensor.valid_range))
     ds[COUNT_VARIABLE] = (("time", "y", "x"), lazy((N_MONTHS, height, width), np.uint8, 0))
     ds[COUNT_VARIABLE].attrs.update(long_name="clear observations composited into the month", units="1")
     for name in names:
@@ -307,7 +307,7 @@ def _source_record(config: IngestConfig, source: ReflectanceSource,
 def planned_sources(config: IngestConfig, file_digest: Callable[[Path], str] = file_blake3) -> dict:
     """The sources an ingest of ``config`` would read, with digests, and the content id of the
     cube it would make (granule metadata and file bytes are read; nothing is written)."""
-    return _source_record(config, open_reflectance(config.inputs, config.manifest), file_digest)
+    return _source_record(config, open_reflectance(config.inputs, config.manifest, config.sensor), file_digest)
 
 
 def cube_status(out: Path, planned: dict) -> str | None:
@@ -350,26 +350,24 @@ def _written_by_us(store: Path) -> bool:
 
 def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = None,
            scheduler: str | AnySpec | Client | None = None, overwrite: bool = False,
-           progress: Callable[[Iterator, int], Iterator] | None = None,
+           progress: Progress | None = None,
            file_digest: Callable[[Path], str] = file_blake3) -> IngestSummary:
     """Build the input cube ``out`` (see the module docstring). ``file_digest`` gives a source
-    file's digest (a :class:`~msmtu_batch.batch.digests.DigestCache` skips files read before)."""
-    start_time = time.perf_counter()
+    file's digest (a :class:`~msmtu_batch.runtime.digests.DigestCache` skips files read before)."""
     out = Path(out).resolve()
-    check_output_path(out, [*(("input", path) for path in config.inputs), ("manifest", config.manifest),
-                            ("region", config.region), ("DEM", config.dem), ("model", model),
-                            *((f"{name} raster", path) for name, path in config.climate.items())])
-    cluster = load_cluster_spec(scheduler)  # a wrong spec stops before any work
+    driver = Driver.start(out, [*(("input", path) for path in config.inputs), ("manifest", config.manifest),
+                                ("region", config.region), ("DEM", config.dem), ("model", model),
+                                *((f"{name} raster", path) for name, path in config.climate.items())], scheduler)
+    clock = driver.clock
     if out.exists():
         if not overwrite:
             raise MsmtuError(f"{out} exists; pass --overwrite to replace it")
         check_replaceable(out, _written_by_us(out), "msmtu-batch cube")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):
-        source = open_reflectance(config.inputs, config.manifest)
-        if config.band_quality and source.kind == "GeoTIFF":
-            raise MsmtuError("band_quality needs the sur_refl_qc_500m layer of MOD09A1 granules; GeoTIFF exports "
-                             "do not carry it")
+    with driver.locked():
+        source = open_reflectance(config.inputs, config.manifest, config.sensor)
+        if config.band_quality and (source.kind == "GeoTIFF" or source.sensor.band_quality_layer is None):
+            raise MsmtuError(f"band_quality needs the sur_refl_qc_500m layer of MODIS granules; {source.kind} "
+                             "inputs do not carry it")
         if config.read_order == "by-date" and source.kind == "GeoTIFF":
             raise MsmtuError("read_order by-date is for MOD09A1 granules (unchunked deflate layers); GeoTIFF exports "
                              "are read by chunk (read_order auto or by-chunk)")
@@ -388,12 +386,13 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
                 raise MsmtuError(f"{config.region}: boundary covers no pixel centre of the {grid.width} x "
                                  f"{grid.height} grid")
 
-        staging = out.with_name(f".{out.name}.partial")
+        staging = driver.staging
         if staging.exists():
             shutil.rmtree(staging)  # an interrupted ingest: start over
         attrs = {
             "title": "MODIS monthly surface reflectance cube (msmtu-batch ingest)",
             "Conventions": "CF-1.8", "software_version": __version__, "year": year,
+            SENSOR_ATTR: source.sensor.name, "platform": " and ".join(source.sensor.platforms),
             "source_kind": source.kind, "source_files": len(source.files),
             "observations": len(source.observations), "composite_rule": str(config.composite),
             "qa_rejected": "StateQA cloud state 01 (cloudy) or 10 (mixed), bit 2 cloud shadow, bit 12 MOD35 "
@@ -407,7 +406,8 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
         _create_store(staging, grid, year, names, config.chunk, attrs, sources.climate_units, config.zarr_format)
         scratch_path = out.with_name(f".{out.name}.scratch")
         shutil.rmtree(scratch_path, ignore_errors=True)  # left by an interrupted ingest
-        by_date = config.read_order == "by-date" or (config.read_order == "auto" and source.kind != "GeoTIFF")
+        # auto: by date where layers are unchunked deflate (MODAPS's HDF4), by chunk where windows read cheaply
+        by_date = config.read_order == "by-date" or (config.read_order == "auto" and source.kind.endswith("HDF4"))
         spec = IngestSpec(source, grid, year, config.composite, config.resampling, sources, str(staging),
                           config.band_quality, _scratch_store(scratch_path, source, grid, config.chunk) if by_date
                           else None)
@@ -415,14 +415,13 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
         peaks: dict[str, float] = {}
         observed = 0
         task_prefix = uuid.uuid4().hex[:12]  # several ingests (years) may share one cluster
-        phases = {"plan": time.perf_counter() - start_time}
+        clock.mark("plan")
         # the sources' digests are only written at the end: hashing runs while the cluster starts
         # and the dates are read
         hasher = ThreadPoolExecutor(max_workers=1)
         record = hasher.submit(_source_record, config, source, file_digest)
         try:
-            with connect(cluster) as client:
-                phases["cluster"] = time.perf_counter() - start_time - sum(phases.values())
+            with driver.session() as client:
                 spec = replace(spec, threads=threads_per_task(client))
                 dates = []
                 if spec.scratch is not None:
@@ -430,18 +429,17 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
                     dates = [client.submit(stage_date, spec, i, key=f"msmtu-ingest-{task_prefix}-date-{i}",
                                            pure=False, retries=1) for i in range(len(source.observations))]
 
-                def results() -> Iterator[tuple[object, dict]]:
-                    yield from as_completed(dates, with_results=True)
-                    phases["dates"] = time.perf_counter() - start_time - sum(phases.values())
+                def finished() -> Iterator:  # the dates, then the chunks: one progress bar over both
+                    yield from as_completed(dates)
+                    clock.mark("dates")
                     chunks = [client.submit(ingest_chunk, spec, w,
                                             None if inside is None else inside[w.y0:w.y1, w.x0:w.x1],
                                             key=f"msmtu-ingest-{task_prefix}-{w.name}", pure=False, retries=1)
                               for w in windows]
-                    yield from as_completed(chunks, with_results=True)
-                    phases["chunks"] = time.perf_counter() - start_time - sum(phases.values())
+                    yield from as_completed(chunks)
+                    clock.mark("chunks")
 
-                total = len(dates) + len(windows)
-                for _future, result in (progress(results(), total) if progress else results()):
+                for result in follow(finished(), len(dates) + len(windows), progress):
                     observed += result["observed"]
                     peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
             record_attrs = _record_attrs(record.result())
@@ -450,12 +448,10 @@ def ingest(config: IngestConfig, out: str | Path, *, model: str | Path | None = 
             shutil.rmtree(scratch_path, ignore_errors=True)
         zarr.open_group(staging, mode="r+").attrs.update({**record_attrs, INGEST_STATUS_ATTR: "complete"})
         open_input_cube(staging, ancillary=names, read_values=False)  # the contract, before it is published
-        consolidate(staging)
-        replace_store(staging, out)
-        seconds = time.perf_counter() - start_time
-        phases["finish"] = seconds - sum(phases.values())
+        driver.publish()
+        clock.mark("finish")
         return IngestSummary(out, grid.height, grid.width, len(source.observations), observed, len(windows),
-                             seconds, names, peaks, phases)
+                             clock.elapsed, names, peaks, clock.seconds)
 
 
 def ingest_years(config: IngestConfig, years: Sequence[int], out: str | Path, *, model: str | Path | None = None,

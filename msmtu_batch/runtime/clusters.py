@@ -54,7 +54,7 @@ from pydantic import (
     model_validator,
 )
 
-from msmtu_batch.errors import MsmtuError, MsmtuWarning
+from msmtu_batch.runtime.errors import MsmtuError, MsmtuWarning
 
 
 class _Spec(BaseModel):

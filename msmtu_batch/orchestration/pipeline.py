@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,45 +30,26 @@ import torch
 import xarray as xr
 import zarr
 from dask.utils import format_bytes
-from distributed import Client, as_completed, default_client, get_worker
+from distributed import Client, default_client, get_worker
 from distributed import performance_report as dask_performance_report
 from threadpoolctl import ThreadpoolController
 
-from msmtu_batch import __version__
-from msmtu_batch.batch.clusters import AnySpec, connect, has_gpu_workers, load_cluster_spec, threads_per_task
-from msmtu_batch.batch.outputs import (
-    check_output_path,
-    check_replaceable,
-    fsync_path,
-    output_lock,
-    replace_store,
-    take_back,
-    write_text_durably,
-)
-from msmtu_batch.batch.tiling import (
-    ChunkWindow,
-    bound_heap_growth,
-    chunk_windows,
-    largest_chunk_within,
-    peak_memory_mib,
-    release_free_memory,
-    task_memory_bytes,
-)
-from msmtu_batch.errors import MsmtuError
 from msmtu_batch.inputs.cube import (
     chunk_problem,
-    consolidate,
     cube_encoding,
+    cube_sensor,
     for_zarr_format,
     open_input_cube,
     project_store,
     read_window,
     spatial_arrays,
+    validate_input_cube,
     window_chunks,
     write_window,
 )
 from msmtu_batch.model.artifact import ModelArtifact, artifact_hash, load_artifact
 from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
+from msmtu_batch.orchestration.driver import Driver, Progress, follow
 from msmtu_batch.products.blocks import (
     FLAG_TOO_FEW_OBSERVATIONS,
     FLAG_UNLIKE_TRAINING,
@@ -81,9 +61,35 @@ from msmtu_batch.products.blocks import (
     provenance_attrs,
 )
 from msmtu_batch.products.export import export_cogs
-
-MANIFEST_ATTR = "msmtu_run_manifest"  # root attribute: JSON of what made the store
-DONE_GROUP = "msmtu_done"  # one empty Zarr group per finished chunk, its stats as attributes
+from msmtu_batch.runtime.clusters import AnySpec, has_gpu_workers, threads_per_task
+from msmtu_batch.runtime.errors import MsmtuError
+from msmtu_batch.runtime.outputs import (
+    check_output_path,
+    check_replaceable,
+    fsync_path,
+    staging_path,
+    take_back,
+    write_text_durably,
+)
+from msmtu_batch.runtime.provenance import __version__
+from msmtu_batch.runtime.stores import (
+    DONE_GROUP,
+    MANIFEST_ATTR,
+    changed_input_files,
+    input_content_digest,
+    input_file_stats,
+    read_manifest,
+    write_manifest,
+)
+from msmtu_batch.runtime.tiling import (
+    ChunkWindow,
+    bound_heap_growth,
+    chunk_windows,
+    largest_chunk_within,
+    peak_memory_mib,
+    release_free_memory,
+    task_memory_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -364,38 +370,6 @@ def estimate_task(spec: RunSpec, window: ChunkWindow, prepared: PreparedChunk | 
 
 # --- driver side --------------------------------------------------------------------------
 
-def input_content_digest(cube: Path) -> str:
-    """Digest of the input store's content: the bytes of every file (metadata and chunks, as
-    stored, so no decoding), by relative path. A re-ingested or edited cube never passes for
-    the one an output was made from; a copied or moved one does."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in cube.rglob("*") if p.is_file()):
-        with path.open("rb") as f:
-            digest.update(f"{path.relative_to(cube)}\0".encode() + hashlib.file_digest(f, "sha256").digest())
-    return "sha256:" + digest.hexdigest()
-
-
-def input_file_stats(cube: Path) -> dict[str, tuple[int, int, int, int]]:
-    """Each file of the input store, by relative path: inode, size, modification and change times.
-    The change time moves on every write and cannot be set back, so a copy that keeps the files'
-    modification times still shows."""
-    stats = {}
-    for path in cube.rglob("*"):
-        try:
-            st = path.stat()
-        except FileNotFoundError:  # removed while listed: the comparison sees it gone
-            continue
-        if stat.S_ISREG(st.st_mode):
-            stats[str(path.relative_to(cube))] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return stats
-
-
-def changed_input_files(cube: Path, before: dict[str, tuple[int, int, int, int]]) -> list[str]:
-    """The files of ``cube`` added, removed or written since ``before`` (:func:`input_file_stats`)."""
-    after = input_file_stats(cube)
-    return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
-
-
 # What makes two runs the same: the content of the input and the model, the settings, the
 # software. The input's path is recorded, not compared.
 IDENTITY_KEYS = ("input_content", "model_hash", "settings", "software_version")
@@ -418,18 +392,11 @@ def damaged_chunks(store: Path, windows: list[ChunkWindow]) -> list[ChunkWindow]
         chunk_problem(store, group, name, slice(w.y0, w.y1), slice(w.x0, w.x1)) for name in spatial_arrays(group))]
 
 
-def read_manifest(store: Path) -> dict | None:
-    try:  # not from consolidated metadata: the manifest changes after a consolidation when a run resumes
-        return json.loads(zarr.open_group(store, mode="r", use_consolidated=False).attrs[MANIFEST_ATTR])
-    except Exception:
-        return None
-
-
 def output_status(cube: Path, model_hash: str, out: Path, config: RunConfig) -> str | None:
     """None when ``out`` is a complete output of exactly this input content, model, settings
     and software version (by its manifest; chunks are not re-read), else why it is not."""
     if not out.exists():
-        staging = out.with_name(f".{out.name}.partial")
+        staging = staging_path(out)
         return "an interrupted run to resume" if staging.exists() else "no output yet"
     manifest = read_manifest(out)
     if manifest is None or not manifest.get("complete"):
@@ -440,11 +407,6 @@ def output_status(cube: Path, model_hash: str, out: Path, config: RunConfig) -> 
         if manifest.get(key) != identity[key]:
             return f"{change} changed"
     return None
-
-
-def _write_manifest(store: Path, manifest: dict) -> None:
-    group = zarr.open_group(store, mode="r+", use_consolidated=False)
-    group.attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
 
 
 def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity: dict, run_id: str,
@@ -470,7 +432,7 @@ def _create_store(store: Path, ds: xr.Dataset, artifact: ModelArtifact, identity
         out.to_zarr(store, mode="a", compute=False, encoding=encoding, consolidated=False,
                     zarr_format=config.zarr_format)
         zarr.open_group(store, mode="r+").create_group(DONE_GROUP)
-        _write_manifest(store, {**manifest, "created": True})
+        write_manifest(store, {**manifest, "created": True})
     except OSError as exc:  # zarr's writes of metadata (a full disk, say) name no file: name the store
         if exc.filename:
             raise
@@ -495,7 +457,7 @@ def _reuse_or_clear(out: Path, staging: Path, identity: dict, windows: list[Chun
                 check_replaceable(staging, read_manifest(staging) is not None)
                 shutil.rmtree(staging)
             take_back(out, staging)
-            _write_manifest(staging, {**manifest, "complete": False})
+            write_manifest(staging, {**manifest, "complete": False})
             for window in damaged:
                 shutil.rmtree(_marker(staging, window).parent)
         elif not overwrite:
@@ -524,7 +486,7 @@ def _check_input_unchanged(cube: Path, before: dict, staging: Path) -> None:
     changed = changed_input_files(cube, before)
     if not changed:
         return
-    _write_manifest(staging, {**(read_manifest(staging) or {}), "created": False})
+    write_manifest(staging, {**(read_manifest(staging) or {}), "created": False})
     raise MsmtuError(f"{cube} changed while this run read it ({len(changed)} files, e.g. {changed[0]}); nothing was "
                      "published and its chunks are discarded: rerun the same command once the input is final")
 
@@ -545,8 +507,7 @@ def _check_task_memory(client: Client, chunk: int, height: int, width: int) -> N
                              f"({format_bytes(limit / tasks)} each); {advice} workers with more memory")
 
 
-def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
-                    progress: Callable[[Iterator, int], Iterator] | None
+def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str, progress: Progress | None
                     ) -> tuple[dict[str, int], dict[str, float], dict[str, int], dict[str, float]]:
     """Submit the chunks to the cluster and wait for them; stop at the first failure the user
     can cause, with its line. Returns per worker: model loads, peak memory, chunks prepared;
@@ -564,14 +525,7 @@ def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
     peaks: dict[str, float] = {}
     prepared_by: dict[str, int] = {}
     stage_seconds: dict[str, float] = {}
-    # results are fetched one at a time (small dicts): nothing is in flight when a failure stops
-    # the loop, so closing the cluster then logs no broken transfers over the line
-    finished = as_completed(futures)
-    for future in (progress(finished, len(futures)) if progress else finished):
-        result = future.result()
-        if "error" in result:  # bad input or a full disk: stop at the first, with its line
-            client.cancel(futures)
-            raise MsmtuError(result["error"])
+    for result in follow(futures, len(futures), progress, client):  # bad input or a full disk stops it
         workers[result["worker"]] = max(workers.get(result["worker"], 0), result["model_loads"])
         peaks[result["worker"]] = max(peaks.get(result["worker"], 0.0), result["peak_mib"])
         if "prepared_by" in result:
@@ -584,33 +538,33 @@ def _compute_chunks(client, spec: RunSpec, todo: list[ChunkWindow], run_id: str,
 def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConfig | None = None,
         scheduler: str | AnySpec | Client | None = None, overwrite: bool = False, cog_dir: str | Path | None = None,
         performance_report: str | Path | None = None,
-        progress: Callable[[Iterator, int], Iterator] | None = None,
+        progress: Progress | None = None,
         on_client: Callable[[object], None] | None = None, client: Client | None = None,
-        versioned: bool = False) -> RunSummary:
+        versioned: bool = False, allow_other_sensor: bool = False) -> RunSummary:
     """Unmix ``cube`` with ``model`` into the Zarr store ``out`` (see the module docstring).
 
     The work runs on ``client``, else on the cluster ``scheduler`` names (an address, a spec
     file or object), else on the current Dask client if there is one (a notebook's), else on
     threads of this process, one per core (a LocalCluster without worker processes).
-    ``versioned``: publish ``out`` as a link to the version of this run, so that readers of
+    ``allow_other_sensor``: map a cube of a sensor other than the model's training data (same
+    bands). ``versioned``: publish ``out`` as a link to the version of this run, so that readers of
     the store it replaces read that one to the end (:func:`replace_store`; the workflow's
     archive)."""
     # the link itself, not where it points: a versioned store is replaced through it
     cube, model, out = Path(cube), Path(model), Path(os.path.abspath(out))
     config = config or RunConfig()
-    start = time.perf_counter()
-    scheduler = client or scheduler or _current_client()
     protected = [("input cube", cube), ("model", model)]
-    check_output_path(out, protected)
+    driver = Driver.start(out, protected, client or scheduler or _current_client())
+    clock = driver.clock
     if cog_dir is not None:
         check_output_path(Path(cog_dir), protected, option="--cog")
-    cluster = load_cluster_spec(scheduler)  # a wrong spec stops before any work
     artifact = load_artifact(model)
-    ds = open_input_cube(cube, ancillary=artifact.ancillary_names, read_values=False)  # tasks check values
+    ds = open_input_cube(cube, validate=False)
+    artifact.check_sensor(cube_sensor(ds, cube).name, str(cube), allow_other_sensor)  # before its bands or variables
+    validate_input_cube(ds, store=cube, ancillary=artifact.ancillary_names, read_values=False)  # tasks check values
     artifact.check_matches([str(b) for b in ds["band"].values], list(ds.data_vars), str(cube))
     conversions = artifact.unit_conversions({n: ds[n].attrs.get("units") for n in artifact.ancillary_names}, str(cube))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):
+    with driver.locked():
         model_hash = artifact_hash(model)
         input_stats = input_file_stats(cube)  # before the digest: a write while it reads shows at the end
         identity = _identity(cube, model_hash, config)
@@ -619,13 +573,13 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         height, width = ds.sizes["y"], ds.sizes["x"]
         windows = chunk_windows(height, width, config.chunk)
 
-        staging = out.with_name(f".{out.name}.partial")
+        staging = driver.staging
         if _reuse_or_clear(out, staging, identity, windows, overwrite):
             if cog_dir is not None:
                 export_cogs(out, cog_dir)
             manifest = read_manifest(out)
             return RunSummary(out, height * width, int(manifest.get("valid_pixels", 0)), len(windows), 0,
-                              time.perf_counter() - start, already_complete=True,
+                              clock.elapsed, already_complete=True,
                               flagged_pixels=int(manifest.get("flagged_pixels", 0)),
                               flagged_chunks=int(manifest.get("flagged_chunks", 0)))
         if not staging.exists():
@@ -637,11 +591,10 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         for window in damaged_chunks(staging, [w for w in windows if chunk_stats(staging, w) is not None]):
             shutil.rmtree(_marker(staging, window).parent)
         todo = [w for w in windows if chunk_stats(staging, w) is None]
-        phases = {"plan": time.perf_counter() - start}
+        clock.mark("plan")
         report = dask_performance_report(filename=str(performance_report)) if performance_report else nullcontext()
         # Dask's profiler only where the report shows it: it slows the model's threads
-        with connect(cluster, processes=False, profile=performance_report is not None) as client, report:
-            phases["cluster"] = time.perf_counter() - start - sum(phases.values())
+        with driver.session(processes=False, profile=performance_report is not None) as client, report:
             if on_client:
                 on_client(client)
             spec = RunSpec(str(cube), str(model), model_hash, str(staging), tuple(artifact.ancillary_names),
@@ -656,7 +609,7 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
                 except MsmtuError:  # a file read half-written says why in its own words: the input changed
                     _check_input_unchanged(cube, input_stats, staging)
                     raise
-            phases["chunks"] = time.perf_counter() - start - sum(phases.values())
+            clock.mark("chunks")
         _check_input_unchanged(cube, input_stats, staging)
         stats = {w.name: chunk_stats(staging, w) for w in windows}
         missing = [name for name, s in stats.items() if s is None]
@@ -665,17 +618,16 @@ def run(cube: str | Path, model: str | Path, out: str | Path, *, config: RunConf
         valid = sum(s["valid_pixels"] for s in stats.values())
         flagged = [s.get("flagged_pixels", 0) for s in stats.values()]
         counts = {"valid_pixels": valid, "flagged_pixels": sum(flagged), "flagged_chunks": sum(n > 0 for n in flagged)}
-        _write_manifest(staging, {**identity, "run_id": run_id, "complete": True, **counts})
-        consolidate(staging)
-        replace_store(staging, out, versioned=versioned)  # the old output (ours, checked above) is superseded
-        phases["finish"] = time.perf_counter() - start - sum(phases.values())  # with the cluster's stop
+        write_manifest(staging, {**identity, "run_id": run_id, "complete": True, **counts})
+        driver.publish(versioned=versioned)  # the old output (ours, checked above) is superseded
+        clock.mark("finish")  # with the cluster's stop
         if cog_dir is not None:
             release_free_memory()  # what the chunks left free, for the export's threads
             export_cogs(out, cog_dir)
-            phases["export"] = time.perf_counter() - start - sum(phases.values())
-        return RunSummary(out, height * width, valid, len(windows), len(todo), time.perf_counter() - start,
+            clock.mark("export")
+        return RunSummary(out, height * width, valid, len(windows), len(todo), clock.elapsed,
                           workers=workers, worker_peak_mib=peaks, prepared_by=prepared_by,
-                          stage_seconds=stage_seconds, phase_seconds=phases,
+                          stage_seconds=stage_seconds, phase_seconds=clock.seconds,
                           flagged_pixels=counts["flagged_pixels"], flagged_chunks=counts["flagged_chunks"])
 
 

@@ -1,5 +1,6 @@
 """Output safety for every command that writes a store: which paths may be written or
-replaced, one writer per output at a time, and writes that survive a power cut.
+replaced, one writer per output at a time, and writes that survive a power cut: every file
+and store the project publishes goes through the durable writes at the end of this module.
 
 - An output may not be, contain, or lie inside one of the command's inputs (paths compared
   resolved, so ``DIR/sub/..`` is ``DIR``), nor be an existing file.
@@ -21,7 +22,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.runtime.errors import MsmtuError
+
+
+def staging_path(out: Path) -> Path:
+    """Where a command builds ``out`` before publishing it: a hidden sibling."""
+    return out.with_name(f".{out.name}.partial")
 
 
 def check_output_path(out: Path, inputs: Iterable[tuple[str, Path | str | None]], option: str = "--out") -> None:
@@ -93,10 +99,12 @@ def replace_store(new: Path, final: Path, *, versioned: bool = False) -> None:
         return
     if not final.exists() and not final.is_symlink():
         new.rename(final)
+        fsync_path(final.parent)
         return
     aside = final.with_name(f".{final.name}.replaced-{os.getpid()}")
     final.rename(aside)
     new.rename(final)
+    fsync_path(final.parent)
     if aside.is_symlink():  # a versioned store published plainly: its versions go with it
         versions = store_versions(final)
         aside.unlink()
@@ -119,11 +127,7 @@ def _publish_version(new: Path, final: Path) -> None:
         final.rename(previous)
     current = versions / f"{time.time_ns()}.zarr"
     new.rename(current)
-    link = final.with_name(f".{final.name}.link-{os.getpid()}")
-    link.unlink(missing_ok=True)
-    link.symlink_to(current.relative_to(final.parent))  # relative: the folder can be moved or copied whole
-    os.replace(link, final)
-    fsync_path(final.parent)
+    replace_link(final, current.relative_to(final.parent))  # relative: the folder can be moved or copied whole
     for old in versions.iterdir():
         if old not in (current, previous):
             shutil.rmtree(old, ignore_errors=True)
@@ -148,13 +152,57 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# --- durable writes: every file the project writes goes through these -------------------------
+
+def publish_file(written: Path, final: Path) -> None:
+    """Move the finished file ``written`` to ``final`` (same file system) atomically and durably:
+    its bytes forced to disk before the rename, the folder's entry after it, so that after a
+    power cut ``final`` holds the old file or the whole new one."""
+    fsync_path(written)
+    written.replace(final)
+    fsync_path(final.parent)
+
+
+@contextmanager
+def durable_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write (ending in ``suffix``, for writers that add
+    one); when the block ends it is published over ``path`` (:func:`publish_file`), and when the
+    block fails it is removed: a reader never meets half a file, a crash never leaves one at
+    ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial{suffix}")
+    try:
+        yield temporary
+        publish_file(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def write_text_durably(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically (temporary file, rename) and durably (fsync of
-    the file and of its folder)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_path(path.parent)
+    """Replace ``path`` by ``text`` atomically and durably (:func:`durable_file`)."""
+    with durable_file(path) as temporary:
+        temporary.write_text(text)
+
+
+def replace_link(link: Path, target: str | Path) -> None:
+    """Point the symbolic link ``link`` at ``target`` atomically (a new link renamed over it)
+    and durably."""
+    temporary = link.with_name(f".{link.name}.link-{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target)
+    os.replace(temporary, link)
+    fsync_path(link.parent)
+
+
+@contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A hidden sibling folder to build ``final`` in, moved into place only once the block ends
+    (the folder ``final`` replaced, its entry forced to disk); left behind by a failure, for the
+    next call to clear."""
+    staging = staging_path(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    yield staging
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    fsync_path(final.parent)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.runtime.errors import MsmtuError
 
 # CORINE Land Cover legend colours for the class names of the simulator and of the
 # Andalusia-MSMTU levels (matched as words in the class name, first match wins).

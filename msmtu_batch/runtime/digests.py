@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from blake3 import blake3
 
-from msmtu_batch.batch.outputs import write_text_durably
+from msmtu_batch.runtime.outputs import write_text_durably
 
 if TYPE_CHECKING:
     import torch

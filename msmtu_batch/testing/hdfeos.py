@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msmtu_batch.errors import MsmtuError
+from msmtu_batch.runtime.errors import MsmtuError
 
 DFACC_CREATE = 4
 GCTP_SNSOID = 16

@@ -1,0 +1,1 @@
+"""Helpers for tests, examples and benchmarks: files written the way other tools write them."""
