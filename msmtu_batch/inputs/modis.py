@@ -38,21 +38,29 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from msmtu_batch.inputs.layers import BAND_NAMES, REFLECTANCE_FILL
-from msmtu_batch.inputs.sensors import DEFAULT_SENSOR, SENSORS, Sensor, sensor_named, sensor_of_products
+from msmtu_batch.inputs.sensors import (
+    DEFAULT_SENSOR,
+    MODIS_TERRA,
+    SENSORS,
+    Sensor,
+    sensor_named,
+    sensor_of_products,
+)
 from msmtu_batch.runtime.errors import MsmtuError
 
-PRODUCT = "MOD09A1"  # the default product of a granule (inputs/sensors.py: MYD09A1 reads the same way)
+# The MODIS granule's facts, from its sensor spec (MYD09A1's are the same but for the product name)
+PRODUCT = MODIS_TERRA.name  # the default product of a granule
 HDF4_PRODUCTS = frozenset(p for s in SENSORS.values() if s.file_format == "HDF4-EOS" for p in s.products)
-COLLECTION = 61
-QA_LAYER = "sur_refl_state_500m"
-DOY_LAYER = "sur_refl_day_of_year"
-QC_LAYER = "sur_refl_qc_500m"  # per-band quality bits, read with IngestConfig.band_quality
+COLLECTION = MODIS_TERRA.collection
+QA_LAYER = MODIS_TERRA.state_qa_layer
+DOY_LAYER = MODIS_TERRA.day_of_year_layer
+QC_LAYER = MODIS_TERRA.band_quality_layer  # per-band quality bits, read with IngestConfig.band_quality
 QC_FILL = 4294967295
-GRID_NAME = "MOD_Grid_500m_Surface_Reflectance"  # as in real MOD09A1/MYD09A1 C6 granules
-LAYERS: tuple[str, ...] = (*BAND_NAMES, QA_LAYER, DOY_LAYER)
+GRID_NAME = MODIS_TERRA.grid_name  # as in real MOD09A1/MYD09A1 C6 granules
+LAYERS: tuple[str, ...] = (*MODIS_TERRA.band_layers, QA_LAYER, DOY_LAYER)
 QA_FILL = 65535
 DOY_FILL = -1
-COMPOSITE_DAYS = 8
+COMPOSITE_DAYS = MODIS_TERRA.composite_days
 
 # The MODIS sinusoidal grid: a sphere of radius 6371007.181 m, 36 x 18 tiles of 1111950.5197665 m.
 SPHERE_RADIUS = 6371007.181

@@ -46,8 +46,9 @@ class Sensor:
     scale: float = REFLECTANCE_SCALE
     fill: int = REFLECTANCE_FILL
     valid_range: tuple[int, int] = REFLECTANCE_VALID_RANGE
+    # StateQA in MOD09's bit layout for every sensor here (inputs/layers.py decodes it: bits 0-1
+    # cloud state, 2 shadow, 12 and 15 snow); a sensor with another layout needs a decoder field
     state_qa_layer: str = "sur_refl_state_500m"
-    state_qa_layout: str = "MOD09 StateQA"  # bits 0-1 cloud state, 2 shadow, 12 and 15 snow
     band_quality_layer: str | None = "sur_refl_qc_500m"
     day_of_year_layer: str = "sur_refl_day_of_year"
     grid_name: str = "MOD_Grid_500m_Surface_Reflectance"

@@ -1,4 +1,5 @@
-"""``msmtu-batch ingest``: MOD09A1 granules or GeoTIFF exports + ancillary rasters -> input cube.
+"""``msmtu-batch ingest``: satellite granules (MODIS MOD09A1/MYD09A1, VIIRS VNP09A1/VJ109A1:
+:mod:`msmtu_batch.inputs.sensors`) or GeoTIFF exports + ancillary rasters -> input cube.
 
 The driver scans the inputs (metadata only), plans the output grid -- the native MODIS
 sinusoidal grid or a target CRS and resolution, cut to the region's bounding box -- and
@@ -9,7 +10,7 @@ unchunked, and HDF4 can only inflate such a layer from its first row, so a task 
 would inflate each layer's top rows once per chunk row, whereas a date read in strips
 inflates each layer once. One Dask task per spatial chunk of the cube then reads the window
 of every observation that covers the chunk (from the scratch store, or straight from GeoTIFF
-exports, which are read by window at no such cost), composites the months
+exports and VIIRS's chunked HDF5 layers, which are read by window at no such cost), composites the months
 (:mod:`msmtu_batch.inputs.composite`) on the source grid, warps them onto the chunk with
 rasterio/GDAL when the grid is not the native one, blanks pixels outside the region, adds
 the ancillary variables (:mod:`msmtu_batch.inputs.ancillary`) and writes its chunk of the
