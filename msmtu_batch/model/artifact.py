@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from msmtu_batch.inputs.cube import ANCILLARY_NAMES, ANCILLARY_UNITS, BAND_NAMES
@@ -30,6 +30,7 @@ from msmtu_batch.model.error_head import FEATURES, ErrorHead
 from msmtu_batch.model.hierarchy import ClassHierarchy, hierarchy_from_metadata
 from msmtu_batch.model.palette import class_colors, default_class_colors
 from msmtu_batch.model.preprocess import ModelInputs, Standardizer, prepare_inputs
+from msmtu_batch.model.tensorfile import read_safetensors
 from msmtu_batch.runtime.digests import checksum_mismatch, with_checksum
 from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.runtime.outputs import durable_file
@@ -146,9 +147,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if not path.is_file():
         raise ArtifactError(f"{path}: model artifact not found")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        header, tensors = read_safetensors(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: not a readable safetensors model artifact ({exc})") from None
     try:

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import save_file
 
+from msmtu_batch.model.tensorfile import read_safetensors
 from msmtu_batch.runtime.digests import CHECKSUM_FIELD, checksum_mismatch, with_checksum
 from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.runtime.outputs import durable_file
@@ -94,9 +95,7 @@ def load_checkpoint(path: str | os.PathLike) -> TrainingState:
     """Read a checkpoint (tensors on the CPU); one line naming the file if it is not one."""
     path = Path(path)
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        header, tensors = read_safetensors(path)
         meta = json.loads(header[METADATA_KEY])
         if not isinstance(meta, dict) or CHECKSUM_FIELD not in meta or checksum_mismatch(meta, tensors):
             raise ValueError("its content does not match its checksum: damaged or edited after it was written")
