@@ -141,7 +141,7 @@ def test_cf_attributes_and_provenance(archive, model):
     assert "msmtu-batch run --cube" in ds.attrs["history"]
     assert "IEEE JSTARS" in ds.attrs["references"] and "7752348" in ds.attrs["references"]
     assert ds.attrs["model_hash"] == artifact_hash(model)
-    assert ds.attrs["input_content"].startswith("sha256:")
+    assert ds.attrs["input_content"].startswith("blake3:")
     assert f"msmtu-batch {mb.__version__}" in ds.attrs["software_versions"] and "torch " in ds.attrs[
         "software_versions"]
     assert ds["dominant_class"].attrs["flag_meanings"].split() == list(ds["lulc_class"].values)

@@ -32,40 +32,48 @@ _LOW, _HIGH = REFLECTANCE_VALID_RANGE
 def _prepare_chunk(reflectance, state_qa, has_qa, band_mean, band_std, ancillary, ancillary_mean,
                    ancillary_std, values, masks, deltas_forward, deltas_backward, ancillary_out,
                    observed_count):
+    # row by row, each input plane read along its row (contiguous): pixel by pixel walked the
+    # T x B planes at once, 84 streams, and took 40 ms a 256 x 256 chunk where this takes 35
+    # (one thread, benchmarks/NOTES.md, 2026-12-07); a row's outputs (4 x 86 KB for 256
+    # pixels) stay in L2 until the deltas read them
     steps, bands, height, width = reflectance.shape
     n_ancillary = ancillary.shape[0]
-    for pixel in numba.prange(height * width):
-        row = pixel // width
-        col = pixel - row * width
-        count = 0
+    for row in numba.prange(height):
+        first = row * width
+        rejected = np.zeros(width, np.bool_)
+        count = np.zeros(width, np.int32)
         for t in range(steps):
-            rejected = False
             if has_qa:
-                qa = state_qa[t, row, col]
-                cloud = qa & QA_CLOUD_STATE_MASK
-                rejected = cloud in (QA_CLOUDY, QA_MIXED_CLOUD) or (qa & QA_REJECT_BITS) != 0
+                for col in range(width):
+                    qa = state_qa[t, row, col]
+                    cloud = qa & QA_CLOUD_STATE_MASK
+                    rejected[col] = cloud in (QA_CLOUDY, QA_MIXED_CLOUD) or (qa & QA_REJECT_BITS) != 0
             for b in range(bands):
-                raw = reflectance[t, b, row, col]
-                usable = (not rejected) and raw != REFLECTANCE_FILL and raw >= _LOW and raw <= _HIGH
-                if usable:
-                    masks[pixel, t, b] = 1.0
-                    scaled = np.float32(raw) * np.float32(REFLECTANCE_SCALE)
-                    values[pixel, t, b] = (scaled - band_mean[b]) / band_std[b]
-                    count += 1
-                else:
-                    masks[pixel, t, b] = 0.0
-                    values[pixel, t, b] = 0.0
-        observed_count[pixel] = count
-        for b in range(bands):
-            deltas_forward[pixel, 0, b] = 1.0
-            deltas_backward[pixel, 0, b] = 1.0
-            for t in range(1, steps):
-                deltas_forward[pixel, t, b] = 1.0 + (1.0 - masks[pixel, t - 1, b]) * deltas_forward[pixel, t - 1, b]
-                # the backward pass reads the series reversed: its step t is time steps-1-t
-                deltas_backward[pixel, t, b] = 1.0 + (1.0 - masks[pixel, steps - t, b]) * \
-                    deltas_backward[pixel, t - 1, b]
-        for a in range(n_ancillary):
-            ancillary_out[pixel, a] = (ancillary[a, row, col] - ancillary_mean[a]) / ancillary_std[a]
+                for col in range(width):
+                    pixel = first + col
+                    raw = reflectance[t, b, row, col]
+                    usable = (not rejected[col]) and raw != REFLECTANCE_FILL and raw >= _LOW and raw <= _HIGH
+                    if usable:
+                        masks[pixel, t, b] = 1.0
+                        scaled = np.float32(raw) * np.float32(REFLECTANCE_SCALE)
+                        values[pixel, t, b] = (scaled - band_mean[b]) / band_std[b]
+                        count[col] += 1
+                    else:
+                        masks[pixel, t, b] = 0.0
+                        values[pixel, t, b] = 0.0
+        for col in range(width):
+            pixel = first + col
+            observed_count[pixel] = count[col]
+            for b in range(bands):
+                deltas_forward[pixel, 0, b] = 1.0
+                deltas_backward[pixel, 0, b] = 1.0
+                for t in range(1, steps):
+                    deltas_forward[pixel, t, b] = 1.0 + (1.0 - masks[pixel, t - 1, b]) * deltas_forward[pixel, t - 1, b]
+                    # the backward pass reads the series reversed: its step t is time steps-1-t
+                    deltas_backward[pixel, t, b] = 1.0 + (1.0 - masks[pixel, steps - t, b]) * \
+                        deltas_backward[pixel, t - 1, b]
+            for a in range(n_ancillary):
+                ancillary_out[pixel, a] = (ancillary[a, row, col] - ancillary_mean[a]) / ancillary_std[a]
 
 
 def prepare_chunk(reflectance: np.ndarray, state_qa: np.ndarray | None, ancillary: np.ndarray,

@@ -1,8 +1,8 @@
 """GIS export of an output cube: one Cloud-Optimized GeoTIFF per product, ready for QGIS.
 
 Each COG is tiled, deflate-compressed, with internal overviews and nodata, band
-descriptions set to the class names, the output's provenance as GDAL metadata tags, and is
-checked with rio-cogeo's validator before it is moved into place. ``dominant_class`` is a
+descriptions set to the class names, the output's provenance as GDAL metadata tags; GDAL's
+COG driver writes it and rio-cogeo's validator checks it before it is moved into place. ``dominant_class`` is a
 byte raster with the model's class colours as its colour table and the class names as GDAL
 category names (in its ``.aux.xml``, where GDAL keeps them for GeoTIFF). Beside every COG a
 QGIS style (``.qml`` of the same name, which QGIS applies when it opens the file): the class
@@ -38,9 +38,9 @@ import xarray as xr
 from rasterio._err import CPLE_BaseError
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
+from rasterio.shutil import copy as gdal_copy
 from rasterio.windows import Window
-from rio_cogeo.cogeo import cog_translate, cog_validate
-from rio_cogeo.profiles import cog_profiles
+from rio_cogeo.cogeo import cog_validate
 
 from msmtu_batch.inputs.cube import CLASS_DIM, grid_transform, rioxarray_quietly
 from msmtu_batch.model.palette import rgb
@@ -52,27 +52,27 @@ from msmtu_batch.runtime.outputs import publish_file, write_text_durably
 class CogSettings(NamedTuple):
     nodata: float | int | None
     overview_resampling: str
-    predictor: int  # TIFF predictor: 1 none, 3 floating point
+    predictor: str  # GDAL's COG driver's PREDICTOR: NO, or FLOATING_POINT (TIFF predictor 3)
 
 
 # The floating-point predictor makes a trained model's abundances 9 % smaller (uncertainty 5 %)
 # but valid fractions (k / 84) twice as large; deflate level 1 costs the same bytes as 6 on
 # these floats and about half the time (benchmarks/NOTES.md, 2026-12-02).
 PRODUCTS: dict[str, CogSettings] = {
-    "abundance": CogSettings(np.nan, "average", 3),
-    "dominant_class": CogSettings(DOMINANT_FILL, "mode", 1),
-    "uncertainty": CogSettings(np.nan, "average", 3),
-    "expected_error": CogSettings(np.nan, "average", 3),
-    "valid_fraction": CogSettings(np.nan, "average", 1),
-    "quality_flag": CogSettings(None, "mode", 1),
+    "abundance": CogSettings(np.nan, "average", "FLOATING_POINT"),
+    "dominant_class": CogSettings(DOMINANT_FILL, "mode", "NO"),
+    "uncertainty": CogSettings(np.nan, "average", "FLOATING_POINT"),
+    "expected_error": CogSettings(np.nan, "average", "FLOATING_POINT"),
+    "valid_fraction": CogSettings(np.nan, "average", "NO"),
+    "quality_flag": CogSettings(None, "mode", "NO"),
 }
 DEFLATE_LEVEL = 1
 BLOCK = 256
 # GDAL's block cache while a COG is written and its overviews built: GDAL's default is 5 % of
 # the machine's memory (1.2 GB on 24 GB), which a large product would fill; the writes go block
-# by block in order, so they need few blocks cached. A 4096 x 4096 abundance: 16 MiB took 104 MiB
-# less than 64 at the peak of the export, in the same time (benchmarks/NOTES.md, 2026-12-07)
-GDAL_CACHE_BYTES = 16 * 2**20
+# by block in order, so they need few blocks cached. With GDAL's COG driver the overviews of a
+# 2048 x 2048 abundance took 1.3 s with 64 MiB and 2.4 s with 16 (benchmarks/NOTES.md, 2026-12-07)
+GDAL_CACHE_BYTES = 64 * 2**20
 QUALITY_COLORS = ("#1a9850", "#bdbdbd", "#fc8d59")  # estimated, too few observations, unlike training
 # viridis at 0, 0.25, 0.5, 0.75, 1: the 0-1 ramp of abundance, uncertainty, valid fraction
 RAMP = ((0.0, "#440154"), (0.25, "#3b528b"), (0.5, "#21918c"), (0.75, "#5ec962"), (1.0, "#fde725"))
@@ -134,17 +134,20 @@ def export_cogs(store: str | Path, cog_dir: str | Path, parallel: int = 2) -> li
     """Write ``cog_dir/<product>_<year>.tif`` (and its ``.qml``) for every product of the
     output cube ``store``; returns the files written. ``parallel`` products at once (GDAL
     releases the GIL; each COG's deflate also runs on every core)."""
-    ds = north_up(xr.open_zarr(store, decode_coords="all", mask_and_scale=False))
+    # lazily indexed arrays, not dask: each window is one read (dask's graph per window took 0.37-0.52 s
+    # of a 2048 x 2048 abundance where plain reads take 0.22)
+    ds = north_up(xr.open_dataset(store, engine="zarr", decode_coords="all", mask_and_scale=False, chunks=None,
+                                   cache=False))
     cog_dir = Path(cog_dir)
     cog_dir.mkdir(parents=True, exist_ok=True)
     products = output_products(ds)
     _remove_abandoned_work(cog_dir)
-    # every temporary file of this export, rio-cogeo's too, in a hidden folder of this process:
+    # every temporary file of this export, GDAL's too, in a hidden folder of this process:
     # removed on every exit path (SIGTERM included: the command line turns it into an exception)
     work = cog_dir / f"{WORK_PREFIX}{socket.gethostname()}-{os.getpid()}"
     work.mkdir(exist_ok=True)
     try:
-        # rasterio's warped reads inside rio-cogeo use affine's deprecated `*` too (in these threads)
+        # rioxarray's transform uses affine's deprecated `*` (in these threads)
         with rioxarray_quietly(), _gdal_messages() as said:
             pool = ThreadPoolExecutor(max_workers=max(1, parallel))
             try:
@@ -260,16 +263,19 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
                 totals += np.nansum(values, axis=(1, 2), dtype=np.float64)
         for band, description in enumerate(descriptions, start=1):
             raster.set_band_description(band, description)
-        if colormap:  # paletted already, so rio-cogeo need not make it so (and warn from a thread)
+        raster.update_tags(**tags, product=name)
+        if colormap:
             raster.write_colormap(1, colormap)
             raster.colorinterp = [ColorInterp.palette]
-    # deflate on every core (the workers are idle by now)
-    profile = cog_profiles.get("deflate") | {"blockxsize": BLOCK, "blockysize": BLOCK, "num_threads": "ALL_CPUS",
-                                              "zlevel": DEFLATE_LEVEL, "predictor": predictor}
-    cog_translate(plain, partial, profile, nodata=nodata, overview_level=_overview_levels(height, width),
-                  overview_resampling=resampling, quiet=True, in_memory=False, colormap=colormap,
-                  additional_cog_metadata={**tags, "product": name},
-                  config={"GDAL_NUM_THREADS": "ALL_CPUS", "GDAL_CACHEMAX": GDAL_CACHE_BYTES})
+    # GDAL's COG driver copies the tags, descriptions, nodata and colour table, builds the
+    # overviews and deflates on every core (the workers are idle by now). rio-cogeo's
+    # cog_translate, which copies the raster once more before its overviews, took 2.3-2.5 s for
+    # a 2048 x 2048 abundance where this takes 1.4 (benchmarks/NOTES.md, 2026-12-07)
+    levels = _overview_levels(height, width)
+    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        gdal_copy(plain, partial, driver="COG", COMPRESS="DEFLATE", LEVEL=DEFLATE_LEVEL, PREDICTOR=predictor,
+                  BLOCKSIZE=BLOCK, NUM_THREADS="ALL_CPUS", OVERVIEWS="AUTO" if levels else "NONE",
+                  OVERVIEW_COUNT=max(1, levels), OVERVIEW_RESAMPLING=resampling.upper())
     plain.unlink()
     valid, errors, _ = cog_validate(partial)
     if not valid:
