@@ -269,6 +269,9 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
                       artifact, inputs, fused=True, error_head=True, pixels=model_pixels)]}
         return result | {
             "model_only_before_and_after": around,
+            # the run's own account, free of the model-only measurements' timing: the model stage's
+            # task seconds over the run's task slots (one per core) and its wall time
+            "model_share": result["stage_seconds"].get("model", 0.0) / ((os.cpu_count() or 1) * result["seconds"]),
             "vs_model_only": result["pixels_per_second"] / statistics.mean(around["model_fused"]),
             "vs_model_with_error_head": result["pixels_per_second"] / statistics.mean(
                 around["model_fused_error_head"])}
@@ -320,15 +323,17 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
                 f"{result['pixels_per_second']:,.0f} | {result['vs_model_only']:.0%} | "
                 f"{result['vs_model_with_error_head']:.0%} | {run_peak} | {peaks} |")
     say("Where the pipeline's time goes: the driver's wall seconds per phase; the chunk tasks' "
-        "seconds per stage, summed over workers; the process's CPU seconds in user space and in the kernel")
-    say("| region | plan | cluster | chunks | finish | export | read | prepare | model | write | user | system |")
-    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "seconds per stage, summed over workers; the process's CPU seconds in user space and in the kernel; "
+        "the model stage's share of the run (its task seconds / (cores x the run's seconds))")
+    say("| region | plan | cluster | chunks | finish | export | read | prepare | model | write | user | system | "
+        "model share |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side, result in {f"{height} x {width}": end_to_end,
                          **{f"{k} x {k}": v for k, v in scaling.items() if (k, k) != (height, width)}}.items():
         phases, stages, cpu = result["phase_seconds"], result["stage_seconds"], result["process_cpu_seconds"]
         say(f"| {side} | " + " | ".join(f"{phases.get(k, 0.0):.2f}" for k in PIPELINE_PHASES) + " | "
             + " | ".join(f"{stages.get(k, 0.0):.2f}" for k in PIPELINE_STAGES) + f" | {cpu['user']:.2f} | "
-            f"{cpu['system']:.2f} |")
+            f"{cpu['system']:.2f} | {result['model_share']:.1%} |")
     precision_rows = precision_table(out, precision_epochs, precision_size) if precision_epochs else []
     if precision_rows:
         ceilings = {"fp32": ceiling, "bf16": bf16_ceiling,

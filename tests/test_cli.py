@@ -262,9 +262,13 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     assert record["cpu"]["flags"] == {flag: flag in flags for flag in record["cpu"]["flags"]}
     # the per-stage split: the table shows what the record holds, every stage and phase ran
     assert rows[7] == ("| region | plan | cluster | chunks | finish | export | read | prepare | model | write | "
-                       "user | system |")
+                       "user | system | model share |")
     for row, result in ((rows[8], record["end_to_end"]), (rows[9], record["memory_scaling"]["24"])):
-        cells = [float(c) for c in row.strip("| ").split(" | ")[1:]]
+        *numbers, share = row.strip("| ").split(" | ")[1:]
+        # the model stage's task seconds over one task slot per core for the run's wall time
+        assert share == f"{result['stage_seconds']['model'] / (os.cpu_count() * result['seconds']):.1%}", row
+        assert 0 < result["model_share"] <= 1, result
+        cells = [float(c) for c in numbers]
         assert cells == [round(result["phase_seconds"][k], 2) for k in ("plan", "cluster", "chunks", "finish",
                                                                          "export")] + \
             [round(result["stage_seconds"][k], 2) for k in ("read", "prepare", "model", "write")] + \
