@@ -2,13 +2,13 @@
 
 Each COG is tiled, deflate-compressed, with internal overviews and nodata, band
 descriptions set to the class names, the output's provenance as GDAL metadata tags; GDAL's
-COG driver writes it and rio-cogeo's validator checks it before it is moved into place. ``dominant_class`` is a
-byte raster with the model's class colours as its colour table and the class names as GDAL
-category names (in its ``.aux.xml``, where GDAL keeps them for GeoTIFF). Beside every COG a
-QGIS style (``.qml`` of the same name, which QGIS applies when it opens the file): the class
-palette for ``dominant_class`` and ``quality_flag``, a 0-1 ramp for the others, on the most
-abundant class's band for ``abundance`` (its mean over the region highest). File names
-carry the year: ``abundance_2013.tif``.
+COG driver writes it and rio-cogeo's validator checks it before it is moved into place.
+``dominant_class`` is a byte raster with the model's class colours as its colour table and
+the class names as GDAL category names (in its ``.aux.xml``, where GDAL keeps them for
+GeoTIFF). Beside every COG a QGIS style (``.qml`` of the same name, which QGIS applies when it
+opens the file): the class palette for ``dominant_class`` and ``quality_flag``, a 0-1 ramp for
+the others, on the most abundant class's band for ``abundance`` (its mean over the region
+highest). File names carry the year: ``abundance_2013.tif``.
 """
 
 from __future__ import annotations
