@@ -211,3 +211,27 @@ def test_bf16_engine_equals_the_model_with_bf16_gate_products():
         assert np.quantile(np.abs(fp32[key] - expected[key]), 0.99) > 2 * BF16_TOLERANCE, key
     assert got["abundance"].dtype == np.float32
     np.testing.assert_allclose(got["abundance"].sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [8, 100])
+def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden):
+    """What a pixel gets does not hang on its neighbours: the GEMM's tiles are padded to 16
+    pixels, and the Numba passes and the head add the same terms in the same order in a
+    loop's vector body and in its remainder (torch's head did not: MKL took other kernels
+    for a tile of 16 pixels than for one of 144, and a pixel's logits moved in the last bit)."""
+    cfg = BritsConfig(n_classes=5, n_ancillary=3, hidden=hidden, embed=4, head_hidden=8)
+    model = random_model(3, cfg, 1.0)
+    inputs = random_inputs(np.random.default_rng(3), 700, cfg.n_ancillary)
+    arrays = (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward, inputs.ancillary)
+    engine = FusedBrits(model)
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the tile on one thread, the parts on two (as in a run and in unmix)
+        whole = engine(*arrays, imputed=False)["abundance"]
+        torch.set_num_threads(2)
+        for width in (1, 5, 17, 144):
+            for start in range(0, len(inputs) - width, 29):
+                part = engine(*(a[start:start + width] for a in arrays), imputed=False)["abundance"]
+                np.testing.assert_array_equal(part, whole[start:start + width], err_msg=f"{start}:{start + width}")
+    finally:
+        torch.set_num_threads(threads_before)

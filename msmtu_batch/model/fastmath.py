@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import intrinsic
 
 # Numba's math.tanh / math.exp are scalar libm calls (2.2 ns per value on the development VM,
 # 12x slower than this), so the pointwise pass uses a rational approximation of tanh that
@@ -64,3 +66,17 @@ def fast_sigmoid(x):
 def fast_tanh(x):
     p, q = tanh_fraction(x)
     return p / q
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c rounded once (LLVM's fma): a sum of these is added in the order written,
+    whatever the fast-math flags. Written with ``+`` and ``*``, LLVM may reassociate the
+    same sum differently in a loop's vector body and in its remainder, and a pixel's value
+    would depend on where in its tile it lies."""
+    if not a == b == c == types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return types.float32(types.float32, types.float32, types.float32), codegen

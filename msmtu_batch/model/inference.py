@@ -14,15 +14,21 @@ LSTM's matrix product, which is the only real work. Here each step is:
    feature regressions, their combination and the gap filling, writing the next GEMM's
    input in place.
 
+After the last step one more Numba pass computes the head (embedding, hidden layer, logits),
+and NumPy the softmax, class-major.
+
 Arrays are feature-major (feature, pixel), so every inner loop runs over contiguous pixels
-and vectorises; a tile of 1024 pixels per core keeps the state in cache. Measured on the
+and vectorises; a tile of 1024 pixels per core keeps the state in cache. A pixel's result
+does not depend on its tile: the GEMM's tiles are padded to 16 pixels, and the passes add
+their terms in a fixed order (:func:`msmtu_batch.model.fastmath.fma`). Measured on the
 2-core development VM: 2.7x the straightforward model at its best batch size, 53 % of the
-FLOP ceiling (benchmarks/NOTES.md). Training on a CPU runs the same arrangement with a
-hand-written backward (:mod:`msmtu_batch.model.recurrence`); GPUs run the model itself.
+FLOP ceiling (benchmarks/NOTES.md; 83 % since). Training on a CPU runs the same arrangement
+with a hand-written backward (:mod:`msmtu_batch.model.recurrence`); GPUs run the model itself.
 
 ``precision="bf16"`` multiplies in bfloat16 (the Numba pass keeps a bf16 copy of the GEMM
 input and reads bf16 gates), everything else in fp32: 1.5x the fp32 engine on a CPU with
-AVX512-BF16, the test RMSE within 1e-5 of fp32 (benchmarks/NOTES.md, 2026-12-02).
+AVX512-BF16 at first, 2.4-2.6x since (AMD EPYC, benchmarks/NOTES.md 2026-12-07), the test
+RMSE within 1e-5 of fp32.
 """
 
 from __future__ import annotations
@@ -34,13 +40,12 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
-from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, lstm_update
+from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fma, lstm_update
 from msmtu_batch.model.preprocess import ModelInputs
 from msmtu_batch.runtime.errors import MsmtuError
 
@@ -94,20 +99,32 @@ def _as_float32(x):
 
 
 @numba.njit(inline="always", fastmath=True)
-def _accumulate(out, weights, rows, p0, p1):
-    """out += sum_k weights[k] * rows[k, p0:p1]: one output row over the pixels p0:p1."""
-    for k in range(weights.shape[0]):
-        w, row = weights[k], rows[k, p0:p1]
-        for p in range(p1 - p0):
-            out[p] += w * row[p]
+def _affine(outputs, biases, weights, rows, p0, p1, accumulate=False):
+    """outputs[k, p0:p1] = biases[k] + sum_j weights[k, j] * rows[j, p0:p1] for every k (or
+    ``+=`` the sum when ``accumulate``; ``biases`` then unused), the terms added in order.
 
-
-@numba.njit(inline="always", fastmath=True)
-def _affine(out, bias, weights, rows, p0, p1):
-    """out = bias + sum_k weights[k] * rows[k, p0:p1]."""
-    for p in range(p1 - p0):
-        out[p] = bias
-    _accumulate(out, weights, rows, p0, p1)
+    Four input rows at a time, the outputs inside: each pass reads four rows once from L2 and
+    writes each output once per four products (one product per load and store, row by row,
+    made the regressions bound by memory: 30 against 12 ns per pixel and step for the history
+    regression, AMD EPYC, one core). A group past the last row repeats it with weight 0."""
+    n_outputs, n_inputs = weights.shape
+    last, zero = n_inputs - 1, np.float32(0.0)
+    for j in range(0, n_inputs, 4):
+        j1, j2, j3 = min(j + 1, last), min(j + 2, last), min(j + 3, last)
+        r0, r1, r2, r3 = rows[j, p0:p1], rows[j1, p0:p1], rows[j2, p0:p1], rows[j3, p0:p1]
+        for k in range(n_outputs):
+            w0 = weights[k, j]
+            w1 = weights[k, j1] if j + 1 <= last else zero
+            w2 = weights[k, j2] if j + 2 <= last else zero
+            w3 = weights[k, j3] if j + 3 <= last else zero
+            out = outputs[k, p0:p1]
+            if j == 0 and not accumulate:
+                b = biases[k]
+                for p in range(p1 - p0):
+                    out[p] = fma(w3, r3[p], fma(w2, r2[p], fma(w1, r1[p], fma(w0, r0[p], b))))
+            else:
+                for p in range(p1 - p0):
+                    out[p] = fma(w3, r3[p], fma(w2, r2[p], fma(w1, r1[p], fma(w0, r0[p], out[p]))))
 
 
 @numba.njit(inline="always", fastmath=True)
@@ -123,10 +140,11 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
     n_features, n_hidden = values.shape[0], hidden.shape[0]
     offset, width = 2 * n_features + 1, p1 - p0
     one = np.float32(1.0)
+    decayed_state = gemm_input[offset:offset + n_hidden]
     # decayed hidden state: h * exp(-relu(W d + b)), with W and b stored negated
     for j in range(n_hidden):
-        state, h = gemm_input[offset + j, p0:p1], hidden[j, p0:p1]
-        _affine(state, decay_hidden_bias[j], decay_hidden_weight[:, j], deltas, p0, p1)
+        state, h = decayed_state[j, p0:p1], hidden[j, p0:p1]
+        _affine(decayed_state[j:j + 1], decay_hidden_bias[j:j + 1], decay_hidden_weight[j:j + 1], deltas, p0, p1)
         for p in range(width):
             state[p] = h[p] * decay_factor(state[p])
     # combination weight alpha = sigmoid(W [input decay, mask] + b); the input decay is diagonal
@@ -134,27 +152,28 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
         decay, d = scratch[0, k, p0:p1], deltas[k, p0:p1]
         for p in range(width):
             decay[p] = decay_factor(decay_input_weight[k] * d[p] + decay_input_bias[k])
-    for k in range(n_features):
-        alpha = scratch[1, k, p0:p1]
-        _affine(alpha, combine_bias[k], combine_weight[k, :n_features], scratch[0], p0, p1)
-        _accumulate(alpha, combine_weight[k, n_features:], masks, p0, p1)
-        if sigmoid_alpha:  # else the research code's alpha: the linear layer as is
+    alpha, history, filled = scratch[1], scratch[2], scratch[0]
+    _affine(alpha, combine_bias, combine_weight[:, :n_features], scratch[0], p0, p1)
+    _affine(alpha, combine_bias, combine_weight[:, n_features:], masks, p0, p1, True)
+    if sigmoid_alpha:  # else the research code's alpha: the linear layer as is
+        for k in range(n_features):
+            a = alpha[k, p0:p1]
             for p in range(width):
-                alpha[p] = fast_sigmoid(alpha[p])
+                a[p] = fast_sigmoid(a[p])
     # history regression from the decayed state; its gap-filled series feeds the feature regression
+    _affine(history, history_bias, history_weight, decayed_state, p0, p1)
     for k in range(n_features):
-        history, x, m, estimate = scratch[2, k, p0:p1], values[k, p0:p1], masks[k, p0:p1], gemm_input[k, p0:p1]
-        _affine(history, history_bias[k], history_weight[k], gemm_input[offset:], p0, p1)
+        x, m, estimate, x_history = values[k, p0:p1], masks[k, p0:p1], gemm_input[k, p0:p1], history[k, p0:p1]
         for p in range(width):
-            estimate[p] = x[p] + (one - m[p]) * history[p]
+            estimate[p] = x[p] + (one - m[p]) * x_history[p]
+    _affine(filled, feature_bias, feature_weight, gemm_input, p0, p1)
     for k in range(n_features):
-        filled, alpha, history = scratch[0, k, p0:p1], scratch[1, k, p0:p1], scratch[2, k, p0:p1]
+        z, a, x_history = filled[k, p0:p1], alpha[k, p0:p1], history[k, p0:p1]
         x, m = values[k, p0:p1], masks[k, p0:p1]
-        _affine(filled, feature_bias[k], feature_weight[k], gemm_input, p0, p1)
         for p in range(width):
-            filled[p] = x[p] + (one - m[p]) * (history[p] + alpha[p] * (filled[p] - history[p]))
+            z[p] = x[p] + (one - m[p]) * (x_history[p] + a[p] * (z[p] - x_history[p]))
     for k in range(n_features):
-        gemm_input[k, p0:p1] = scratch[0, k, p0:p1]
+        gemm_input[k, p0:p1] = filled[k, p0:p1]
         gemm_input[n_features + k, p0:p1] = masks[k, p0:p1]
     if gemm_operand.shape[0]:
         for r in range(gemm_input.shape[0]):
@@ -196,6 +215,39 @@ def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weig
                         sigmoid_alpha)
 
 
+@numba.njit(inline="always", fastmath=True)
+def _relu(rows, p0, p1):
+    zero = np.float32(0.0)
+    for k in range(rows.shape[0]):
+        row = rows[k, p0:p1]
+        for p in range(p1 - p0):
+            row[p] = max(row[p], zero)
+
+
+@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def _head(hidden, ancillary, weights, embedded, layer, logits):
+    """The abundance head's logits (K, B) from the last hidden state (H, B) and the ancillary
+    data (A, B): relu(W [h; relu(W_e a + b_e)] + b) through the output layer, feature-major
+    like the recurrence. In Numba rather than torch: MKL multiplied a tile of 16 pixels and
+    one of 144 with different kernels, whose last bits differ, so a pixel's logits depended
+    on its tile; here every pixel is computed alike (0.48 us a pixel and direction, torch's
+    0.58, AMD EPYC, one core)."""
+    embedding_weight, embedding_bias, state_weight, embedding_columns, hidden_bias, output_weight, output_bias = weights
+    n = hidden.shape[1]
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        p0 = block * BLOCK
+        p1 = min(p0 + BLOCK, n)
+        if embedded.shape[0]:
+            _affine(embedded, embedding_bias, embedding_weight, ancillary, p0, p1)
+            _relu(embedded, p0, p1)
+            _affine(layer, hidden_bias, embedding_columns, embedded, p0, p1)
+            _affine(layer, hidden_bias, state_weight, hidden, p0, p1, True)
+        else:
+            _affine(layer, hidden_bias, state_weight, hidden, p0, p1)
+        _relu(layer, p0, p1)
+        _affine(logits, output_bias, output_weight, layer, p0, p1)
+
+
 def _bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
     """A bfloat16 tensor's memory as uint16 for the Numba pass; an empty array for other types
     (the pass then skips its bfloat16 copy)."""
@@ -209,10 +261,11 @@ class _Direction:
     """One RITS pass's weights, laid out for the fused step."""
 
     gate_weight: torch.Tensor  # (4H, 2F + 1 + H): columns for x_filled, mask, bias, decayed hidden state
-    step_weights: tuple[np.ndarray, ...]  # for _next_input; decay weights negated, hidden decay transposed
+    step_weights: tuple[np.ndarray, ...]  # for _next_input; decay weights negated
     sigmoid_alpha: bool  # the combination weight through a sigmoid (models trained here) or as is
-    embedding: tuple[torch.Tensor, torch.Tensor] | None
-    head: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    # for _head: the embedding's weight and bias (empty without ancillary data), the first
+    # layer's columns for the hidden state, for the embedding, its bias, the output layer's
+    head_weights: tuple[np.ndarray, ...]
 
     @classmethod
     def of(cls, rits: RITS, cfg: BritsConfig, gemm_dtype: torch.dtype = torch.float32) -> _Direction:
@@ -221,7 +274,7 @@ class _Direction:
         tensor = lambda p: p.detach().float().cpu().contiguous()  # noqa: E731
         array = lambda p: np.ascontiguousarray(tensor(p).numpy())  # noqa: E731
         step_weights = (
-            array(-(rits.decay_hidden.weight * rits.decay_hidden.mask).t()), array(-rits.decay_hidden.bias),
+            array(-(rits.decay_hidden.weight * rits.decay_hidden.mask)), array(-rits.decay_hidden.bias),
             array(-torch.diagonal(rits.decay_input.weight)), array(-rits.decay_input.bias),
             array(rits.combine.weight), array(rits.combine.bias),
             array(rits.history_regression.weight), array(rits.history_regression.bias),
@@ -229,16 +282,19 @@ class _Direction:
             array(rits.feature_regression.bias))
         embedding = rits.ancillary_embedding
         hidden_layer, output_layer = rits.head[1], rits.head[3]
-        return cls(tensor(gate_weight).to(gemm_dtype), step_weights, cfg.combine_activation == "sigmoid",
-                   None if embedding is None else (tensor(embedding[0].weight), tensor(embedding[0].bias)),
-                   (tensor(hidden_layer.weight), tensor(hidden_layer.bias), tensor(output_layer.weight),
-                    tensor(output_layer.bias)))
+        n_hidden = cell.hidden_size
+        embedding_weights = ((array(embedding[0].weight), array(embedding[0].bias)) if embedding is not None
+                             else (np.zeros((0, 0), np.float32), np.zeros(0, np.float32)))
+        head_weights = (*embedding_weights, array(hidden_layer.weight[:, :n_hidden]),
+                        array(hidden_layer.weight[:, n_hidden:]), array(hidden_layer.bias),
+                        array(output_layer.weight), array(output_layer.bias))
+        return cls(tensor(gate_weight).to(gemm_dtype), step_weights, cfg.combine_activation == "sigmoid", head_weights)
 
     def logits(self, values: np.ndarray, masks: np.ndarray, deltas: np.ndarray, ancillary: np.ndarray,
-               filled: np.ndarray | None) -> torch.Tensor:
-        """Class logits (B, K) of one direction over a tile; ``values``/``masks``/``deltas`` are
-        (T, F, B) in this direction's time order. Writes the gap-filled series into ``filled``
-        (T, F, B) when given."""
+               filled: np.ndarray | None) -> np.ndarray:
+        """Class logits (K, B) of one direction over a tile; ``values``/``masks``/``deltas`` are
+        (T, F, B) in this direction's time order, ``ancillary`` (A, B). Writes the gap-filled
+        series into ``filled`` (T, F, B) when given."""
         steps, n_features, batch = values.shape
         n_hidden = self.gate_weight.shape[0] // 4
         gemm_dtype = self.gate_weight.dtype
@@ -269,11 +325,33 @@ class _Direction:
             _cell_then_next_input(gates_np, cell, hidden, t == steps - 1, deltas[following], values[following],
                                   masks[following], self.step_weights, gemm_input, scratch, gemm_operand,
                                   self.sigmoid_alpha)
-        features = torch.from_numpy(hidden).t()
-        if self.embedding is not None:
-            features = torch.cat([features, F.relu(F.linear(torch.from_numpy(ancillary), *self.embedding))], dim=1)
-        w1, b1, w2, b2 = self.head
-        return F.linear(F.relu(F.linear(features, w1, b1)), w2, b2)
+        embedding_weight, hidden_bias, output_bias = (self.head_weights[i] for i in (0, 4, 6))
+        embedded = np.empty((embedding_weight.shape[0], batch), np.float32)
+        layer = np.empty((hidden_bias.shape[0], batch), np.float32)
+        logits = np.empty((output_bias.shape[0], batch), np.float32)
+        _head(hidden, ancillary, self.head_weights, embedded, layer, logits)
+        return logits
+
+
+def _feature_major(series: np.ndarray, padded: int) -> np.ndarray:
+    """A tile's (B, T, F) series as float32 (T, F, padded), zero past its pixels, in one copy."""
+    pixels, steps, n_features = series.shape
+    out = np.empty((steps, n_features, padded), np.float32)
+    out[..., :pixels] = series.transpose(1, 2, 0)
+    out[..., pixels:] = 0.0
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities (B, K) of logits (K, B), class-major so that each operation runs
+    along the pixels (0.02 us a pixel, torch's softmax along the 10 classes 0.13), the classes
+    summed in order (NumPy's sum over them changed its order with the tile's width)."""
+    probabilities = np.exp(logits - logits.max(axis=0))
+    total = probabilities[0].copy()
+    for row in probabilities[1:]:
+        total += row
+    probabilities /= total
+    return np.ascontiguousarray(probabilities.T)
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -335,18 +413,17 @@ class FusedBrits:
         def run_tile(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
             window = slice(start, start + tile)
             pixels = min(tile, n - start)
-            padding = ((0, -pixels % PIXEL_MULTIPLE), (0, 0), (0, 0))  # zero pixels after the tile's own
-            x, m, d_forward, d_backward = (
-                np.ascontiguousarray(np.pad(np.asarray(a[window], np.float32), padding).transpose(1, 2, 0))
-                for a in (values, masks, deltas_forward, deltas_backward))
-            anc = np.pad(np.asarray(ancillary[window], np.float32), padding[:2])
+            padded = pixels + -pixels % PIXEL_MULTIPLE  # zero pixels after the tile's own
+            x, m, d_forward, d_backward = (_feature_major(a[window], padded)
+                                           for a in (values, masks, deltas_forward, deltas_backward))
+            anc = np.zeros((ancillary.shape[1], padded), np.float32)
+            anc[:, :pixels] = ancillary[window].T
             filled_f = np.empty_like(x) if imputed else None
             filled_b = np.empty_like(x) if imputed else None
             with torch.inference_mode():
-                p_f = torch.softmax(self.forward_pass.logits(x, m, d_forward, anc, filled_f), dim=1).numpy()
-                p_b = torch.softmax(self.backward_pass.logits(np.ascontiguousarray(x[::-1]),
-                                                              np.ascontiguousarray(m[::-1]), d_backward, anc,
-                                                              filled_b), dim=1).numpy()
+                p_f = _softmax(self.forward_pass.logits(x, m, d_forward, anc, filled_f))
+                p_b = _softmax(self.backward_pass.logits(np.ascontiguousarray(x[::-1]), np.ascontiguousarray(m[::-1]),
+                                                         d_backward, anc, filled_b))
             filled = (0.5 * (filled_f + filled_b[::-1])).transpose(2, 0, 1)[:pixels] if imputed else None
             return p_f[:pixels], p_b[:pixels], filled
 
