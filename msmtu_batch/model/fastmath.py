@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
@@ -48,11 +49,38 @@ def lstm_update(i, f, g, o, c):
     return cell, (qo + po) * pc / (TWO * qo * qc)
 
 
+# 2^f on [0, 1): a degree-5 fit of its relative error with 2^0 = 1 exactly (relative error
+# 1.6e-7 in float32); exp(z) = 2^n 2^f with n = floor(z log2 e), 2^n put in the exponent bits
+_EXP2 = tuple(np.float32(a) for a in (0.0018670554272830486, 0.009017188102006912, 0.05579980090260506,
+                                      0.24016447365283966, 0.6931512951850891, 1.0))
+_LOG2E = np.float32(1.4426950408889634)
+_SMALLEST_EXPONENT = np.float32(-126.0)  # 2^-126, the smallest normal float32: exp(z) below it is 0 to us
+
+
+@intrinsic
+def _power_of_two(typingctx, n):
+    """2^n as float32 for an integer n in [-126, 127], written into the exponent bits."""
+    if n != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        int32 = ir.IntType(32)
+        biased = builder.shl(builder.add(args[0], ir.Constant(int32, 127)), ir.Constant(int32, 23))
+        return builder.bitcast(biased, ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
 @numba.njit(inline="always", fastmath=True)
 def decay_factor(z):
-    """exp(min(z, 0)) = (1 + t) / (1 - t) with t = tanh(z / 2) = p / q (absolute error < 4e-7)."""
-    p, q = tanh_fraction(HALF * min(z, np.float32(0.0)))
-    return (q + p) / (q - p)
+    """exp(min(z, 0)) (absolute error < 1.5e-7): 12 vector operations, the tanh fraction's form
+    took 21 and the decays were half of the pass between two GEMMs."""
+    t = max(min(z, np.float32(0.0)) * _LOG2E, _SMALLEST_EXPONENT)
+    n = np.floor(t)
+    f = t - n
+    power = _EXP2[0]
+    for a in _EXP2[1:]:
+        power = power * f + a
+    return power * _power_of_two(np.int32(n))
 
 
 @numba.njit(inline="always", fastmath=True)
