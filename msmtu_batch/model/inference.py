@@ -22,12 +22,13 @@ and vectorises; a tile of 1024 pixels per core keeps the state in cache. A pixel
 does not depend on its tile: the GEMM's tiles are padded to 16 pixels, and the passes add
 their terms in a fixed order (:func:`msmtu_batch.model.fastmath.fma`). Measured on the
 2-core development VM: 2.7x the straightforward model at its best batch size, 53 % of the
-FLOP ceiling (benchmarks/NOTES.md; 83 % since). Training on a CPU runs the same arrangement
-with a hand-written backward (:mod:`msmtu_batch.model.recurrence`); GPUs run the model itself.
+FLOP ceiling (benchmarks/NOTES.md; 86-93 % since). Training on a CPU runs the same
+arrangement with a hand-written backward (:mod:`msmtu_batch.model.recurrence`); GPUs run the
+model itself.
 
 ``precision="bf16"`` multiplies in bfloat16 (the Numba pass keeps a bf16 copy of the GEMM
 input and reads bf16 gates), everything else in fp32: 1.5x the fp32 engine on a CPU with
-AVX512-BF16 at first, 2.4-2.6x since (AMD EPYC, benchmarks/NOTES.md 2026-12-07), the test
+AVX512-BF16 at first, 2.3-2.5x since (AMD EPYC, benchmarks/NOTES.md 2026-12-07), the test
 RMSE within 1e-5 of fp32.
 """
 
