@@ -129,43 +129,6 @@ def _affine(outputs, biases, weights, rows, p0, p1, accumulate=False):
 
 
 @numba.njit(inline="always", fastmath=True)
-def _decayed_state(states, hidden, biases, weights, deltas, p0, p1):
-    """states[j, p0:p1] = hidden[j] * exp(min(biases[j] + weights[j] . deltas, 0)) for every
-    hidden unit j (the decay's weights stored negated). Up to 8 features in one pass per unit
-    (the sum, the decay, the product: 45 against 25 ns a pixel and step as an affine pass
-    and a decay pass, AMD EPYC, one core), its terms added in the order :func:`_affine` adds
-    them; more features take those two passes."""
-    n_hidden, n_features = weights.shape
-    if n_features > 8:
-        _affine(states, biases, weights, deltas, p0, p1)
-        for j in range(n_hidden):
-            state, h = states[j, p0:p1], hidden[j, p0:p1]
-            for p in range(p1 - p0):
-                state[p] = h[p] * decay_factor(state[p])
-        return
-    last, zero = n_features - 1, np.float32(0.0)
-    r0, r1, r2, r3 = (deltas[0, p0:p1], deltas[min(1, last), p0:p1], deltas[min(2, last), p0:p1],
-                      deltas[min(3, last), p0:p1])
-    r4, r5, r6, r7 = (deltas[min(4, last), p0:p1], deltas[min(5, last), p0:p1], deltas[min(6, last), p0:p1],
-                      deltas[min(7, last), p0:p1])
-    for j in range(n_hidden):
-        w = weights[j]
-        w0 = w[0]
-        w1 = w[1] if last >= 1 else zero
-        w2 = w[2] if last >= 2 else zero
-        w3 = w[3] if last >= 3 else zero
-        w4 = w[4] if last >= 4 else zero
-        w5 = w[5] if last >= 5 else zero
-        w6 = w[6] if last >= 6 else zero
-        w7 = w[7] if last >= 7 else zero
-        b, state, h = biases[j], states[j, p0:p1], hidden[j, p0:p1]
-        for p in range(p1 - p0):
-            z = fma(w3, r3[p], fma(w2, r2[p], fma(w1, r1[p], fma(w0, r0[p], b))))
-            z = fma(w7, r7[p], fma(w6, r6[p], fma(w5, r5[p], fma(w4, r4[p], z))))
-            state[p] = h[p] * decay_factor(z)
-
-
-@numba.njit(inline="always", fastmath=True)
 def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scratch, gemm_operand, sigmoid_alpha):
     """Fill ``gemm_input[:, p0:p1]`` for the coming step: gap-filled values, mask, 1, decayed h;
     and its bfloat16 copy ``gemm_operand`` unless that is empty (the fp32 engine multiplies
@@ -180,7 +143,11 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
     one = np.float32(1.0)
     decayed_state = gemm_input[offset:offset + n_hidden]
     # decayed hidden state: h * exp(-relu(W d + b)), with W and b stored negated
-    _decayed_state(decayed_state, hidden, decay_hidden_bias, decay_hidden_weight, deltas, p0, p1)
+    _affine(decayed_state, decay_hidden_bias, decay_hidden_weight, deltas, p0, p1)
+    for j in range(n_hidden):
+        state, h = decayed_state[j, p0:p1], hidden[j, p0:p1]
+        for p in range(width):
+            state[p] = h[p] * decay_factor(state[p])
     # combination weight alpha = sigmoid(W [input decay, mask] + b); the input decay is diagonal
     for k in range(n_features):
         decay, d = scratch[0, k, p0:p1], deltas[k, p0:p1]
@@ -380,8 +347,8 @@ def _feature_major(series: np.ndarray, padded: int) -> np.ndarray:
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     """Class probabilities (B, K) of logits (K, B), class-major so that each operation runs
-    along the pixels (0.02 us a pixel, torch's softmax along the 10 classes 0.13), the classes
-    summed in order (NumPy's sum over them changed its order with the tile's width)."""
+    along the pixels (0.02 us a pixel, torch's softmax along the 10 classes 0.13); the classes
+    are summed one row after another, an order that cannot depend on the tile's width."""
     probabilities = np.exp(logits - logits.max(axis=0))
     total = probabilities[0].copy()
     for row in probabilities[1:]:
