@@ -235,3 +235,15 @@ def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden):
                 np.testing.assert_array_equal(part, whole[start:start + width], err_msg=f"{start}:{start + width}")
     finally:
         torch.set_num_threads(threads_before)
+
+
+def test_inputs_of_another_shape_than_the_model_takes_are_refused():
+    """The engine's Numba passes do not check bounds, so it checks the shapes it is given."""
+    cfg = BritsConfig(n_classes=5, n_ancillary=3, hidden=8, embed=4, head_hidden=8)
+    engine = FusedBrits(random_model(3, cfg, 1.0))
+    inputs = random_inputs(np.random.default_rng(3), 40, 3)
+    series = (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward)
+    with pytest.raises(ValueError, match=r"^inputs with 7 bands and 0 ancillary values; the model takes 7 and 3$"):
+        engine(*series)
+    with pytest.raises(ValueError, match=r"^inputs with 6 bands and 3 ancillary values; the model takes 7 and 3$"):
+        engine(*(a[:, :, :6] for a in series), inputs.ancillary)

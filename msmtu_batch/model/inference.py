@@ -410,6 +410,10 @@ class FusedBrits:
             deltas_backward = deltas_forward
         if ancillary is None:
             ancillary = np.zeros((n, 0), np.float32)
+        # the Numba passes index without bounds checks: shapes the model does not take are refused here
+        if n_features != self.config.n_features or ancillary.shape[1] != self.config.n_ancillary:
+            raise ValueError(f"inputs with {n_features} bands and {ancillary.shape[1]} ancillary values; the model "
+                             f"takes {self.config.n_features} and {self.config.n_ancillary}")
         threads = threads or torch.get_num_threads()
         starts = range(0, n, tile)
 
