@@ -7,7 +7,8 @@ on a cluster goes through the same steps, in the same order.
 3. The store built at :attr:`Driver.staging`, a hidden sibling of the output.
 4. :meth:`Driver.session`: the cluster started or reached; :func:`follow` follows the tasks
    with the caller's progress callback and stops at the first failure the user can cause.
-5. :meth:`Driver.publish`: the staged store consolidated and put in place (atomically).
+5. :meth:`Driver.publish`: the staged store cleared of what killed writers left, consolidated
+   and put in place (atomically).
 
 :class:`PhaseClock` times the phases between, so a summary shows where the wall time went.
 """
@@ -25,7 +26,13 @@ from distributed import Client, as_completed
 from msmtu_batch.inputs.cube import consolidate
 from msmtu_batch.runtime.clusters import AnySpec, connect, load_cluster_spec
 from msmtu_batch.runtime.errors import MsmtuError
-from msmtu_batch.runtime.outputs import check_output_path, output_lock, replace_store, staging_path
+from msmtu_batch.runtime.outputs import (
+    check_output_path,
+    output_lock,
+    remove_stray_temporaries,
+    replace_store,
+    staging_path,
+)
 
 Progress = Callable[[Iterator, int], Iterator]  # (finished futures, their count) -> the same, shown
 
@@ -83,7 +90,9 @@ class Driver:
 
     def publish(self, *, versioned: bool = False) -> None:
         """Put the finished staged store at the output path (replacing one that the caller
-        checked is ours); ``versioned`` as :func:`~msmtu_batch.runtime.outputs.replace_store`."""
+        checked is ours), without what writers killed mid-file left in it; ``versioned`` as
+        :func:`~msmtu_batch.runtime.outputs.replace_store`."""
+        remove_stray_temporaries(self.staging)
         consolidate(self.staging)
         replace_store(self.staging, self.out, versioned=versioned)
 
