@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from msmtu_batch.model.brits import BRITS, BritsConfig
 from msmtu_batch.model.fastmath import decay_factor, lstm_update, tanh_fraction
-from msmtu_batch.model.inference import FusedBrits, bfloat16_round_trip, predict
+from msmtu_batch.model.inference import FusedBrits, bfloat16_round_trip, cpu_has_kernels, predict
 from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
 from msmtu_batch.testing.research import ResearchBRITS
 
@@ -213,17 +213,21 @@ def test_bf16_engine_equals_the_model_with_bf16_gate_products():
     np.testing.assert_allclose(got["abundance"].sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("hidden", [8, 100])
-def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden):
+def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden, precision):
     """What a pixel gets does not hang on its neighbours: the GEMM's tiles are padded to 16
     pixels, and the Numba passes and the head add the same terms in the same order in a
     loop's vector body and in its remainder (torch's head did not: MKL took other kernels
-    for a tile of 16 pixels than for one of 144, and a pixel's logits moved in the last bit)."""
+    for a tile of 16 pixels than for one of 144, and a pixel's logits moved in the last bit).
+    The bf16 engine's GEMM (oneDNN's) too, where this CPU has its kernels."""
+    if not cpu_has_kernels(precision):
+        pytest.skip(f"this CPU has no {precision} matrix kernels (the engine refuses it in a run)")
     cfg = BritsConfig(n_classes=5, n_ancillary=3, hidden=hidden, embed=4, head_hidden=8)
     model = random_model(3, cfg, 1.0)
     inputs = random_inputs(np.random.default_rng(3), 700, cfg.n_ancillary)
     arrays = (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward, inputs.ancillary)
-    engine = FusedBrits(model)
+    engine = FusedBrits(model, precision)
     threads_before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # the tile on one thread, the parts on two (as in a run and in unmix)
