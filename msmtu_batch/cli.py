@@ -319,6 +319,7 @@ def train_command(
     from msmtu_batch.model.hierarchy import hierarchy_in_training_data, read_hierarchy_file
     from msmtu_batch.model.palette import read_class_colors
     from msmtu_batch.model.train import Checkpointing, FineTuning, inherit_architecture, train, training_device
+    from msmtu_batch.runtime.outputs import remove_temporaries_of, write_text_durably
 
     with _user_errors():
         cfg = _train_config(config, ancillary=ancillary.value if ancillary else None, epochs=epochs,
@@ -350,10 +351,12 @@ def train_command(
         save_artifact(result.artifact, out)
         checkpoint.unlink(missing_ok=True)  # the artifact holds the result now
         metrics = out.with_suffix(".metrics.json")
-        metrics.write_text(json.dumps({
+        write_text_durably(metrics, json.dumps({
             "level": level, "source": source, "config": cfg.model_dump(), "best_epoch": result.best_epoch,
             "validation_rmse": result.validation_rmse, "seconds": result.seconds,
             "train_pixels_per_second": result.train_pixels_per_second, "history": result.history}, indent=2))
+        for written in (checkpoint, out, metrics):  # what earlier attempts, killed while saving, left
+            remove_temporaries_of(written)
         resumed = f" (resumed after epoch {result.resumed_after})" if result.resumed_after else ""
         print(f"wrote {out} and {metrics}: best validation RMSE {result.validation_rmse:.4f} at epoch "
               f"{result.best_epoch} of {len(result.history)}{resumed}, {result.train_pixels_per_second:,.0f} "

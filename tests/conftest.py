@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import dask.config
@@ -109,6 +112,35 @@ def local_scheduler() -> str:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster:
         yield cluster.scheduler_address
+
+
+# Killed inside its writes: the project's durable writer and, if given a second path, zarr's
+# chunk writer each leave a temporary beside the file, named as they name it (so a test that
+# expects it gone fails if either writer renames it)
+_DIE_MID_WRITE = """
+import contextlib, os, signal, sys
+from pathlib import Path
+from zarr.storage._local import _atomic_write
+from msmtu_batch.runtime.outputs import durable_file
+paths = [Path(p) for p in sys.argv[1:]]
+for path in paths:
+    path.parent.mkdir(parents=True, exist_ok=True)
+with durable_file(paths[0]) as temporary, \\
+        (_atomic_write(paths[1], "wb") if len(paths) > 1 else contextlib.nullcontext()) as chunk:
+    temporary.write_bytes(b"half a file")
+    if chunk is not None:
+        chunk.write(b"half a chunk")
+        chunk.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def die_mid_write(durable: Path, zarr_file: Path | None = None) -> None:
+    """A process killed while it writes ``durable`` (through durable_file) and ``zarr_file``
+    (through zarr's LocalStore), leaving what such a process leaves."""
+    paths = [str(durable), *([str(zarr_file)] if zarr_file else [])]
+    died = subprocess.run([sys.executable, "-c", _DIE_MID_WRITE, *paths])
+    assert died.returncode == -signal.SIGKILL, died
 
 
 def zarr_files(store: Path) -> dict[str, str]:

@@ -28,7 +28,7 @@ from msmtu_batch.orchestration.pipeline import RunConfig, model_loads, run
 from msmtu_batch.products.archive import open_output
 from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.runtime.stores import DONE_GROUP
-from tests.conftest import zarr_files
+from tests.conftest import die_mid_write, zarr_files
 from tests.test_cube_validation import CORRUPTIONS
 
 CHUNK = 8  # 9 x 12 = 108 chunks on the 72 x 96 test region: long enough to interrupt
@@ -196,24 +196,6 @@ def test_killed_worker_is_survived(region, model, clean_run, tmp_path):
             stop(process)
 
 
-# Killed inside its writes: the run's own marker writer and zarr's chunk writer each leave a
-# temporary beside the file (the names are theirs: this fails if either writer renames them)
-DIE_MID_WRITE = """
-import os, signal, sys
-from pathlib import Path
-from zarr.storage._local import _atomic_write
-from msmtu_batch.runtime.outputs import durable_file
-marker, chunk = Path(sys.argv[1]), Path(sys.argv[2])
-for path in (marker, chunk):
-    path.parent.mkdir(parents=True, exist_ok=True)
-with durable_file(marker) as temporary, _atomic_write(chunk, "wb") as file:
-    temporary.write_text("{")
-    file.write(b"half a chunk")
-    file.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-"""
-
-
 def test_driver_killed_then_resumed_gives_identical_bytes(region, model, clean_run, tmp_path):
     """Also when writers died inside a file (a SIGKILLed run left a temporary in 4 of 30
     trials): the published store holds none of what they left."""
@@ -229,9 +211,7 @@ def test_driver_killed_then_resumed_gives_identical_bytes(region, model, clean_r
     driver.wait()
     done_before = finished_chunks(staging)
     assert not out.exists() and done_before < 108, "interrupted: nothing at the final path yet"
-    last = staging / DONE_GROUP / "8-11" / "zarr.json", staging / "valid_fraction" / "c" / "8" / "11"
-    died = subprocess.run([sys.executable, "-c", DIE_MID_WRITE, *map(str, last)])
-    assert died.returncode == -signal.SIGKILL
+    die_mid_write(staging / DONE_GROUP / "8-11" / "zarr.json", staging / "valid_fraction" / "c" / "8" / "11")
     assert len(list(staging.rglob("*.partial"))) == 2, "the dead writers' temporaries are there"
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

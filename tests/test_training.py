@@ -19,7 +19,7 @@ from msmtu_batch.model.checkpoint import checkpoint_path, load_checkpoint
 from msmtu_batch.model.train import Checkpointing, FineTuning, TrainConfig, train
 from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
-from tests.conftest import SMALL
+from tests.conftest import SMALL, die_mid_write
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +57,14 @@ def test_a_training_killed_with_sigkill_resumes_to_the_same_model(region, uninte
     os.killpg(training.pid, signal.SIGKILL)
     training.wait()
     assert not out.exists() and load_checkpoint(checkpoint).epoch < 8
+    die_mid_write(checkpoint)  # as a training killed while it saved its checkpoint leaves it
+    assert len(list(tmp_path.glob(f".{checkpoint.name}.*.partial"))) == 1
 
     resumed = subprocess.run(train_command(region, out), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "(resumed after epoch " in resumed.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.metrics.json", "killed.safetensors"], \
+        "no checkpoint, and nothing that killed writers left"
     # same weights, bit for bit, and the same record of every epoch
     assert out.read_bytes() == whole.read_bytes()
     metrics = [json.loads(p.with_suffix(".metrics.json").read_text()) for p in (whole, out)]

@@ -13,6 +13,7 @@ and store the project publishes goes through the durable writes at the end of th
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import re
@@ -196,6 +197,17 @@ def remove_stray_temporaries(store: Path) -> list[Path]:
                 path = Path(folder) / name
                 path.unlink(missing_ok=True)
                 removed.append(path)
+    return removed
+
+
+def remove_temporaries_of(path: Path) -> list[Path]:
+    """Delete what writers of ``path`` killed inside :func:`durable_file` left beside it (a
+    training killed while it saved a checkpoint, then resumed by its requeued job), for a
+    caller that has just finished with ``path`` and is its only writer. Returns what was removed."""
+    own = re.compile(rf"\.{re.escape(path.name)}\.\d+\.partial")
+    removed = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.partial") if own.fullmatch(p.name)]
+    for leftover in removed:
+        leftover.unlink(missing_ok=True)
     return removed
 
 
