@@ -67,7 +67,10 @@ def _prepare_chunk(reflectance, state_qa, has_qa, band_mean, band_std, ancillary
             for b in range(bands):
                 deltas_forward[pixel, 0, b] = 1.0
                 deltas_backward[pixel, 0, b] = 1.0
-                for t in range(1, steps):
+            # the bands inside: each step's 7 deltas are independent and contiguous, where a band's
+            # 12 steps are a chain of dependent products (23 against 32 ms a chunk, one thread)
+            for t in range(1, steps):
+                for b in range(bands):
                     deltas_forward[pixel, t, b] = 1.0 + (1.0 - masks[pixel, t - 1, b]) * deltas_forward[pixel, t - 1, b]
                     # the backward pass reads the series reversed: its step t is time steps-1-t
                     deltas_backward[pixel, t, b] = 1.0 + (1.0 - masks[pixel, steps - t, b]) * \
