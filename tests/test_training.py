@@ -58,7 +58,7 @@ def test_a_training_killed_with_sigkill_resumes_to_the_same_model(region, uninte
     training.wait()
     assert not out.exists() and load_checkpoint(checkpoint).epoch < 8
     die_mid_write(checkpoint)  # as a training killed while it saved its checkpoint leaves it
-    assert len(list(tmp_path.glob(f".{checkpoint.name}.*.partial"))) == 1
+    assert list(tmp_path.glob(f".{checkpoint.name}.*.partial")), "(the training may have left one too)"
 
     resumed = subprocess.run(train_command(region, out), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

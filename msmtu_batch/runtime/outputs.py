@@ -180,9 +180,11 @@ def durable_file(path: Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-# what a writer killed inside its write leaves of the file: durable_file's temporary, and
-# zarr's (LocalStore writes each chunk and metadata file to NAME.<uuid4 hex>.partial first)
-_STRAY_TEMPORARY = re.compile(r"\..+\.\d+\.partial|.+\.[0-9a-f]{32}\.partial")
+# what a writer killed inside its write leaves of the file: durable_file's temporary (the name
+# it gives above, for a file named {name}), and zarr's (LocalStore writes each chunk and
+# metadata file to NAME.<uuid4 hex>.partial first)
+_DURABLE_TEMPORARY = r"\.{name}\.\d+\.partial"
+_STRAY_TEMPORARY = re.compile(_DURABLE_TEMPORARY.format(name=".+") + r"|.+\.[0-9a-f]{32}\.partial")
 
 
 def remove_stray_temporaries(store: Path) -> list[Path]:
@@ -204,7 +206,7 @@ def remove_temporaries_of(path: Path) -> list[Path]:
     """Delete what writers of ``path`` killed inside :func:`durable_file` left beside it (a
     training killed while it saved a checkpoint, then resumed by its requeued job), for a
     caller that has just finished with ``path`` and is its only writer. Returns what was removed."""
-    own = re.compile(rf"\.{re.escape(path.name)}\.\d+\.partial")
+    own = re.compile(_DURABLE_TEMPORARY.format(name=re.escape(path.name)))
     removed = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.partial") if own.fullmatch(p.name)]
     for leftover in removed:
         leftover.unlink(missing_ok=True)
