@@ -39,7 +39,7 @@ from msmtu_batch.orchestration.pipeline import RunConfig, run
 from msmtu_batch.products.archive import open_output
 from msmtu_batch.runtime.digests import with_checksum
 from msmtu_batch.runtime.errors import MsmtuError, TrainingDataError
-from tests.conftest import SMALL, gdal, zarr_files
+from tests.conftest import SMALL, die_mid_write, gdal, zarr_files
 
 BIN = Path(sys.executable).parent
 CHUNK = 24  # 3 x 4 = 12 chunks on the 72 x 96 test region
@@ -833,6 +833,9 @@ def test_sigterm_during_export_ends_in_one_line_leaves_nothing_and_the_rerun_com
     assert process.returncode == 128 + 15, stderr
     assert stderr.splitlines()[-1] == "msmtu-batch: interrupted; rerun the same command to resume", stderr
     assert leftovers(cogs) == []
+    die_mid_write(cogs / "dominant_class_2013.qml")  # and one killed outright inside a sidecar's write
+    stray = leftovers(cogs)
+    assert len(stray) == 1 and stray[0].startswith(".dominant_class_2013.qml."), stray
     result = cli_process(*args[1:])
     assert result.returncode == 0, result.stderr
     assert len(list(cogs.glob("*.tif"))) == 6 and leftovers(cogs) == []

@@ -46,7 +46,7 @@ from msmtu_batch.inputs.cube import CLASS_DIM, grid_transform, rioxarray_quietly
 from msmtu_batch.model.palette import rgb
 from msmtu_batch.products.blocks import DOMINANT_FILL
 from msmtu_batch.runtime.errors import MsmtuError
-from msmtu_batch.runtime.outputs import publish_file, write_text_durably
+from msmtu_batch.runtime.outputs import publish_file, remove_temporaries_of, write_text_durably
 
 
 class CogSettings(NamedTuple):
@@ -281,10 +281,13 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     if not valid:
         raise MsmtuError(f"{final}: not a valid COG ({'; '.join(errors)})")
     # an abundance COG opens on its most abundant class: band 1 (often a rare class) looks uniform
-    write_text_durably(cog_dir / f"{stem}.qml", _qml(kind, classes, colors, band=int(np.argmax(totals)) + 1))
+    sidecars = {cog_dir / f"{stem}.qml": _qml(kind, classes, colors, band=int(np.argmax(totals)) + 1)}
     if kind in ("dominant_class", "quality_flag"):
         names = classes if kind == "dominant_class" else str(ds["quality_flag"].attrs.get("flag_meanings", "")).split()
-        write_text_durably(cog_dir / f"{stem}.tif.aux.xml", _category_names(names))
+        sidecars[cog_dir / f"{stem}.tif.aux.xml"] = _category_names(names)
+    for path, text in sidecars.items():
+        write_text_durably(path, text)
+        remove_temporaries_of(path)  # an export killed inside this write left its own
     publish_file(partial, final)
     return [final, cog_dir / f"{stem}.qml"]
 
