@@ -17,6 +17,8 @@ import pystac
 import pytest
 import rasterio
 import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import msmtu_batch as mb
 from msmtu_batch.inputs.cube import consolidate
@@ -24,6 +26,7 @@ from msmtu_batch.inputs.training_data import read_cube_reference
 from msmtu_batch.model.artifact import artifact_hash, save_artifact
 from msmtu_batch.model.palette import class_colors, rgb
 from msmtu_batch.model.train import TrainConfig, train
+from msmtu_batch.products.overviews import halve, halved_side
 from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.synthetic.simulate import SimulationConfig, simulate
 from tests.conftest import gdal, zarr_files
@@ -301,6 +304,9 @@ def test_cog_export_reads_window_by_window_and_keeps_every_value(archive, tmp_pa
                      coords={"y": float(small.y[0]) - resolution * np.arange(small.sizes["y"] * reps[0]),
                              "x": float(small.x[0]) + resolution * np.arange(small.sizes["x"] * reps[1]),
                              "lulc_class": small.lulc_class}, attrs=small.attrs).rio.write_crs(small.rio.crs)
+    # NaN (no estimate) across overview blocks: some blocks wholly, some in part
+    for name in ("abundance", "uncertainty", "expected_error"):
+        big[name].values[..., 101:106, 7:10] = np.nan
     store = tmp_path / "big.zarr"
     for name in spatial:  # Zarr chunks of 100 x 100: export windows of 300 x 300, the last ones cut
         big[name].encoding["chunks"] = (*big[name].shape[:-2], 100, 100)
@@ -323,6 +329,47 @@ def test_cog_export_reads_window_by_window_and_keeps_every_value(archive, tmp_pa
             written = cog.read()
             assert cog.transform.almost_equals(big.rio.transform(), precision=1e-6) and cog.crs == big.rio.crs
         np.testing.assert_array_equal(written, big[name].values.reshape(written.shape))
+        # the overviews: 552 x 600 down to 34 x 37 (halved, rounded down), GDAL's modes for the
+        # categorical products, the NaN-aware means of 2 x 2 pixels of the level before for the others
+        level = written
+        for index, factor in enumerate((2, 4, 8, 16, 32)):
+            with rasterio.open(tmp_path / "cog" / f"{name}_2013.tif", overview_level=index) as overview:
+                assert (overview.height, overview.width) == (1104 // factor, 1200 // factor)
+                values = overview.read()
+            if name in ("dominant_class", "quality_flag"):
+                continue
+            level = halved_reference(level)
+            np.testing.assert_allclose(values, level, rtol=1e-6, atol=1e-7)  # NaN where the reference has NaN
+            if factor == 2 and name != "valid_fraction":
+                assert np.isnan(values).any() and not np.isnan(values).all(axis=(1, 2)).any()
+
+
+def halved_reference(values: np.ndarray) -> np.ndarray:
+    """Plain NumPy: the mean of the non-NaN values of each 2 x 2 block of (bands, rows, columns),
+    NaN where a block has none; the last row or column of an odd side joins the block before it
+    (the sides halved and rounded down, as GDAL sizes overviews)."""
+    out_rows, out_columns = max(1, values.shape[1] // 2), max(1, values.shape[2] // 2)
+    row_blocks = [values[:, 2 * i:2 * i + 2 if i < out_rows - 1 else None] for i in range(out_rows)]
+    out = np.empty((values.shape[0], out_rows, out_columns), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a block of NaN only: its mean is NaN
+        for i, rows in enumerate(row_blocks):
+            for j in range(out_columns):
+                block = rows[:, :, 2 * j:2 * j + 2 if j < out_columns - 1 else None]
+                out[:, i, j] = np.nanmean(block.astype(np.float64), axis=(1, 2))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(bands=st.integers(1, 3), rows=st.integers(1, 9), columns=st.integers(1, 9), seed=st.integers(0, 2**16),
+       nan_share=st.sampled_from([0.0, 0.3, 0.9, 1.0]))
+def test_overview_kernel_is_the_nan_aware_mean_of_2_by_2_blocks(bands, rows, columns, seed, nan_share):
+    rng = np.random.default_rng(seed)
+    values = rng.random((bands, rows, columns), dtype=np.float32)
+    values[rng.random(values.shape) < nan_share] = np.nan
+    out = np.empty((bands, halved_side(rows), halved_side(columns)), np.float32)
+    halve(values, out)
+    np.testing.assert_allclose(out, halved_reference(values), rtol=1e-6, atol=1e-7)
 
 
 def test_output_store_of_a_large_region_is_planned_without_its_data(model, regions):

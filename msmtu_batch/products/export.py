@@ -45,6 +45,7 @@ from rio_cogeo.cogeo import cog_validate
 from msmtu_batch.inputs.cube import CLASS_DIM, grid_transform, rioxarray_quietly
 from msmtu_batch.model.palette import rgb
 from msmtu_batch.products.blocks import DOMINANT_FILL
+from msmtu_batch.products.overviews import with_overviews, write_levels
 from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.runtime.outputs import publish_file, remove_temporaries_of, write_text_durably
 
@@ -272,11 +273,17 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     # cog_translate, which copies the raster once more before its overviews, took 2.3-2.5 s for
     # a 2048 x 2048 abundance where this takes 1.4 (benchmarks/NOTES.md, 2026-12-07)
     levels = _overview_levels(height, width)
+    source, overviews = plain, "AUTO" if levels else "NONE"
     with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=GDAL_CACHE_BYTES):
-        gdal_copy(plain, partial, driver="COG", COMPRESS="DEFLATE", LEVEL=DEFLATE_LEVEL, PREDICTOR=predictor,
-                  BLOCKSIZE=BLOCK, NUM_THREADS="ALL_CPUS", OVERVIEWS="AUTO" if levels else "NONE",
+        if levels and resampling == "average":  # ours: GDAL's go through a ZSTD temporary (products.overviews)
+            source = with_overviews(plain, write_levels(plain, levels, work), work / f"{stem}.vrt")
+            overviews = "FORCE_USE_EXISTING"
+        gdal_copy(source, partial, driver="COG", COMPRESS="DEFLATE", LEVEL=DEFLATE_LEVEL, PREDICTOR=predictor,
+                  BLOCKSIZE=BLOCK, NUM_THREADS="ALL_CPUS", OVERVIEWS=overviews,
                   OVERVIEW_COUNT=max(1, levels), OVERVIEW_RESAMPLING=resampling.upper())
-    plain.unlink()
+    for written in work.glob(f"{stem}.*"):  # the plain copy, its overviews and their VRT
+        if written != partial:
+            written.unlink()
     valid, errors, _ = cog_validate(partial)
     if not valid:
         raise MsmtuError(f"{final}: not a valid COG ({'; '.join(errors)})")

@@ -1,0 +1,97 @@
+"""Overviews of the averaged COG products (abundance, uncertainty, expected error, valid
+fraction), computed here rather than by GDAL's COG driver.
+
+GDAL's driver builds a product's overviews into a temporary GeoTIFF that it compresses with
+ZSTD, then reads back, decompresses and deflates again: for a 2048 x 2048 abundance (10
+bands) that was 1.0 of the COG's 1.5 s and 1.2 of its 2.6 CPU-s (benchmarks/NOTES.md,
+2026-12-07, seventh session). Here each level is the NaN-aware mean of 2 x 2 pixels of the
+level before it (GDAL's AVERAGE with NaN as nodata: NaN only where all four are NaN), written
+uncompressed window by window, so memory follows the window, not the region; a VRT then
+gives the driver the full resolution and these levels as its overviews, which it copies
+(``OVERVIEWS=FORCE_USE_EXISTING``). A level's side is half the one before, rounded down, as
+the driver sizes the overviews it makes, so that every product of an output has the same.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numba
+import numpy as np
+import rasterio
+from rasterio.shutil import copy as gdal_copy
+from rasterio.windows import Window
+
+# rows and columns of a level written at once (one TIFF block), from 2 x 2 blocks of the level
+# before it: 10 MB of a 10-class abundance read at a time
+WINDOW = 256
+
+
+@numba.njit(nogil=True, cache=True)
+def halve(values, out):
+    """``out[b, i, j]``: the mean of the non-NaN values among ``values[b, 2i:2i+2, 2j:2j+2]``
+    (NaN where there are none). ``out`` has :func:`halved_side` rows and columns: the last row
+    or column of an odd side joins the block before it."""
+    bands, height, width = values.shape
+    rows, columns = out.shape[1], out.shape[2]
+    for b in range(bands):
+        for i in range(rows):
+            last_row = 2 * i + 2 if i < rows - 1 else height
+            for j in range(columns):
+                last_column = 2 * j + 2 if j < columns - 1 else width
+                total = np.float32(0.0)
+                count = 0
+                for row in range(2 * i, last_row):
+                    for column in range(2 * j, last_column):
+                        value = values[b, row, column]
+                        if value == value:  # not NaN
+                            total += value
+                            count += 1
+                out[b, i, j] = total / count if count else np.float32(np.nan)
+
+
+def halved_side(side: int) -> int:
+    """An overview's side from the side of the level before it, as GDAL's COG driver sizes the
+    overviews it makes (the categorical products'): halved, rounded down, at least 1."""
+    return max(1, side // 2)
+
+
+def write_levels(full: Path, levels: int, folder: Path) -> list[Path]:
+    """Write ``levels`` overviews of the GeoTIFF ``full`` into ``folder`` (uncompressed, tiled
+    like ``full``), each from the one before it; returns their paths, largest first."""
+    paths: list[Path] = []
+    source = full
+    for level in range(1, levels + 1):
+        path = folder / f"{full.stem}.level{level}.tif"
+        with rasterio.open(source) as larger:
+            height, width = halved_side(larger.height), halved_side(larger.width)
+            with rasterio.open(path, "w", **larger.profile | {"height": height, "width": width}) as smaller:
+                for row in range(0, height, WINDOW):
+                    for column in range(0, width, WINDOW):
+                        target = Window(column, row, min(WINDOW, width - column), min(WINDOW, height - row))
+                        # the pixels its blocks cover: to the source's edge where the window reaches its own
+                        last_row = larger.height if row + target.height == height else 2 * (row + target.height)
+                        last_column = larger.width if column + target.width == width else 2 * (column + target.width)
+                        values = larger.read(window=Window(2 * column, 2 * row, last_column - 2 * column,
+                                                           last_row - 2 * row))
+                        out = np.empty((values.shape[0], target.height, target.width), values.dtype)
+                        halve(values, out)
+                        smaller.write(out, window=target)
+        paths.append(path)
+        source = path
+    return paths
+
+
+def with_overviews(full: Path, overviews: list[Path], vrt: Path) -> Path:
+    """A VRT of ``full`` (its georeferencing, nodata, descriptions, tags and colours, as GDAL
+    writes them) whose bands have ``overviews`` as their overviews."""
+    gdal_copy(full, vrt, driver="VRT")
+    tree = ET.parse(vrt)
+    for band in tree.getroot().iter("VRTRasterBand"):
+        for path in overviews:
+            overview = ET.SubElement(band, "Overview")
+            ET.SubElement(overview, "SourceFilename", relativeToVRT="0").text = str(path)
+            ET.SubElement(overview, "SourceBand").text = band.get("band")
+    tree.write(vrt)
+    return vrt
