@@ -118,10 +118,13 @@ def model_only_throughput(artifact, inputs, fused: bool, pixels: int = 65_536, b
     return len(many) / (time.perf_counter() - start)
 
 
-def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifact_path: Path | None = None):
-    """Simulate a region; return its folder and the model artifact (an untrained model of the
-    default size with statistics fitted to the region, and an error head fitted to its errors,
-    as a trained model has: speed does not depend on the weights)."""
+def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifact_path: Path | None = None, *,
+                  chunk: int = 256):
+    """Simulate a region, its cube in spatial chunks of ``chunk`` (as ``ingest`` writes a cube
+    for runs of that chunk: simulate's default of 128 had each task of 256 read four times the
+    files); return its folder and the model artifact (an untrained model of the default size
+    with statistics fitted to the region, and an error head fitted to its errors, as a trained
+    model has: speed does not depend on the weights)."""
     from msmtu_batch.inputs.cube import ANCILLARY_NAMES
     from msmtu_batch.inputs.training_data import read_msmtu
     from msmtu_batch.model.artifact import ModelArtifact, save_artifact
@@ -131,7 +134,7 @@ def _bench_region(out: Path, size: tuple[int, int], research_pixels: int, artifa
     # in a process of its own: the heap simulating a large region leaves behind (0.35 GB at 2048 x
     # 2048) would otherwise count in the memory measured for the run on it
     child = multiprocessing.get_context("spawn").Process(target=simulate, args=(SimulationConfig(
-        height=size[0], width=size[1], msmtu_pixels=research_pixels), out), kwargs={"overwrite": True})
+        height=size[0], width=size[1], msmtu_pixels=research_pixels, chunk=chunk), out), kwargs={"overwrite": True})
     child.start()
     child.join()
     if child.exitcode != 0:
@@ -240,7 +243,7 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
     from msmtu_batch.model.artifact import load_artifact
 
     out.mkdir(parents=True, exist_ok=True)
-    region, model_path = _bench_region(out / "region", (height, width), research_pixels)
+    region, model_path = _bench_region(out / "region", (height, width), research_pixels, chunk=chunk)
     artifact = load_artifact(model_path)
     cfg = artifact.config
     gemm_rate = lstm_gemm_rate()
@@ -307,7 +310,7 @@ def run_bench(out: Path, height: int, width: int, research_pixels: int, chunk: i
         if (side, side) == (height, width):
             scaling[side] = end_to_end
             continue
-        folder, _ = _bench_region(out / f"region-{side}", (side, side), 200, model_path)
+        folder, _ = _bench_region(out / f"region-{side}", (side, side), 200, model_path, chunk=chunk)
         scaling[side] = pipeline(folder)
         shutil.rmtree(folder)
     if scaling:
