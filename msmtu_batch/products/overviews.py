@@ -28,7 +28,21 @@ from rasterio.windows import Window
 WINDOW = 256
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _block_mean(values, b, first_row, last_row, first_column, last_column):
+    """The mean of the non-NaN values of one block of band ``b`` (NaN where there are none)."""
+    total = np.float32(0.0)
+    count = np.float32(0.0)
+    for row in range(first_row, last_row):
+        for column in range(first_column, last_column):
+            value = values[b, row, column]
+            if value == value:  # not NaN
+                total += value
+                count += 1
+    return total / count  # 0 / 0: NaN
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def halve(values, out):
     """``out[b, i, j]``: the mean of the non-NaN values among ``values[b, 2i:2i+2, 2j:2j+2]``
     (NaN where there are none). ``out`` has :func:`halved_side` rows and columns: the last row
@@ -37,18 +51,22 @@ def halve(values, out):
     rows, columns = out.shape[1], out.shape[2]
     for b in range(bands):
         for i in range(rows):
-            last_row = 2 * i + 2 if i < rows - 1 else height
-            for j in range(columns):
-                last_column = 2 * j + 2 if j < columns - 1 else width
-                total = np.float32(0.0)
-                count = 0
-                for row in range(2 * i, last_row):
-                    for column in range(2 * j, last_column):
-                        value = values[b, row, column]
-                        if value == value:  # not NaN
-                            total += value
-                            count += 1
-                out[b, i, j] = total / count if count else np.float32(np.nan)
+            top, last_row = 2 * i, (2 * i + 2 if i < rows - 1 else height)
+            if last_row - top == 2:  # whole 2 x 2 blocks, branch-free (the loop vectorises)
+                for j in range(columns - 1):
+                    left = 2 * j
+                    total = np.float32(0.0)
+                    count = np.float32(0.0)
+                    for value in (values[b, top, left], values[b, top, left + 1],
+                                  values[b, top + 1, left], values[b, top + 1, left + 1]):
+                        finite = value == value
+                        total += value if finite else np.float32(0.0)
+                        count += np.float32(1.0) if finite else np.float32(0.0)
+                    out[b, i, j] = total / count
+            else:
+                for j in range(columns - 1):
+                    out[b, i, j] = _block_mean(values, b, top, last_row, 2 * j, 2 * j + 2)
+            out[b, i, columns - 1] = _block_mean(values, b, top, last_row, 2 * (columns - 1), width)
 
 
 def halved_side(side: int) -> int:
