@@ -2,10 +2,11 @@
 fraction), computed here rather than by GDAL's COG driver.
 
 GDAL's driver builds a product's overviews into a temporary GeoTIFF that it compresses with
-ZSTD, then reads back, decompresses and deflates again: for a 2048 x 2048 abundance (10
-bands) that was 1.0 of the COG's 1.5 s and 1.2 of its 2.6 CPU-s (benchmarks/NOTES.md,
-2026-12-07, seventh session). Here each level is the NaN-aware mean of 2 x 2 pixels of the
-level before it (GDAL's AVERAGE with NaN as nodata: NaN only where all four are NaN), written
+ZSTD, then reads back, decompresses and deflates again: its copy of a 2048 x 2048 abundance
+(10 bands) took 1.45-1.77 s with its own overviews and takes 0.8-1.05 with these, which cost
+0.2 s more to write (benchmarks/NOTES.md, 2026-12-07, seventh session). Here each level is the
+NaN-aware mean of 2 x 2 pixels of the level before it (GDAL's AVERAGE with NaN as nodata: NaN
+only where all of them are NaN), written
 uncompressed window by window, so memory follows the window, not the region; a VRT then
 gives the driver the full resolution and these levels as its overviews, which it copies
 (``OVERVIEWS=FORCE_USE_EXISTING``). A level's side is half the one before, rounded down, as
