@@ -25,7 +25,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -273,13 +273,12 @@ def _export_product(ds: xr.Dataset, name: str, kind: str, suffix: str, cog_dir: 
     # cog_translate, which copies the raster once more before its overviews, took 2.3-2.5 s for
     # a 2048 x 2048 abundance where this takes 1.4 (benchmarks/NOTES.md, 2026-12-07)
     levels = _overview_levels(height, width)
-    source, overviews = plain, "AUTO" if levels else "NONE"
-    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=GDAL_CACHE_BYTES):
-        if levels and resampling == "average":  # ours: GDAL's go through a ZSTD temporary (products.overviews)
-            source = with_overviews(plain, write_levels(plain, levels, work), work / f"{stem}.vrt")
-            overviews = "FORCE_USE_EXISTING"
+    ours = bool(levels) and resampling == "average"  # GDAL's averages go through a ZSTD temporary (products.overviews)
+    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=GDAL_CACHE_BYTES), \
+            with_overviews(plain, write_levels(plain, levels, work)) if ours else nullcontext(plain) as source:
         gdal_copy(source, partial, driver="COG", COMPRESS="DEFLATE", LEVEL=DEFLATE_LEVEL, PREDICTOR=predictor,
-                  BLOCKSIZE=BLOCK, NUM_THREADS="ALL_CPUS", OVERVIEWS=overviews,
+                  BLOCKSIZE=BLOCK, NUM_THREADS="ALL_CPUS",
+                  OVERVIEWS="FORCE_USE_EXISTING" if ours else "AUTO" if levels else "NONE",
                   OVERVIEW_COUNT=max(1, levels), OVERVIEW_RESAMPLING=resampling.upper())
     for written in work.glob(f"{stem}.*"):  # the plain copy, its overviews and their VRT
         if written != partial:

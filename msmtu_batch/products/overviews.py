@@ -16,11 +16,14 @@ the driver sizes the overviews it makes, so that every product of an output has 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numba
 import numpy as np
 import rasterio
+from rasterio.io import MemoryFile
 from rasterio.shutil import copy as gdal_copy
 from rasterio.windows import Window
 
@@ -102,15 +105,23 @@ def write_levels(full: Path, levels: int, folder: Path) -> list[Path]:
     return paths
 
 
-def with_overviews(full: Path, overviews: list[Path], vrt: Path) -> Path:
-    """A VRT of ``full`` (its georeferencing, nodata, descriptions, tags and colours, as GDAL
-    writes them) whose bands have ``overviews`` as their overviews."""
-    gdal_copy(full, vrt, driver="VRT")
-    tree = ET.parse(vrt)
-    for band in tree.getroot().iter("VRTRasterBand"):
+@contextmanager
+def with_overviews(full: Path, overviews: list[Path]) -> Iterator[str]:
+    """The name of a VRT of ``full`` (its georeferencing, nodata, descriptions, tags and
+    colours, as GDAL writes them) whose bands have ``overviews`` as their overviews. Its text
+    stays in GDAL's memory (``/vsimem``), so every write on the way to the COG is GDAL's, and
+    a full disk is reported as the export reports GDAL's failures; GDAL's own VRT of ``full``
+    is written beside it."""
+    base = full.with_suffix(".vrt")
+    gdal_copy(full, base, driver="VRT")
+    root = ET.parse(base).getroot()
+    for source in root.iter("SourceFilename"):  # absolute: the VRT read from memory has no folder
+        if source.get("relativeToVRT") == "1":
+            source.text, source.attrib["relativeToVRT"] = str(base.parent / str(source.text)), "0"
+    for band in root.iter("VRTRasterBand"):
         for path in overviews:
             overview = ET.SubElement(band, "Overview")
             ET.SubElement(overview, "SourceFilename", relativeToVRT="0").text = str(path)
             ET.SubElement(overview, "SourceBand").text = band.get("band")
-    tree.write(vrt)
-    return vrt
+    with MemoryFile(ET.tostring(root), ext=".vrt") as vrt:
+        yield vrt.name
