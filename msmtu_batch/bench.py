@@ -69,20 +69,27 @@ def brits_flops_per_pixel(cfg: BritsConfig) -> float:
 
 def lstm_gemm_rate(batch: int = 4096, hidden: int = 100, features: int = 14, seconds: float = 1.0,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """Measured FLOP/s of the LSTM cell's matrix product (batch x 114 @ 114 x 400) in
-    ``dtype`` on ``device`` (fp32 by default; a GPU waits for its queue before each reading)."""
-    a = torch.randn(batch, features + hidden, device=device).to(dtype)
-    w = torch.randn(features + hidden, 4 * hidden, device=device).to(dtype)
-    out = torch.empty(batch, 4 * hidden, device=device, dtype=dtype)
-    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    repeats = 10 if torch.device(device).type == "cpu" else 200
+    """Measured FLOP/s of the LSTM cell's matrix product (400 x 114 @ 114 x batch, as the
+    engine multiplies its gates) in ``dtype`` on ``device`` (fp32 by default; a GPU waits for
+    its queue before each reading). On a CPU the engine's own GEMM
+    (:func:`~msmtu_batch.model.inference.gate_product`: oneDNN's, which on AMD CPUs is twice
+    MKL's), so that the ceiling is the fastest product the engine could run at."""
+    from msmtu_batch.model.inference import gate_product
+
+    w = torch.randn(4 * hidden, features + hidden, device=device).to(dtype)
+    a = torch.randn(features + hidden, batch, device=device).to(dtype)
+    out = torch.empty(4 * hidden, batch, device=device, dtype=dtype)
+    on_cpu = torch.device(device).type == "cpu"
+    product = gate_product if on_cpu else (lambda w, a, out: torch.mm(w, a, out=out))
+    synchronize = (lambda: None) if on_cpu else torch.cuda.synchronize
+    repeats = 10 if on_cpu else 200
     for _ in range(5):
-        torch.mm(a, w, out=out)
+        product(w, a, out)
     synchronize()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for _ in range(repeats):
-            torch.mm(a, w, out=out)
+            product(w, a, out)
         synchronize()
         count += repeats
     return 2.0 * batch * (features + hidden) * 4 * hidden * count / (time.perf_counter() - start)

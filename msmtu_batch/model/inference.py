@@ -5,7 +5,7 @@ The straightforward model makes about twenty small tensor operations per directi
 time step; each is a pass over memory and a dispatch, so together they cost more than the
 LSTM's matrix product, which is the only real work. Here each step is:
 
-1. one GEMM (``torch.mm``): the stacked LSTM weights with the bias as a column times
+1. one GEMM (:func:`gate_product`, oneDNN's): the stacked LSTM weights with the bias as a column times
    ``[x_filled; mask; 1; decayed h]`` (2F+1+H x B), so the input, mask, bias and recurrent
    terms come out of one call and nothing is copied into the output first (at the first
    step the state is zero and only its first 2F+1 rows are multiplied);
@@ -49,6 +49,33 @@ from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
 from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fma, lstm_update
 from msmtu_batch.model.preprocess import ModelInputs
 from msmtu_batch.runtime.errors import MsmtuError
+
+
+def _onednn_linear():
+    """oneDNN's linear layer as torch exposes it (``torch.ops.mkldnn._linear_pointwise``), or
+    None where torch was built without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def gate_product(weight: torch.Tensor, operand: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = weight @ operand``, the LSTM gates' GEMM (the engine's, and the bench's ceiling).
+    In fp32 through oneDNN where torch has it: ``torch.mm`` calls MKL, whose sgemm takes its
+    AVX2 code on AMD CPUs (102 GFLOP/s a core at this shape on the development VM's EPYC, where
+    oneDNN's makes 212, the same bits: the engine 15.5 us a pixel against 25.7,
+    benchmarks/NOTES.md, 2026-12-07, seventh session). bf16 goes to oneDNN through torch.mm."""
+    if weight.dtype == torch.float32 and _ONEDNN_LINEAR is not None:
+        # a linear layer's "weight" is (out_features, in_features): the operand's transpose
+        return out.copy_(_ONEDNN_LINEAR(weight, operand.t(), None, "none", [], ""))
+    return torch.mm(weight, operand, out=out)
+
 
 PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
 # Tiles are padded to a multiple of this many pixels: the GEMM libraries compute the last,
@@ -317,13 +344,14 @@ class _Direction:
                      self.sigmoid_alpha)
         gates_np = gates.numpy() if gemm_dtype == torch.float32 else _bfloat16_bits(gates)
         recurrent_rows = 2 * n_features + 1
+        first_weight = self.gate_weight[:, :recurrent_rows].contiguous()
         for t in range(steps):
             if filled is not None:
                 filled[t] = gemm_input[:n_features]
             if t == 0:  # the state starts at zero: its part of the product would only add zeros
-                torch.mm(self.gate_weight[:, :recurrent_rows], gemm_operand_t[:recurrent_rows], out=gates)
+                gate_product(first_weight, gemm_operand_t[:recurrent_rows], gates)
             else:
-                torch.mm(self.gate_weight, gemm_operand_t, out=gates)
+                gate_product(self.gate_weight, gemm_operand_t, gates)
             following = min(t + 1, steps - 1)
             _cell_then_next_input(gates_np, cell, hidden, t == steps - 1, deltas[following], values[following],
                                   masks[following], self.step_weights, gemm_input, scratch, gemm_operand,
