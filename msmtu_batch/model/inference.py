@@ -22,7 +22,8 @@ and vectorises; a tile of 1024 pixels per core keeps the state in cache. A pixel
 does not depend on its tile: the GEMM's tiles are padded to 16 pixels, and the passes add
 their terms in a fixed order (:func:`msmtu_batch.model.fastmath.fma`). Measured on the
 2-core development VM: 2.7x the straightforward model at its best batch size, 53 % of the
-FLOP ceiling (benchmarks/NOTES.md; 86-93 % since). Training on a CPU runs the same
+FLOP ceiling (benchmarks/NOTES.md; 86-93 % since, against MKL's GEMM rate; with oneDNN's
+GEMM, 1.3-1.7x faster again, and the ceiling measured with it). Training on a CPU runs the same
 arrangement with a hand-written backward (:mod:`msmtu_batch.model.recurrence`); GPUs run the
 model itself.
 
