@@ -292,6 +292,7 @@ class _Direction:
     """One RITS pass's weights, laid out for the fused step."""
 
     gate_weight: torch.Tensor  # (4H, 2F + 1 + H): columns for x_filled, mask, bias, decayed hidden state
+    first_gate_weight: torch.Tensor  # its first 2F + 1 columns (the first step's state is zero), contiguous
     step_weights: tuple[np.ndarray, ...]  # for _next_input; decay weights negated
     sigmoid_alpha: bool  # the combination weight through a sigmoid (models trained here) or as is
     # for _head: the embedding's weight and bias (empty without ancillary data), the first
@@ -319,7 +320,9 @@ class _Direction:
         head_weights = (*embedding_weights, array(hidden_layer.weight[:, :n_hidden]),
                         array(hidden_layer.weight[:, n_hidden:]), array(hidden_layer.bias),
                         array(output_layer.weight), array(output_layer.bias))
-        return cls(tensor(gate_weight).to(gemm_dtype), step_weights, cfg.combine_activation == "sigmoid", head_weights)
+        gate_weight = tensor(gate_weight).to(gemm_dtype)
+        first_gate_weight = gate_weight[:, :2 * cfg.n_features + 1].contiguous()
+        return cls(gate_weight, first_gate_weight, step_weights, cfg.combine_activation == "sigmoid", head_weights)
 
     def logits(self, values: np.ndarray, masks: np.ndarray, deltas: np.ndarray, ancillary: np.ndarray,
                filled: np.ndarray | None) -> np.ndarray:
@@ -345,12 +348,11 @@ class _Direction:
                      self.sigmoid_alpha)
         gates_np = gates.numpy() if gemm_dtype == torch.float32 else _bfloat16_bits(gates)
         recurrent_rows = 2 * n_features + 1
-        first_weight = self.gate_weight[:, :recurrent_rows].contiguous()
         for t in range(steps):
             if filled is not None:
                 filled[t] = gemm_input[:n_features]
             if t == 0:  # the state starts at zero: its part of the product would only add zeros
-                gate_product(first_weight, gemm_operand_t[:recurrent_rows], gates)
+                gate_product(self.first_gate_weight, gemm_operand_t[:recurrent_rows], gates)
             else:
                 gate_product(self.gate_weight, gemm_operand_t, gates)
             following = min(t + 1, steps - 1)
