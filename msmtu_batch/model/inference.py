@@ -66,16 +66,24 @@ def _onednn_linear():
 _ONEDNN_LINEAR = _onednn_linear()
 
 
-def gate_product(weight: torch.Tensor, operand: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = weight @ operand``, the LSTM gates' GEMM (the engine's, and the bench's ceiling).
+def gate_product(weight: torch.Tensor, operand: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``weight @ operand``, the LSTM gates' GEMM (the engine's, and the bench's ceiling).
     In fp32 through oneDNN where torch has it: ``torch.mm`` calls MKL, whose sgemm takes its
     AVX2 code on AMD CPUs (102 GFLOP/s a core at this shape on the development VM's EPYC, where
     oneDNN's makes 212, the same bits: the engine 15.5 us a pixel against 25.7,
-    benchmarks/NOTES.md, 2026-12-07, seventh session). bf16 goes to oneDNN through torch.mm."""
-    if weight.dtype == torch.float32 and _ONEDNN_LINEAR is not None:
+    benchmarks/NOTES.md, 2026-12-07, seventh session). oneDNN returns a new tensor, used as
+    it is: copying it into ``out`` took 5-8 % of the engine's time (NOTES, eighth session).
+    Otherwise (bf16, which goes to oneDNN through torch.mm, or torch without oneDNN) the
+    product is written into ``out`` and returned."""
+    if fresh_gate_product(weight.dtype):
         # a linear layer's "weight" is (out_features, in_features): the operand's transpose
-        return out.copy_(_ONEDNN_LINEAR(weight, operand.t(), None, "none", [], ""))
+        return _ONEDNN_LINEAR(weight, operand.t(), None, "none", [], "")
     return torch.mm(weight, operand, out=out)
+
+
+def fresh_gate_product(dtype: torch.dtype) -> bool:
+    """Whether :func:`gate_product` returns a new tensor (it needs no ``out``)."""
+    return dtype == torch.float32 and _ONEDNN_LINEAR is not None
 
 
 PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
@@ -340,23 +348,24 @@ class _Direction:
         # what the GEMM multiplies: the fp32 input itself, or the bf16 copy the Numba pass keeps
         gemm_operand_t = gemm_input_t if gemm_dtype == torch.float32 else gemm_input_t.to(gemm_dtype)
         gemm_operand = _bfloat16_bits(gemm_operand_t)
-        gates = torch.empty(self.gate_weight.shape[0], batch, dtype=gemm_dtype)
+        gates = None if fresh_gate_product(gemm_dtype) else torch.empty(self.gate_weight.shape[0], batch,
+                                                                        dtype=gemm_dtype)
         hidden = np.zeros((n_hidden, batch), np.float32)
         cell = np.zeros_like(hidden)
         scratch = np.empty((3, n_features, batch), np.float32)
         _first_input(hidden, deltas[0], values[0], masks[0], self.step_weights, gemm_input, scratch, gemm_operand,
                      self.sigmoid_alpha)
-        gates_np = gates.numpy() if gemm_dtype == torch.float32 else _bfloat16_bits(gates)
         recurrent_rows = 2 * n_features + 1
         for t in range(steps):
             if filled is not None:
                 filled[t] = gemm_input[:n_features]
             if t == 0:  # the state starts at zero: its part of the product would only add zeros
-                gate_product(self.first_gate_weight, gemm_operand_t[:recurrent_rows], gates)
+                product = gate_product(self.first_gate_weight, gemm_operand_t[:recurrent_rows], gates)
             else:
-                gate_product(self.gate_weight, gemm_operand_t, gates)
+                product = gate_product(self.gate_weight, gemm_operand_t, gates)
             following = min(t + 1, steps - 1)
-            _cell_then_next_input(gates_np, cell, hidden, t == steps - 1, deltas[following], values[following],
+            _cell_then_next_input(product.numpy() if gemm_dtype == torch.float32 else _bfloat16_bits(product), cell,
+                                  hidden, t == steps - 1, deltas[following], values[following],
                                   masks[following], self.step_weights, gemm_input, scratch, gemm_operand,
                                   self.sigmoid_alpha)
         embedding_weight, hidden_bias, output_bias = (self.head_weights[i] for i in (0, 4, 6))
