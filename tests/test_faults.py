@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 from msmtu_batch.evaluation.evaluate import evaluate
-from msmtu_batch.inputs.cube import ALL_CHUNKS_ATTR, REFLECTANCE_FILL
+from msmtu_batch.inputs.cube import ALL_CHUNKS_ATTR, REFLECTANCE_FILL, read_windows
 from msmtu_batch.inputs.training_data import read_msmtu
 from msmtu_batch.model.artifact import load_artifact, save_artifact
 from msmtu_batch.model.inference import predict
@@ -254,6 +254,30 @@ def test_corrupted_chunk_fails_its_checksum_and_is_named(region, model, tmp_path
     assert "checksum" in line
     assert "Compute Failed" not in result.stderr, "an input error is not retried by Dask"
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_windows_read_together_are_zarrs_values_and_the_first_failure_is_named(region, zarr_format, tmp_path):
+    """read_windows asks zarr for all variables at once; each value must be what a plain zarr
+    read gives (here of a store that xarray wrote), and a damaged chunk is named for the first
+    failing variable in the order asked, as reading one by one would."""
+    store = xarray_default_copy(region.cube, tmp_path / "cube.zarr", zarr_format)
+    group = zarr.open_group(store, mode="r")
+    names = ["reflectance", "state_qa", "altitude", "precipitation"]
+    ys, xs = slice(40, 70), slice(10, 50)  # across chunks of 32, and cut by the region's edge
+    values = read_windows(store, group, names, ys, xs)
+    assert list(values) == names
+    for name in names:
+        expected = zarr.open_array(store / name, mode="r")[..., 40:70, 10:50]
+        assert values[name].dtype == expected.dtype and np.array_equal(values[name], expected, equal_nan=True), name
+    for name in ("altitude", "reflectance"):  # the chunk at rows 32:64, columns 0:32 of each
+        array = group[name]
+        key = array.metadata.encode_chunk_key((0,) * (array.ndim - 2) + (1, 0))
+        (store / name / key).write_bytes(b"not a compressed chunk")
+    for order in (["altitude", "reflectance"], ["reflectance", "altitude"]):
+        with pytest.raises(MsmtuError) as err:
+            read_windows(store, group, order, ys, xs)
+        assert str(err.value).startswith(f"{store}: variable '{order[0]}': chunk y 32:64, x 0:32 "), str(err.value)
 
 
 LOGS_WHILE_CLOSING = """

@@ -41,7 +41,7 @@ from msmtu_batch.inputs.cube import (
     for_zarr_format,
     open_input_cube,
     project_store,
-    read_window,
+    read_windows,
     spatial_arrays,
     validate_input_cube,
     window_chunks,
@@ -280,12 +280,12 @@ def _read_and_prepare(spec: RunSpec, window: ChunkWindow, artifact: ModelArtifac
     """Read a chunk's window from the input store and prepare it (:func:`prepare_block`)."""
     group = _input_group(spec.cube)
     ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
+    names = ["reflectance", *(["state_qa"] if spec.has_qa else []), *spec.ancillary]
     with clock("read"):
-        reflectance = read_window(spec.cube, group, "reflectance", ys, xs)
-        state_qa = read_window(spec.cube, group, "state_qa", ys, xs) if spec.has_qa else None
-        ancillary = [read_window(spec.cube, group, name, ys, xs) for name in spec.ancillary]
+        values = read_windows(spec.cube, group, names, ys, xs)
     with clock("prepare"):
-        return prepare_block(reflectance, state_qa, ancillary, artifact, spec.config, source=spec.cube,
+        return prepare_block(values["reflectance"], values.get("state_qa"), [values[name] for name in spec.ancillary],
+                             artifact, spec.config, source=spec.cube,
                              label=window.label, y0=window.y0, x0=window.x0,
                              conversions=spec.ancillary_conversions)
 
