@@ -6,7 +6,6 @@ are the single definition of what a valid cube is.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -23,7 +22,6 @@ import xarray as xr
 import zarr
 from numcodecs import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.sync import sync
 
 from msmtu_batch.inputs.layers import (  # noqa: F401  (the contract's names, defined there)
     ALL_CHUNKS_ATTR,
@@ -61,6 +59,7 @@ from msmtu_batch.inputs.layers import (  # noqa: F401  (the contract's names, de
     observed_mask,
     qa_rejected,
     write_window,
+    zarr_together,
 )
 from msmtu_batch.inputs.sensors import SENSOR_ATTR, Sensor, sensor_named
 from msmtu_batch.runtime.errors import CubeValidationError, MsmtuError
@@ -401,19 +400,14 @@ def read_windows(store: Path | str, group: zarr.Group, names: Sequence[str], ys:
     refusing absent or damaged chunks by name rather than reading them as data; a failure is
     raised for the first variable of ``names`` that fails.
 
-    The reads go to zarr's event loop together (``Array.async_array``, zarr's way of batching
-    requests): one call at a time took 45-49 CPU-ms and 51-60 ms a 256 x 256 chunk of the
-    11 variables, together 35-40 CPU-ms and 33-40 ms (benchmarks/NOTES.md, 2026-12-07, eighth session)."""
+    The reads go to zarr together (:func:`zarr_together`)."""
     arrays = {name: group[name] for name in names}
     for name, array in arrays.items():
         if problem := array_chunk_problem(store, group, array, ys, xs, decode=False):
             raise CubeValidationError(f"{store}: variable '{name}': {problem}")
 
-    async def read_all() -> list:
-        return await asyncio.gather(*(array.async_array.getitem((slice(None),) * (array.ndim - 2) + (ys, xs))
-                                      for array in arrays.values()), return_exceptions=True)
-
-    values = sync(read_all())
+    values = zarr_together([array.async_array.getitem((slice(None),) * (array.ndim - 2) + (ys, xs))
+                            for array in arrays.values()])
     for (name, array), value in zip(arrays.items(), values):
         if isinstance(value, Exception):
             problem = array_chunk_problem(store, group, array, ys, xs) or \

@@ -8,11 +8,13 @@ worker does not load xarray, pandas and dask.array (about 1 s and 40 MB a worker
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 BAND_NAMES: tuple[str, ...] = tuple(f"sur_refl_b0{i}" for i in range(1, 8))
 """MOD09A1 bands 1-7, in product order: red, nir1, blue, green, nir2, swir1, swir2."""
@@ -123,5 +125,20 @@ def write_window(store: str | os.PathLike, arrays: Mapping[str, np.ndarray], ys:
     those by default, and our readers take an absent chunk for damage). Set per array: Zarr's
     global config is one per process, and a thread restoring it races the others' writes."""
     root = zarr.open_group(store, mode="r+", path=group)
-    for name, values in arrays.items():
-        root[name].with_config({"write_empty_chunks": True})[..., ys, xs] = values
+    targets = [(root[name].with_config({"write_empty_chunks": True}), values) for name, values in arrays.items()]
+    for outcome in zarr_together([array.async_array.setitem((..., ys, xs), values) for array, values in targets]):
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+def zarr_together(requests: Iterable[Awaitable]) -> list:
+    """The outcomes (results, or the exceptions raised) of zarr's asynchronous requests
+    (``Array.async_array``'s, zarr's way of batching), in their order, all awaited together on
+    zarr's event loop. One synchronous call at a time, each waits alone on that loop: reading a
+    256 x 256 chunk's 11 input variables took 42-49 CPU-ms and 42-60 ms so, 34-40 and 30-40
+    together; writing the run's 6 products 24-27 CPU-ms and 26-29 ms, 21-25 and 18-22 together
+    (benchmarks/NOTES.md, 2026-12-07, eighth session). Every request has ended when it returns."""
+    async def together() -> list:
+        return await asyncio.gather(*requests, return_exceptions=True)
+
+    return sync(together())
