@@ -104,7 +104,7 @@ def test_fused_engine_equals_the_research_formulation_at_full_size():
 def test_the_engine_without_onednn_multiplies_with_torch_mm_and_equals_the_model(monkeypatch):
     """Where torch has no oneDNN the gates' product is torch.mm's (MKL or OpenBLAS); the
     engine is then the same function, and on this CPU the product is oneDNN's otherwise."""
-    from msmtu_batch.model import inference
+    from msmtu_batch.model import gemm, inference
 
     model = random_model(3, BritsConfig(n_classes=6, n_ancillary=3), 2.0)
     inputs = random_inputs(np.random.default_rng(3), 700, 3)
@@ -117,14 +117,14 @@ def test_the_engine_without_onednn_multiplies_with_torch_mm_and_equals_the_model
         products.append("torch.mm")
         return mm(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "_ONEDNN_LINEAR", None)
+    monkeypatch.setattr(gemm, "ONEDNN_LINEAR", None)
     monkeypatch.setattr(inference.torch, "mm", counted)
     without = predict(model, inputs)
     assert len(products) == 2 * 12  # both directions, every step
     for key in ("abundance", "uncertainty", "imputed"):
         np.testing.assert_allclose(without[key], expected[key], atol=TOLERANCE, rtol=RELATIVE, err_msg=key)
         np.testing.assert_allclose(without[key], with_onednn[key], atol=TOLERANCE, rtol=RELATIVE, err_msg=key)
-    assert inference._onednn_linear() is not None or not torch.backends.mkldnn.is_available()
+    assert gemm._onednn_linear() is not None or not torch.backends.mkldnn.is_available()
 
 
 def test_tiles_and_threads_do_not_change_the_result():

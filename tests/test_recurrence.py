@@ -112,6 +112,45 @@ def test_fused_recurrence_gives_the_models_outputs_and_gradients(seed, n, hidden
         assert_same(grads[name], reference, f"gradient of {name}")
 
 
+def test_training_without_onednn_multiplies_with_torch_bmm_and_is_the_same_function(monkeypatch):
+    """The training's fp32 GEMMs go through oneDNN (msmtu_batch.model.gemm); where torch has
+    none, torch.bmm and baddbmm do them. Both ways give the model's outputs and gradients, and
+    without oneDNN each step forward and back makes its three batched products."""
+    from msmtu_batch.model import gemm
+
+    model = random_model(4, 3, 2, 16, "sigmoid", "reversed")
+    batch = random_batch(np.random.default_rng(4), 150, 2, 3, 0.4)
+    with steps_on_tiles(True):
+        with_onednn = loss_and_gradients(model, True, *batch)
+    calls: list[str] = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name) if name == "baddbmm_" else getattr(torch, name)
+
+        def call(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(gemm, "ONEDNN_LINEAR", None)
+    monkeypatch.setattr(gemm.torch, "bmm", counted("bmm"))
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", counted("baddbmm_"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # one tile, on any machine
+    try:
+        with steps_on_tiles(True):
+            without = loss_and_gradients(model, True, *batch)
+    finally:
+        torch.set_num_threads(previous)
+    assert calls.count("baddbmm_") == 12 and calls.count("bmm") >= 2 * 12, calls
+    reference = loss_and_gradients(model, False, *batch)
+    for got in (with_onednn, without):
+        assert_same(got[1], reference[1], "loss")
+        for name, expected in reference[2].items():
+            assert_same(got[2][name], expected, f"gradient of {name}")
+    assert gemm._onednn_linear() is not None or not torch.backends.mkldnn.is_available()
+
+
 def test_tiles_cover_the_batch_once_and_small_batches_stay_whole():
     assert _tiles(1000, 2) == [(0, 500), (500, 1000)]
     assert _tiles(1001, 3) == [(0, 333), (333, 667), (667, 1001)]

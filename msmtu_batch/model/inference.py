@@ -48,42 +48,21 @@ from numba.extending import intrinsic, overload
 
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
 from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fma, lstm_update
+from msmtu_batch.model.gemm import through_onednn, times_transposed
 from msmtu_batch.model.preprocess import ModelInputs
 from msmtu_batch.runtime.errors import MsmtuError
 
 
-def _onednn_linear():
-    """oneDNN's linear layer as torch exposes it (``torch.ops.mkldnn._linear_pointwise``), or
-    None where torch was built without oneDNN."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _onednn_linear()
-
-
 def gate_product(weight: torch.Tensor, operand: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``weight @ operand``, the LSTM gates' GEMM (the engine's, and the bench's ceiling).
-    In fp32 through oneDNN where torch has it: ``torch.mm`` calls MKL, whose sgemm takes its
-    AVX2 code on AMD CPUs (102 GFLOP/s a core at this shape on the development VM's EPYC, where
-    oneDNN's makes 212, the same bits: the engine 15.5 us a pixel against 25.7,
-    benchmarks/NOTES.md, 2026-12-07, seventh session). oneDNN returns a new tensor, used as
-    it is: copying it into ``out`` took 5-8 % of the engine's time (NOTES, eighth session).
-    Otherwise (bf16, which goes to oneDNN through torch.mm, or torch without oneDNN) the
-    product is written into ``out`` and returned."""
-    if fresh_gate_product(weight.dtype):
-        # a linear layer's "weight" is (out_features, in_features): the operand's transpose
-        return _ONEDNN_LINEAR(weight, operand.t(), None, "none", [], "")
+    """``weight @ operand``, the LSTM gates' GEMM (the engine's, and the bench's ceiling). In
+    fp32 through oneDNN where torch has it (:mod:`msmtu_batch.model.gemm`: the engine 15.5 us
+    a pixel against 25.7 with MKL's, benchmarks/NOTES.md, 2026-12-07, seventh session), whose
+    new tensor is used as it is: copying it into ``out`` took 2-8 % of the engine's time
+    (NOTES, eighth session). Otherwise (bf16, which goes to oneDNN through torch.mm, or torch
+    without oneDNN) the product is written into ``out`` and returned."""
+    if through_onednn(weight.dtype):
+        return times_transposed(weight, operand.t())
     return torch.mm(weight, operand, out=out)
-
-
-def fresh_gate_product(dtype: torch.dtype) -> bool:
-    """Whether :func:`gate_product` returns a new tensor (it needs no ``out``)."""
-    return dtype == torch.float32 and _ONEDNN_LINEAR is not None
 
 
 PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
@@ -348,7 +327,7 @@ class _Direction:
         # what the GEMM multiplies: the fp32 input itself, or the bf16 copy the Numba pass keeps
         gemm_operand_t = gemm_input_t if gemm_dtype == torch.float32 else gemm_input_t.to(gemm_dtype)
         gemm_operand = _bfloat16_bits(gemm_operand_t)
-        gates = None if fresh_gate_product(gemm_dtype) else torch.empty(self.gate_weight.shape[0], batch,
+        gates = None if through_onednn(gemm_dtype) else torch.empty(self.gate_weight.shape[0], batch,
                                                                         dtype=gemm_dtype)
         hidden = np.zeros((n_hidden, batch), np.float32)
         cell = np.zeros_like(hidden)

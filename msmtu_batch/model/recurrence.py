@@ -8,6 +8,9 @@ decay, the decayed state, the history and feature regressions, their combination
 filling), one batched GEMM for both directions' gates and one Numba pass for the cell; each
 step backward one Numba pass back through the cell, one GEMM for the gradient of the GEMM's
 input, one for the gate weights' gradient, and one Numba pass back through the imputation.
+The fp32 GEMMs go through oneDNN (:mod:`msmtu_batch.model.gemm`): on the development VM's AMD
+EPYC, training took 10,271 pixels/s against 8,265 with torch.bmm's MKL (medians of four
+alternating one-epoch trainings, benchmarks/NOTES.md, 2026-12-07, eighth session).
 The batch is split into one tile of pixels per thread, each with one core for torch and
 Numba, and during training steps torch's own operations stay on the calling thread
 (:func:`steps_on_tiles`), so that no two thread pools hand the cores back and forth.
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fast_tanh
+from msmtu_batch.model.gemm import add_batched_product, batched_product
 
 MIN_TILE = 64  # pixels: below this a thread's GEMMs are too small to be worth a thread
 # The GEMM input's rows padded with zeros to a multiple of 8 (115 -> 120 at hidden 100): the
@@ -332,7 +336,7 @@ class FusedRecurrence(torch.autograd.Function):
                 _step_input(t, p0, p1, x, gap, delta, a, w_decay, b_decay, w_history, b_history, w_feature,
                             b_feature, space.hidden, space.decay, inputs, history, feature, combined, filled,
                             history_filled)
-                torch.bmm(space.gemm_input[:, t, p0:p1], weight, out=gates)
+                batched_product(space.gemm_input[:, t, p0:p1], weight, gates)
                 _cell(t, p0, p1, gates_np, space.activations, space.cell, space.hidden, zeros)
 
         ctx.tiles = _tiles(batch, _STEP_THREADS.get() or torch.get_num_threads())
@@ -375,9 +379,9 @@ class FusedRecurrence(torch.autograd.Function):
             for t in range(steps - 1, -1, -1):
                 _cell_backward(t, p0, p1, space.activations, space.cell, grad_hidden, grad_cell, grad_gates, zeros)
                 step_grad_gates = space.grad_gates[:, t, p0:p1]
-                torch.bmm(step_grad_gates, weight_t, out=grad_input_t)
+                batched_product(step_grad_gates, weight_t, grad_input_t)
                 # the weight's gradient while this step's operands are in cache
-                grad_weight.baddbmm_(space.gemm_input[:, t, p0:p1].transpose(1, 2), step_grad_gates)
+                add_batched_product(grad_weight, space.gemm_input[:, t, p0:p1].transpose(1, 2), step_grad_gates)
                 _step_input_backward(t, p0, p1, grad_input, *outer, gap, a, space.decay, history, feature, w_history,
                                      w_feature, space.hidden, grad_alpha, grad_decay, grad_history, grad_feature,
                                      grad_hidden, scratch)

@@ -1,0 +1,55 @@
+"""fp32 matrix products through oneDNN, where torch has it.
+
+torch's ``mm``, ``bmm`` and ``baddbmm`` multiply fp32 through MKL, whose sgemm takes its AVX2
+code on AMD CPUs; oneDNN's linear layer (``torch.ops.mkldnn._linear_pointwise``) runs its
+AVX-512 code there: at the LSTM's shapes 212 GFLOP/s a core of the development VM's EPYC
+against MKL's 102, with the same bits (benchmarks/NOTES.md, 2026-12-07, seventh and eighth
+sessions). Other types (bf16, which torch already sends to oneDNN; float64, the tests') and
+a torch without oneDNN take torch's own products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _onednn_linear():
+    """oneDNN's linear layer as torch exposes it, or None where torch was built without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_LINEAR = _onednn_linear()
+
+
+def through_onednn(dtype: torch.dtype) -> bool:
+    """Whether this module multiplies ``dtype`` through oneDNN (its products are then new tensors)."""
+    return dtype == torch.float32 and ONEDNN_LINEAR is not None
+
+
+def times_transposed(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ right.T`` as a new tensor, by oneDNN (where :func:`through_onednn`); a linear
+    layer's weight is (out_features, in_features), so ``right`` is the product's transpose."""
+    return ONEDNN_LINEAR(left, right, None, "none", [], "")
+
+
+def batched_product(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = left @ right`` for batches of matrices (b, m, k) @ (b, k, n)."""
+    if not through_onednn(left.dtype):
+        return torch.bmm(left, right, out=out)
+    for i in range(left.shape[0]):
+        out[i].copy_(times_transposed(left[i], right[i].t()))
+    return out
+
+
+def add_batched_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``out += left @ right`` for batches of matrices (b, m, k) @ (b, k, n)."""
+    if not through_onednn(left.dtype):
+        return out.baddbmm_(left, right)
+    for i in range(left.shape[0]):
+        out[i].add_(times_transposed(left[i], right[i].t()))
+    return out
