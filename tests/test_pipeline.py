@@ -366,6 +366,46 @@ def test_chunk_tasks_keep_numpys_blas_to_their_share_of_the_cores_and_give_it_ba
     assert after == {3}
 
 
+HEAP_REUSE_SCRIPT = """
+import ctypes, resource, sys, threading
+from msmtu_batch.runtime.tiling import M_MMAP_THRESHOLD, bound_heap_growth
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, whatever the machine's huge-page setting
+if sys.argv[1] == "ours":
+    bound_heap_growth()
+else:  # the mmap threshold alone, as before: it fixes the trim threshold at 128 KiB
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+size, faults = 16 << 20, []
+
+def chunks():  # a worker thread (its own heap) allocating, using and freeing a chunk's array twice
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+        libc.free(block)
+
+worker = threading.Thread(target=chunks)
+worker.start()
+worker.join()
+print(faults[1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_tasks_freed_heap_memory_serves_the_next_chunk_without_page_faults():
+    """bound_heap_growth keeps up to 32 MiB free in a thread's heap: the next chunk's arrays
+    reuse those pages, where the fixed mmap threshold alone gave them back and faulted them in
+    again (a million times a 2048 x 2048 run)."""
+    pages = (16 << 20) // os.sysconf("SC_PAGE_SIZE")
+    faults = {setting: int(subprocess.run([sys.executable, "-c", HEAP_REUSE_SCRIPT, setting], capture_output=True,
+                                          text=True, check=True).stdout)
+              for setting in ("ours", "threshold alone")}
+    assert faults["threshold alone"] > pages / 2, faults  # the second 16 MiB faulted in again
+    assert faults["ours"] < pages / 20, faults
+
 @pytest.mark.parametrize("case", [c for c in CORRUPTIONS if c != "nan altitude"])  # that one: chunk test above
 def test_bad_cubes_stop_the_run_before_anything_is_written(case, tiny, model, tmp_path):
     corrupt, message = CORRUPTIONS[case]

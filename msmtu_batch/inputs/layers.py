@@ -118,17 +118,19 @@ def observed_mask(reflectance: np.ndarray, state_qa: np.ndarray | None = None) -
     return usable
 
 
-def write_window(store: str | os.PathLike, arrays: Mapping[str, np.ndarray], ys: slice, xs: slice = slice(None),
-                 group: str = "") -> None:
+def write_window(store: str | os.PathLike | zarr.Group, arrays: Mapping[str, np.ndarray], ys: slice,
+                 xs: slice = slice(None), group: str = "") -> list[zarr.Array]:
     """Write ``arrays`` (name -> values) at rows ``ys`` and columns ``xs`` of their variables in
-    an initialised store, every chunk written even when it holds only fill values (zarr skips
-    those by default, and our readers take an absent chunk for damage). Set per array: Zarr's
-    global config is one per process, and a thread restoring it races the others' writes."""
-    root = zarr.open_group(store, mode="r+", path=group)
+    an initialised store (or its group ``group``; or an open group), every chunk written even
+    when it holds only fill values (zarr skips those by default, and our readers take an absent
+    chunk for damage). Set per array: Zarr's global config is one per process, and a thread
+    restoring it races the others' writes. Returns the arrays written, as opened."""
+    root = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r+", path=group)
     targets = [(root[name].with_config({"write_empty_chunks": True}), values) for name, values in arrays.items()]
     for outcome in zarr_together([array.async_array.setitem((..., ys, xs), values) for array, values in targets]):
         if isinstance(outcome, BaseException):
             raise outcome
+    return [array for array, _ in targets]
 
 
 def zarr_together(requests: Iterable[Awaitable]) -> list:

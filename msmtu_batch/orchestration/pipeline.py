@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,13 +188,11 @@ def chunk_stats(store: str | Path, window: ChunkWindow) -> dict | None:
         return None
 
 
-def _flush_chunk(store: str | Path, window: ChunkWindow) -> None:
-    """Force the chunk's files (and the folders naming them) to disk, so that after a power
-    cut its marker never survives its data."""
-    group = zarr.open_group(store, mode="r")
+def _flush_chunk(store: str | Path, arrays: Iterable[zarr.Array], window: ChunkWindow) -> None:
+    """Force the chunk's files in ``arrays`` (and the folders naming them) to disk, so that
+    after a power cut its marker never survives its data."""
     folders = set()
-    for name in spatial_arrays(group):
-        array = group[name]
+    for array in arrays:
         for coords in window_chunks(array, slice(window.y0, window.y1), slice(window.x0, window.x1)):
             path = Path(store) / array.path / array.metadata.encode_chunk_key(coords)
             fsync_path(path)
@@ -298,11 +296,13 @@ def _estimate_and_write(spec: RunSpec, window: ChunkWindow, artifact: ModelArtif
     with clock("model"):
         products = estimate_block(inputs, observed, artifact, spec.config, shape, unlike)
     with clock("write"):
-        write_window(spec.store, products, slice(window.y0, window.y1), slice(window.x0, window.x1))
+        # the output's metadata read once a task, for the writes and the flush (not across tasks:
+        # a store replaced between runs would be written through its predecessor's metadata)
+        written = write_window(spec.store, products, slice(window.y0, window.y1), slice(window.x0, window.x1))
         valid = products["quality_flag"] != FLAG_TOO_FEW_OBSERVATIONS
         stats = {"pixels": shape[0] * shape[1], "valid_pixels": int(valid.sum()),
                  "flagged_pixels": int((products["quality_flag"] == FLAG_UNLIKE_TRAINING).sum())}
-        _flush_chunk(spec.store, window)
+        _flush_chunk(spec.store, written, window)
         _mark_done(spec.store, window, stats)
     return stats
 

@@ -81,17 +81,23 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+HEAP_MAPPING_BYTES = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold
 
 
 def bound_heap_growth() -> None:
     """Give the arrays of 32 MiB and more (a chunk's inputs, the model's states) their own
-    mappings, returned to the system when freed. glibc's default threshold moves with the
-    sizes freed, and the chunks' arrays then fragment the heap: the peak of a 1024 x 1024 run
-    went from 891-936 MiB to 817-843 MiB, in the same time (benchmarks/NOTES.md, 2026-12-07).
-    For this process, from now on; idempotent."""
+    mappings, returned to the system when freed, and keep up to 32 MiB of the rest's free
+    memory in each heap for the next chunk. glibc's default threshold moves with the sizes
+    freed, and the chunks' arrays then fragment the heap: the peak of a 1024 x 1024 run went
+    from 891-936 MiB to 817-843 MiB (benchmarks/NOTES.md, 2026-12-07). Fixing it also fixes
+    the trim threshold at 128 KiB, and the threads' heaps then gave their free pages back and
+    faulted them in again a million times a 2048 x 2048 run (6.3-6.9 s of system time); at
+    32 MiB 0.3 million (4.2-4.8 s), reads a quarter faster, for 90-105 MiB more peak
+    (benchmarks/NOTES.md, 2026-12-07, ninth session). For this process, from now on; idempotent."""
     if (libc := _glibc()) is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MAPPING_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_MAPPING_BYTES)
 
 
 def release_free_memory() -> None:
