@@ -588,6 +588,13 @@ def test_threads_of_one_process_listen_on_nothing():
         # what Dask still serves over HTTP (health, metrics) is on loopback; nothing else listens
         listening = psutil.Process().net_connections(kind="inet")
         assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening if c.status == psutil.CONN_LISTEN)
+        # Dask's periodic callbacks few (their GIL slowed the model's threads), memory still watched
+        worker, scheduler = next(iter(client.cluster.workers.values())), client.cluster.scheduler
+        for server in (worker, scheduler):
+            assert server.periodic_callbacks["tick"].callback_time == 1000
+            assert server.periodic_callbacks["monitor"].callback_time == 2000
+        assert worker.periodic_callbacks["memory_monitor"].callback_time == 1000
+        assert "stealing" not in scheduler.extensions
 
 
 # --- 2. data unlike the training data: the input-distribution guard and ancillary units -----------

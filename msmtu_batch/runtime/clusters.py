@@ -339,7 +339,7 @@ def connect(scheduler: str | AnySpec | Client | None = None, *, processes: bool 
         # either (bokeh's import cost 0.5-0.65 s of a 7 s run; the progress bar and
         # --performance-report remain). Scheduler and worker still serve HTTP (health, metrics):
         # on loopback, where Dask's default would be every interface.
-        with dask.config.set({"distributed.worker.profile.enabled": profile}):  # read as each worker starts
+        with dask.config.set({"distributed.worker.profile.enabled": profile, **QUIET_EVENT_LOOP}):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=False,
                                    memory_limit=spec.memory_limit or "auto",
                                    scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
@@ -354,6 +354,16 @@ def connect(scheduler: str | AnySpec | Client | None = None, *, processes: bool 
                       silence_logs=logging.ERROR) as cluster, _client_of(cluster) as client:
         client.register_plugin(QuietWhileClosing())
         yield client
+
+
+# Dask's periodic callbacks on the in-process scheduler and worker, read as each starts: the
+# event loop's tick every 20 ms, the memory monitor every 100 ms, the system monitor every
+# 500 ms, work stealing (one worker: nothing to steal). Each takes the GIL that the model's
+# threads take back some 50 times a tile, which then wait: at these intervals the model took
+# 19.4-19.8 us a pixel and thread against 21.3-22.4, a 2048 x 2048 run 45-46 s against 50-53
+# (benchmarks/NOTES.md, 2026-12-07, ninth session). Memory is still checked every second.
+QUIET_EVENT_LOOP = {"distributed.admin.tick.interval": "1s", "distributed.admin.system-monitor.interval": "2s",
+                    "distributed.worker.memory.monitor-interval": "1s", "distributed.scheduler.work-stealing": False}
 
 
 class _LoopbackWorker(Worker):
