@@ -92,8 +92,8 @@ def bound_heap_growth() -> None:
     freed, and the chunks' arrays then fragment the heap: the peak of a 1024 x 1024 run went
     from 891-936 MiB to 817-843 MiB (benchmarks/NOTES.md, 2026-12-07). Fixing it also fixes
     the trim threshold at 128 KiB, and the threads' heaps then gave their free pages back and
-    faulted them in again a million times a 2048 x 2048 run (6.3-6.9 s of system time); at
-    32 MiB 0.3 million (4.2-4.8 s), reads a quarter faster, for 90-105 MiB more peak
+    faulted them in again a million times a 2048 x 2048 run (6.0-8.3 s of system time); at
+    32 MiB 0.2-0.36 million (3.8-4.8 s), reads a quarter faster, for 90-120 MiB more peak
     (benchmarks/NOTES.md, 2026-12-07, ninth session). For this process, from now on; idempotent."""
     if (libc := _glibc()) is not None:
         libc.mallopt(M_MMAP_THRESHOLD, HEAP_MAPPING_BYTES)
