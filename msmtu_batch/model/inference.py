@@ -14,8 +14,9 @@ LSTM's matrix product, which is the only real work. Here each step is:
    feature regressions, their combination and the gap filling, writing the next GEMM's
    input in place.
 
-After the last step one more Numba pass computes the head (embedding, hidden layer, logits),
-and NumPy the softmax, class-major.
+After the last step one more Numba pass computes the head (embedding, hidden layer, logits)
+and the softmax. Every pass is serial and releases the GIL: a tile runs on one thread, and
+per step and direction it returns to Python twice (the GEMM's call and the pass's).
 
 Arrays are feature-major (feature, pixel), so every inner loop runs over contiguous pixels
 and vectorises; a tile of 1024 pixels per core keeps the state in cache. A pixel's result
@@ -198,27 +199,30 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
                 target[p] = round_to_bfloat16(source[p])
 
 
-BLOCK = 512  # pixels per parallel block (a multiple of the vector width)
+BLOCK = 512  # pixels per block of a pass: its rows of every array stay in L1 and L2 (a multiple of the vector width)
 HEAD_BLOCK = PIXELS_PER_THREAD
 
+# The passes are serial: each tile runs on one thread (FusedBrits.__call__); as parallel Numba
+# functions on one thread they cost 3-4 us a call more to launch, 28 calls a tile. NumPy's error
+# model: Python's checks every division for zero, and that branch kept LLVM from vectorising the
+# cell's loops (1.4 ms a call against 0.16 at 1024 pixels; parallel functions have it anyway).
 
-@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
+
+@numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
 def _first_input(hidden, deltas, values, masks, weights, gemm_input, scratch, gemm_operand, sigmoid_alpha):
     n = hidden.shape[1]
-    for block in numba.prange((n + BLOCK - 1) // BLOCK):
-        p0 = block * BLOCK
+    for p0 in range(0, n, BLOCK):
         _next_input(p0, min(p0 + BLOCK, n), hidden, deltas, values, masks, weights, gemm_input, scratch,
                     gemm_operand, sigmoid_alpha)
 
 
-@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
+@numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
 def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weights, gemm_input, scratch,
                           gemm_operand, sigmoid_alpha):
     """LSTM cell update from the pre-activation ``gates`` (4H, B; PyTorch order i, f, g, o;
     float32 or bfloat16 bits), then, unless this was the ``last`` step, the next step's GEMM input."""
     n_hidden, n = hidden.shape
-    for block in numba.prange((n + BLOCK - 1) // BLOCK):
-        p0 = block * BLOCK
+    for p0 in range(0, n, BLOCK):
         p1 = min(p0 + BLOCK, n)
         for j in range(n_hidden):
             gi, gf, gg, go = (gates[j, p0:p1], gates[n_hidden + j, p0:p1], gates[2 * n_hidden + j, p0:p1],
@@ -241,19 +245,47 @@ def _relu(rows, p0, p1):
             row[p] = max(row[p], zero)
 
 
-@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def _head(hidden, ancillary, weights, embedded, layer, logits):
-    """The abundance head's logits (K, B) from the last hidden state (H, B) and the ancillary
-    data (A, B): relu(W [h; relu(W_e a + b_e)] + b) through the output layer, feature-major
-    like the recurrence. In Numba rather than torch: MKL multiplied a tile of 16 pixels and
-    one of 144 with different kernels, whose last bits differ, so a pixel's logits depended
-    on its tile; here every pixel is computed alike (0.39 us a pixel and direction, torch's
-    0.58, AMD EPYC, one core). In blocks of a whole tile: the first layer makes 38 passes
-    over the pixels per output row, each with a cost to start (blocks of 512: 0.44 us)."""
+@numba.njit(inline="always", fastmath=True)
+def _softmax(logits, largest, total, probabilities, p0, p1):
+    """Class probabilities ``probabilities[p0:p1]`` (pixel, class) of ``logits`` (class, pixel),
+    which become exp(logit - the pixel's largest); each operation runs along the pixels, and
+    the classes are summed one row after another, an order that cannot depend on the tile.
+    exp of a value <= 0 is the decay's (:func:`decay_factor`, relative error < 2e-7): LLVM
+    vectorises it, where NumPy's softmax over a tile held the GIL for 0.2 ms (py-spy)."""
+    n_classes, width = logits.shape[0], p1 - p0
+    top, sums = largest[p0:p1], total[p0:p1]
+    top[:] = logits[0, p0:p1]
+    for k in range(1, n_classes):
+        row = logits[k, p0:p1]
+        for p in range(width):
+            top[p] = max(top[p], row[p])
+    for k in range(n_classes):
+        row = logits[k, p0:p1]
+        for p in range(width):
+            row[p] = decay_factor(row[p] - top[p])
+        if k == 0:
+            sums[:] = row
+        else:
+            for p in range(width):
+                sums[p] += row[p]
+    for p in range(width):
+        for k in range(n_classes):
+            probabilities[p0 + p, k] = logits[k, p0 + p] / sums[p]
+
+
+@numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
+def _head(hidden, ancillary, weights, embedded, layer, logits, softmax_scratch, probabilities):
+    """The abundance head's class probabilities (B, K) from the last hidden state (H, B) and
+    the ancillary data (A, B): softmax of the logits relu(W [h; relu(W_e a + b_e)] + b) through
+    the output layer (K, B, in ``logits``), feature-major like the recurrence. In Numba rather
+    than torch: MKL multiplied a tile of 16 pixels and one of 144 with different kernels, whose
+    last bits differ, so a pixel's logits depended on its tile; here every pixel is computed
+    alike (0.39 us a pixel and direction, torch's 0.58, AMD EPYC, one core). In blocks of a
+    whole tile: the first layer makes 38 passes over the pixels per output row, each with a
+    cost to start (blocks of 512: 0.44 us)."""
     embedding_weight, embedding_bias, state_weight, embedding_columns, hidden_bias, output_weight, output_bias = weights
     n = hidden.shape[1]
-    for block in numba.prange((n + HEAD_BLOCK - 1) // HEAD_BLOCK):
-        p0 = block * HEAD_BLOCK
+    for p0 in range(0, n, HEAD_BLOCK):
         p1 = min(p0 + HEAD_BLOCK, n)
         if embedded.shape[0]:
             _affine(embedded, embedding_bias, embedding_weight, ancillary, p0, p1)
@@ -264,6 +296,7 @@ def _head(hidden, ancillary, weights, embedded, layer, logits):
             _affine(layer, hidden_bias, state_weight, hidden, p0, p1)
         _relu(layer, p0, p1)
         _affine(logits, output_bias, output_weight, layer, p0, p1)
+        _softmax(logits, softmax_scratch[0], softmax_scratch[1], probabilities, p0, p1)
 
 
 def _bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -311,9 +344,9 @@ class _Direction:
         first_gate_weight = gate_weight[:, :2 * cfg.n_features + 1].contiguous()
         return cls(gate_weight, first_gate_weight, step_weights, cfg.combine_activation == "sigmoid", head_weights)
 
-    def logits(self, values: np.ndarray, masks: np.ndarray, deltas: np.ndarray, ancillary: np.ndarray,
-               filled: np.ndarray | None) -> np.ndarray:
-        """Class logits (K, B) of one direction over a tile; ``values``/``masks``/``deltas`` are
+    def probabilities(self, values: np.ndarray, masks: np.ndarray, deltas: np.ndarray, ancillary: np.ndarray,
+                      filled: np.ndarray | None) -> np.ndarray:
+        """Class probabilities (B, K) of one direction over a tile; ``values``/``masks``/``deltas`` are
         (T, F, B) in this direction's time order, ``ancillary`` (A, B). Writes the gap-filled
         series into ``filled`` (T, F, B) when given."""
         steps, n_features, batch = values.shape
@@ -351,8 +384,10 @@ class _Direction:
         embedded = np.empty((embedding_weight.shape[0], batch), np.float32)
         layer = np.empty((hidden_bias.shape[0], batch), np.float32)
         logits = np.empty((output_bias.shape[0], batch), np.float32)
-        _head(hidden, ancillary, self.head_weights, embedded, layer, logits)
-        return logits
+        probabilities = np.empty((batch, output_bias.shape[0]), np.float32)
+        _head(hidden, ancillary, self.head_weights, embedded, layer, logits, np.empty((2, batch), np.float32),
+              probabilities)
+        return probabilities
 
 
 def _feature_major(series: np.ndarray, padded: int) -> np.ndarray:
@@ -362,18 +397,6 @@ def _feature_major(series: np.ndarray, padded: int) -> np.ndarray:
     out[..., :pixels] = series.transpose(1, 2, 0)
     out[..., pixels:] = 0.0
     return out
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Class probabilities (B, K) of logits (K, B), class-major so that each operation runs
-    along the pixels (0.02 us a pixel, torch's softmax along the 10 classes 0.13); the classes
-    are summed one row after another, an order that cannot depend on the tile's width."""
-    probabilities = np.exp(logits - logits.max(axis=0))
-    total = probabilities[0].copy()
-    for row in probabilities[1:]:
-        total += row
-    probabilities /= total
-    return np.ascontiguousarray(probabilities.T)
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -421,9 +444,10 @@ class FusedBrits:
         0 at gaps). Returns abundance (n, K), forward/backward abundances, uncertainty (n,)
         and, if ``imputed``, the gap-filled series (n, T, F) in standardised units.
 
-        ``threads`` (default: torch's intra-op threads) each take whole tiles with one core:
-        on two cores that is 10 % faster than splitting every tile's GEMM and Numba pass
-        (two OpenMP runtimes hand the cores back and forth 48 times per tile)."""
+        ``threads`` (default: torch's intra-op threads) each take whole tiles with one core
+        (tiles made smaller where there are fewer than threads): on two cores that is 10 %
+        faster than splitting every tile's GEMM and Numba pass (two OpenMP runtimes hand the
+        cores back and forth 48 times per tile)."""
         n, steps, n_features = values.shape
         if self.config.backward_deltas == "forward_order":  # an imported research model's input (BritsConfig)
             deltas_backward = deltas_forward
@@ -434,6 +458,8 @@ class FusedBrits:
             raise ValueError(f"inputs with {n_features} bands and {ancillary.shape[1]} ancillary values; the model "
                              f"takes {self.config.n_features} and {self.config.n_ancillary}")
         threads = threads or torch.get_num_threads()
+        if threads > 1:  # a tile for every thread, down to tiles of PIXEL_MULTIPLE pixels
+            tile = min(tile, max(PIXEL_MULTIPLE, -(-n // threads)))
         starts = range(0, n, tile)
 
         def run_tile(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -447,9 +473,9 @@ class FusedBrits:
             filled_f = np.empty_like(x) if imputed else None
             filled_b = np.empty_like(x) if imputed else None
             with torch.inference_mode():
-                p_f = _softmax(self.forward_pass.logits(x, m, d_forward, anc, filled_f))
-                p_b = _softmax(self.backward_pass.logits(np.ascontiguousarray(x[::-1]), np.ascontiguousarray(m[::-1]),
-                                                         d_backward, anc, filled_b))
+                p_f = self.forward_pass.probabilities(x, m, d_forward, anc, filled_f)
+                p_b = self.backward_pass.probabilities(np.ascontiguousarray(x[::-1]), np.ascontiguousarray(m[::-1]),
+                                                       d_backward, anc, filled_b)
             filled = (0.5 * (filled_f + filled_b[::-1])).transpose(2, 0, 1)[:pixels] if imputed else None
             return p_f[:pixels], p_b[:pixels], filled
 
@@ -458,7 +484,6 @@ class FusedBrits:
 
             def one_core_tile(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
                 torch.set_num_threads(1)
-                numba.set_num_threads(1)  # per calling thread
                 return run_tile(start)
 
             try:
@@ -466,14 +491,8 @@ class FusedBrits:
                     results = list(pool.map(one_core_tile, starts))
             finally:
                 torch.set_num_threads(previous)
-        else:  # Numba's threads follow torch's here too: an idle OpenMP thread spins, and a process
-            # kept to one core beside another (two trainings on two cores) ran 8x slower for it
-            previous = numba.get_num_threads()
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            try:
-                results = [run_tile(start) for start in starts]
-            finally:
-                numba.set_num_threads(previous)
+        else:
+            results = [run_tile(start) for start in starts]
         k = self.config.n_classes
         forward = np.concatenate([r[0] for r in results]) if results else np.zeros((0, k), np.float32)
         backward = np.concatenate([r[1] for r in results]) if results else np.zeros((0, k), np.float32)
