@@ -15,8 +15,8 @@ LSTM's matrix product, which is the only real work. Here each step is:
    input in place.
 
 After the last step one more Numba pass computes the head (embedding, hidden layer, logits)
-and the softmax. Every pass is serial and releases the GIL: a tile runs on one thread, and
-per step and direction it returns to Python twice (the GEMM's call and the pass's).
+and the softmax. Every pass releases the GIL: a tile runs on one thread, and per step and
+direction it returns to Python twice (the GEMM's call and the pass's).
 
 Arrays are feature-major (feature, pixel), so every inner loop runs over contiguous pixels
 and vectorises; a tile of 1024 pixels per core keeps the state in cache. A pixel's result
@@ -199,30 +199,32 @@ def _next_input(p0, p1, hidden, deltas, values, masks, weights, gemm_input, scra
                 target[p] = round_to_bfloat16(source[p])
 
 
-BLOCK = 512  # pixels per block of a pass: its rows of every array stay in L1 and L2 (a multiple of the vector width)
+BLOCK = 512  # pixels per block of a pass (a multiple of the vector width)
 HEAD_BLOCK = PIXELS_PER_THREAD
 
-# The passes are serial: each tile runs on one thread (FusedBrits.__call__); as parallel Numba
-# functions on one thread they cost 3-4 us a call more to launch, 28 calls a tile. NumPy's error
-# model: Python's checks every division for zero, and that branch kept LLVM from vectorising the
-# cell's loops (1.4 ms a call against 0.16 at 1024 pixels; parallel functions have it anyway).
+# Parallel Numba functions, though each tile runs on one thread (FusedBrits.__call__): Numba
+# compiles a parallel loop's body with its arrays marked as not aliasing each other, and LLVM
+# vectorises it better. Serial, the cell's pass took 52.7 us a call against 49.7 at 1024 pixels
+# (minimum of 30, AMD EPYC), launch of 3-4 us included.
 
 
-@numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
+@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
 def _first_input(hidden, deltas, values, masks, weights, gemm_input, scratch, gemm_operand, sigmoid_alpha):
     n = hidden.shape[1]
-    for p0 in range(0, n, BLOCK):
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        p0 = block * BLOCK
         _next_input(p0, min(p0 + BLOCK, n), hidden, deltas, values, masks, weights, gemm_input, scratch,
                     gemm_operand, sigmoid_alpha)
 
 
-@numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
+@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
 def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weights, gemm_input, scratch,
                           gemm_operand, sigmoid_alpha):
     """LSTM cell update from the pre-activation ``gates`` (4H, B; PyTorch order i, f, g, o;
     float32 or bfloat16 bits), then, unless this was the ``last`` step, the next step's GEMM input."""
     n_hidden, n = hidden.shape
-    for p0 in range(0, n, BLOCK):
+    for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        p0 = block * BLOCK
         p1 = min(p0 + BLOCK, n)
         for j in range(n_hidden):
             gi, gf, gg, go = (gates[j, p0:p1], gates[n_hidden + j, p0:p1], gates[2 * n_hidden + j, p0:p1],
@@ -273,7 +275,7 @@ def _softmax(logits, largest, total, probabilities, p0, p1):
             probabilities[p0 + p, k] = logits[k, p0 + p] / sums[p]
 
 
-@numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
+@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
 def _head(hidden, ancillary, weights, embedded, layer, logits, softmax_scratch, probabilities):
     """The abundance head's class probabilities (B, K) from the last hidden state (H, B) and
     the ancillary data (A, B): softmax of the logits relu(W [h; relu(W_e a + b_e)] + b) through
@@ -285,7 +287,8 @@ def _head(hidden, ancillary, weights, embedded, layer, logits, softmax_scratch, 
     cost to start (blocks of 512: 0.44 us)."""
     embedding_weight, embedding_bias, state_weight, embedding_columns, hidden_bias, output_weight, output_bias = weights
     n = hidden.shape[1]
-    for p0 in range(0, n, HEAD_BLOCK):
+    for block in numba.prange((n + HEAD_BLOCK - 1) // HEAD_BLOCK):
+        p0 = block * HEAD_BLOCK
         p1 = min(p0 + HEAD_BLOCK, n)
         if embedded.shape[0]:
             _affine(embedded, embedding_bias, embedding_weight, ancillary, p0, p1)
@@ -484,6 +487,7 @@ class FusedBrits:
 
             def one_core_tile(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
                 torch.set_num_threads(1)
+                numba.set_num_threads(1)  # per calling thread
                 return run_tile(start)
 
             try:
@@ -491,8 +495,14 @@ class FusedBrits:
                     results = list(pool.map(one_core_tile, starts))
             finally:
                 torch.set_num_threads(previous)
-        else:
-            results = [run_tile(start) for start in starts]
+        else:  # one thread (or a tile too small to share): Numba's too, for an idle OpenMP thread
+            # spins, and a process kept to one core beside another ran 8x slower for it
+            previous = numba.get_num_threads()
+            numba.set_num_threads(1)
+            try:
+                results = [run_tile(start) for start in starts]
+            finally:
+                numba.set_num_threads(previous)
         k = self.config.n_classes
         forward = np.concatenate([r[0] for r in results]) if results else np.zeros((0, k), np.float32)
         backward = np.concatenate([r[1] for r in results]) if results else np.zeros((0, k), np.float32)
