@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from msmtu_batch.model.brits import BRITS, BritsConfig
-from msmtu_batch.model.fastmath import decay_factor, lstm_update, tanh_fraction
+from msmtu_batch.model.fastmath import decay_factor, lstm_update, tanh_fraction, wide_vectors
 from msmtu_batch.model.inference import FusedBrits, bfloat16_round_trip, cpu_has_kernels, predict
 from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
 from msmtu_batch.testing.research import ResearchBRITS
@@ -102,13 +102,14 @@ def test_fused_engine_equals_the_research_formulation_at_full_size():
 
 
 def test_the_engine_without_onednn_multiplies_with_torch_mm_and_equals_the_model(monkeypatch):
-    """Where torch has no oneDNN the gates' product is torch.mm's (MKL or OpenBLAS); the
-    engine is then the same function, and on this CPU the product is oneDNN's otherwise."""
+    """Where torch has no oneDNN, or on Intel's CPUs, the gates' product is torch.mm's (MKL or
+    OpenBLAS); through oneDNN (other CPUs) and through torch.mm the engine is the same function."""
     from msmtu_batch.model import gemm, inference
 
     model = random_model(3, BritsConfig(n_classes=6, n_ancillary=3), 2.0)
     inputs = random_inputs(np.random.default_rng(3), 700, 3)
     expected = reference(model, inputs)
+    monkeypatch.setattr(gemm, "FP32_THROUGH_ONEDNN", True)  # whatever this machine's CPU
     with_onednn = predict(model, inputs)
     products: list[str] = []
     mm = torch.mm
@@ -270,6 +271,38 @@ def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden, precision):
                 np.testing.assert_array_equal(part, whole[start:start + width], err_msg=f"{start}:{start + width}")
     finally:
         torch.set_num_threads(threads_before)
+
+
+def test_a_pass_that_asks_for_wide_vectors_gets_512_bit_vectors_where_the_cpu_has_them():
+    """LLVM's tuning for Intel's AVX-512 CPUs prefers 256-bit vectors; a parallel body that calls
+    wide_vectors (as every pass of the engine does) asks for 512, and gets them on a CPU with
+    AVX-512 (on others its vectors are the CPU's widest)."""
+    import re
+
+    import llvmlite.binding as llvm
+    import numba
+
+    def scaled(wide: bool):
+        @numba.njit(parallel=True, fastmath=True)
+        def kernel(x, out):
+            for block in numba.prange(x.shape[0]):
+                if wide:
+                    wide_vectors()
+                row, target = x[block], out[block]
+                for p in range(row.shape[0]):
+                    target[p] = row[p] * np.float32(2.0) + np.float32(1.0)
+        return kernel
+
+    x = np.arange(2 * 1024, dtype=np.float32).reshape(2, 1024)
+    registers = {}
+    for wide in (False, True):
+        kernel, out = scaled(wide), np.empty_like(x)
+        kernel(x, out)
+        np.testing.assert_array_equal(out, 2 * x + 1)
+        registers[wide] = "".join(kernel.inspect_asm().values())
+        assert ('"prefer-vector-width"="512"' in "".join(kernel.inspect_llvm().values())) == wide
+    if llvm.get_host_cpu_features().get("avx512f"):
+        assert re.search(r"zmm\d+", registers[True])
 
 
 def test_inputs_of_another_shape_than_the_model_takes_are_refused():

@@ -1,14 +1,19 @@
-"""fp32 matrix products through oneDNN, where torch has it.
+"""fp32 matrix products through oneDNN on CPUs other than Intel's, where torch has it.
 
 torch's ``mm``, ``bmm`` and ``baddbmm`` multiply fp32 through MKL, whose sgemm takes its AVX2
 code on AMD CPUs; oneDNN's linear layer (``torch.ops.mkldnn._linear_pointwise``) runs its
 AVX-512 code there: at the LSTM's shapes 212 GFLOP/s a core of the development VM's EPYC
 against MKL's 102, with the same bits (benchmarks/NOTES.md, 2026-12-07, seventh and eighth
-sessions). Other types (bf16, which torch already sends to oneDNN; float64, the tests') and
-a torch without oneDNN take torch's own products.
+sessions). On Intel's CPUs MKL is the faster: the engine in fp32 ran 87,000-90,000 pixels/s
+with it against 74,000-77,000 through oneDNN (a 2-core Xeon with AMX, NOTES, eleventh
+session). Other types (bf16, which torch already sends to oneDNN; float64, the tests'), Intel's
+CPUs and a torch without oneDNN take torch's own products.
 """
 
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 import torch
 
@@ -23,12 +28,23 @@ def _onednn_linear():
         return None
 
 
+def intel_cpu() -> bool:
+    """Whether this is an Intel CPU (Linux's /proc/cpuinfo; False where it cannot tell)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                return value.strip() == "GenuineIntel"
+    return False
+
+
 ONEDNN_LINEAR = _onednn_linear()
+FP32_THROUGH_ONEDNN = not intel_cpu()  # else MKL's sgemm, through torch
 
 
 def through_onednn(dtype: torch.dtype) -> bool:
     """Whether this module multiplies ``dtype`` through oneDNN (its products are then new tensors)."""
-    return dtype == torch.float32 and ONEDNN_LINEAR is not None
+    return dtype == torch.float32 and FP32_THROUGH_ONEDNN and ONEDNN_LINEAR is not None
 
 
 def times_transposed(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
-from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fma, lstm_update
+from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fma, lstm_update, wide_vectors
 from msmtu_batch.model.gemm import through_onednn, times_transposed
 from msmtu_batch.model.preprocess import ModelInputs
 from msmtu_batch.runtime.errors import MsmtuError
@@ -212,6 +212,7 @@ HEAD_BLOCK = PIXELS_PER_THREAD
 def _first_input(hidden, deltas, values, masks, weights, gemm_input, scratch, gemm_operand, sigmoid_alpha):
     n = hidden.shape[1]
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        wide_vectors()
         p0 = block * BLOCK
         _next_input(p0, min(p0 + BLOCK, n), hidden, deltas, values, masks, weights, gemm_input, scratch,
                     gemm_operand, sigmoid_alpha)
@@ -224,6 +225,7 @@ def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weig
     float32 or bfloat16 bits), then, unless this was the ``last`` step, the next step's GEMM input."""
     n_hidden, n = hidden.shape
     for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        wide_vectors()
         p0 = block * BLOCK
         p1 = min(p0 + BLOCK, n)
         for j in range(n_hidden):
@@ -288,6 +290,7 @@ def _head(hidden, ancillary, weights, embedded, layer, logits, softmax_scratch, 
     embedding_weight, embedding_bias, state_weight, embedding_columns, hidden_bias, output_weight, output_bias = weights
     n = hidden.shape[1]
     for block in numba.prange((n + HEAD_BLOCK - 1) // HEAD_BLOCK):
+        wide_vectors()
         p0 = block * HEAD_BLOCK
         p1 = min(p0 + HEAD_BLOCK, n)
         if embedded.shape[0]:
@@ -308,6 +311,11 @@ def _bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype != torch.bfloat16:
         return np.empty((0, 0), np.uint16)
     return tensor.view(torch.int16).numpy().view(np.uint16)
+
+
+def _gate_values(gates: torch.Tensor) -> np.ndarray:
+    """The GEMM's gates as the Numba pass reads them: float32, or a bfloat16 tensor's bits."""
+    return gates.numpy() if gates.dtype == torch.float32 else _bfloat16_bits(gates)
 
 
 @dataclass(frozen=True)
@@ -365,6 +373,10 @@ class _Direction:
         gemm_operand = _bfloat16_bits(gemm_operand_t)
         gates = None if through_onednn(gemm_dtype) else torch.empty(self.gate_weight.shape[0], batch,
                                                                         dtype=gemm_dtype)
+        # the pass's view of the gates, made once where every product is written into ``gates``: made
+        # after each GEMM it took 20 us a step, torch's code being out of the cache by then (Intel
+        # Xeon with AMX, benchmarks/NOTES.md, eleventh session)
+        gate_values = None if gates is None else _gate_values(gates)
         hidden = np.zeros((n_hidden, batch), np.float32)
         cell = np.zeros_like(hidden)
         scratch = np.empty((3, n_features, batch), np.float32)
@@ -379,10 +391,9 @@ class _Direction:
             else:
                 product = gate_product(self.gate_weight, gemm_operand_t, gates)
             following = min(t + 1, steps - 1)
-            _cell_then_next_input(product.numpy() if gemm_dtype == torch.float32 else _bfloat16_bits(product), cell,
-                                  hidden, t == steps - 1, deltas[following], values[following],
-                                  masks[following], self.step_weights, gemm_input, scratch, gemm_operand,
-                                  self.sigmoid_alpha)
+            _cell_then_next_input(_gate_values(product) if gate_values is None else gate_values, cell, hidden,
+                                  t == steps - 1, deltas[following], values[following], masks[following],
+                                  self.step_weights, gemm_input, scratch, gemm_operand, self.sigmoid_alpha)
         embedding_weight, hidden_bias, output_bias = (self.head_weights[i] for i in (0, 4, 6))
         embedded = np.empty((embedding_weight.shape[0], batch), np.float32)
         layer = np.empty((hidden_bias.shape[0], batch), np.float32)
