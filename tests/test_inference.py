@@ -126,7 +126,7 @@ def test_the_engine_without_onednn_multiplies_with_torch_mm_and_equals_the_model
         without = predict(model, inputs)
     finally:
         torch.set_num_threads(threads)
-    assert len(products) == 2 * 12  # both directions, every step
+    assert len(products) == 2 * 13  # both directions, every step and the head's first layer
     for key in ("abundance", "uncertainty", "imputed"):
         np.testing.assert_allclose(without[key], expected[key], atol=TOLERANCE, rtol=RELATIVE, err_msg=key)
         np.testing.assert_allclose(without[key], with_onednn[key], atol=TOLERANCE, rtol=RELATIVE, err_msg=key)

@@ -14,9 +14,10 @@ LSTM's matrix product, which is the only real work. Here each step is:
    feature regressions, their combination and the gap filling, writing the next GEMM's
    input in place.
 
-After the last step one more Numba pass computes the head (embedding, hidden layer, logits)
-and the softmax. Every pass releases the GIL: a tile runs on one thread, and per step and
-direction it returns to Python twice (the GEMM's call and the pass's).
+Before the first step a Numba pass embeds the ancillary data; after the last, the head's first
+layer is one more GEMM over ``[h; embedded ancillary data; 1]`` and a last Numba pass computes
+the logits and the softmax. Every pass releases the GIL: a tile runs on one thread, and per step
+and direction it returns to Python twice (the GEMM's call and the pass's).
 
 Arrays are feature-major (feature, pixel), so every inner loop runs over contiguous pixels
 and vectorises; a tile of 1024 pixels per core keeps the state in cache. A pixel's result
@@ -278,30 +279,28 @@ def _softmax(logits, largest, total, probabilities, p0, p1):
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def _head(hidden, ancillary, weights, embedded, layer, logits, softmax_scratch, probabilities):
-    """The abundance head's class probabilities (B, K) from the last hidden state (H, B) and
-    the ancillary data (A, B): softmax of the logits relu(W [h; relu(W_e a + b_e)] + b) through
-    the output layer (K, B, in ``logits``), feature-major like the recurrence. In Numba rather
-    than torch: MKL multiplied a tile of 16 pixels and one of 144 with different kernels, whose
-    last bits differ, so a pixel's logits depended on its tile; here every pixel is computed
-    alike (0.39 us a pixel and direction, torch's 0.58, AMD EPYC, one core). In blocks of a
-    whole tile: the first layer makes 38 passes over the pixels per output row, each with a
-    cost to start (blocks of 512: 0.44 us)."""
-    embedding_weight, embedding_bias, state_weight, embedding_columns, hidden_bias, output_weight, output_bias = weights
-    n = hidden.shape[1]
+def _embed(ancillary, weight, bias, embedded):
+    """The ancillary data's embedding relu(W_e a + b_e) (E, B) from ``ancillary`` (A, B)."""
+    n = ancillary.shape[1]
     for block in numba.prange((n + HEAD_BLOCK - 1) // HEAD_BLOCK):
         wide_vectors()
         p0 = block * HEAD_BLOCK
         p1 = min(p0 + HEAD_BLOCK, n)
-        if embedded.shape[0]:
-            _affine(embedded, embedding_bias, embedding_weight, ancillary, p0, p1)
-            _relu(embedded, p0, p1)
-            _affine(layer, hidden_bias, embedding_columns, embedded, p0, p1)
-            _affine(layer, hidden_bias, state_weight, hidden, p0, p1, True)
-        else:
-            _affine(layer, hidden_bias, state_weight, hidden, p0, p1)
+        _affine(embedded, bias, weight, ancillary, p0, p1)
+        _relu(embedded, p0, p1)
+
+
+@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def _classify(layer, weight, bias, logits, softmax_scratch, probabilities):
+    """The class probabilities (B, K) from the head's first layer before its relu (head hidden,
+    B): softmax of the output layer's logits (K, B, in ``logits``)."""
+    n = layer.shape[1]
+    for block in numba.prange((n + HEAD_BLOCK - 1) // HEAD_BLOCK):
+        wide_vectors()
+        p0 = block * HEAD_BLOCK
+        p1 = min(p0 + HEAD_BLOCK, n)
         _relu(layer, p0, p1)
-        _affine(logits, output_bias, output_weight, layer, p0, p1)
+        _affine(logits, bias, weight, layer, p0, p1)
         _softmax(logits, softmax_scratch[0], softmax_scratch[1], probabilities, p0, p1)
 
 
@@ -326,8 +325,13 @@ class _Direction:
     first_gate_weight: torch.Tensor  # its first 2F + 1 columns (the first step's state is zero), contiguous
     step_weights: tuple[np.ndarray, ...]  # for _next_input; decay weights negated
     sigmoid_alpha: bool  # the combination weight through a sigmoid (models trained here) or as is
-    # for _head: the embedding's weight and bias (empty without ancillary data), the first
-    # layer's columns for the hidden state, for the embedding, its bias, the output layer's
+    # the abundance head's first layer, its columns for the hidden state, the embedded ancillary
+    # data and its bias (head hidden, H + E + 1): one GEMM, where in Numba it took 0.45-0.6 us a
+    # pixel and direction, 8 % of the bf16 engine (Intel Xeon with AMX, benchmarks/NOTES.md,
+    # eleventh session)
+    head_weight: torch.Tensor
+    # for _embed and _classify: the embedding's weight and bias (empty without ancillary data),
+    # the output layer's
     head_weights: tuple[np.ndarray, ...]
 
     @classmethod
@@ -345,15 +349,14 @@ class _Direction:
             array(rits.feature_regression.bias))
         embedding = rits.ancillary_embedding
         hidden_layer, output_layer = rits.head[1], rits.head[3]
-        n_hidden = cell.hidden_size
         embedding_weights = ((array(embedding[0].weight), array(embedding[0].bias)) if embedding is not None
                              else (np.zeros((0, 0), np.float32), np.zeros(0, np.float32)))
-        head_weights = (*embedding_weights, array(hidden_layer.weight[:, :n_hidden]),
-                        array(hidden_layer.weight[:, n_hidden:]), array(hidden_layer.bias),
-                        array(output_layer.weight), array(output_layer.bias))
+        head_weight = tensor(torch.cat([hidden_layer.weight, hidden_layer.bias[:, None]], dim=1))
+        head_weights = (*embedding_weights, array(output_layer.weight), array(output_layer.bias))
         gate_weight = tensor(gate_weight).to(gemm_dtype)
         first_gate_weight = gate_weight[:, :2 * cfg.n_features + 1].contiguous()
-        return cls(gate_weight, first_gate_weight, step_weights, cfg.combine_activation == "sigmoid", head_weights)
+        return cls(gate_weight, first_gate_weight, step_weights, cfg.combine_activation == "sigmoid", head_weight,
+                   head_weights)
 
     def probabilities(self, values: np.ndarray, masks: np.ndarray, deltas: np.ndarray, ancillary: np.ndarray,
                       filled: np.ndarray | None) -> np.ndarray:
@@ -377,7 +380,15 @@ class _Direction:
         # after each GEMM it took 20 us a step, torch's code being out of the cache by then (Intel
         # Xeon with AMX, benchmarks/NOTES.md, eleventh session)
         gate_values = None if gates is None else _gate_values(gates)
-        hidden = np.zeros((n_hidden, batch), np.float32)
+        embedding_weight, embedding_bias, output_weight, output_bias = self.head_weights
+        n_embedded = embedding_weight.shape[0]
+        # the head's GEMM input [h; embedded ancillary data; 1]: the recurrence's state is its first rows
+        head_input_t = torch.zeros(n_hidden + n_embedded + 1, batch)
+        head_input = head_input_t.numpy()
+        head_input[-1] = 1.0
+        if n_embedded:
+            _embed(ancillary, embedding_weight, embedding_bias, head_input[n_hidden:-1])
+        hidden = head_input[:n_hidden]
         cell = np.zeros_like(hidden)
         scratch = np.empty((3, n_features, batch), np.float32)
         _first_input(hidden, deltas[0], values[0], masks[0], self.step_weights, gemm_input, scratch, gemm_operand,
@@ -394,13 +405,11 @@ class _Direction:
             _cell_then_next_input(_gate_values(product) if gate_values is None else gate_values, cell, hidden,
                                   t == steps - 1, deltas[following], values[following], masks[following],
                                   self.step_weights, gemm_input, scratch, gemm_operand, self.sigmoid_alpha)
-        embedding_weight, hidden_bias, output_bias = (self.head_weights[i] for i in (0, 4, 6))
-        embedded = np.empty((embedding_weight.shape[0], batch), np.float32)
-        layer = np.empty((hidden_bias.shape[0], batch), np.float32)
+        layer = gate_product(self.head_weight, head_input_t, None if through_onednn(torch.float32) else
+                             torch.empty(self.head_weight.shape[0], batch))
         logits = np.empty((output_bias.shape[0], batch), np.float32)
         probabilities = np.empty((batch, output_bias.shape[0]), np.float32)
-        _head(hidden, ancillary, self.head_weights, embedded, layer, logits, np.empty((2, batch), np.float32),
-              probabilities)
+        _classify(layer.numpy(), output_weight, output_bias, logits, np.empty((2, batch), np.float32), probabilities)
         return probabilities
 
 
