@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from msmtu_batch.model.brits import BRITS, BritsConfig
 from msmtu_batch.model.fastmath import decay_factor, lstm_update, tanh_fraction, wide_vectors
-from msmtu_batch.model.inference import FusedBrits, bfloat16_round_trip, cpu_has_kernels, predict
+from msmtu_batch.model.inference import FusedBrits, bfloat16_round_trip, cpu_has_kernels, l2_bytes_per_core, predict
 from msmtu_batch.model.preprocess import ModelInputs, compute_deltas
 from msmtu_batch.testing.research import ResearchBRITS
 
@@ -303,6 +303,20 @@ def test_a_pass_that_asks_for_wide_vectors_gets_512_bit_vectors_where_the_cpu_ha
         assert ('"prefer-vector-width"="512"' in "".join(kernel.inspect_llvm().values())) == wide
     if llvm.get_host_cpu_features().get("avx512f"):
         assert re.search(r"zmm\d+", registers[True])
+
+
+def test_the_l2_cache_is_read_from_sysfs_and_unknown_without_it(tmp_path):
+    """The engine's tiles follow a core's L2 (1024 pixels a MiB): its size as Linux's sysfs
+    gives it, the level-2 entry among the others, and None where there is none."""
+    for index, (level, size) in enumerate([("1", "48K"), ("1", "32K"), ("2", "2048K"), ("3", "105M")]):
+        folder = tmp_path / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        (folder / "level").write_text(level + "\n")
+        (folder / "size").write_text(size + "\n")
+    assert l2_bytes_per_core(tmp_path / "cache") == 2 * 2**20
+    (tmp_path / "cache" / "index2" / "size").write_text("1M\n")
+    assert l2_bytes_per_core(tmp_path / "cache") == 2**20
+    assert l2_bytes_per_core(tmp_path / "none") is None
 
 
 def test_inputs_of_another_shape_than_the_model_takes_are_refused():

@@ -20,7 +20,7 @@ the logits and the softmax. Every pass releases the GIL: a tile runs on one thre
 and direction it returns to Python twice (the GEMM's call and the pass's).
 
 Arrays are feature-major (feature, pixel), so every inner loop runs over contiguous pixels
-and vectorises; a tile of 1024 pixels per core keeps the state in cache. A pixel's result
+and vectorises; a tile of 1024 pixels per MiB of a core's L2 keeps the state in cache. A pixel's result
 does not depend on its tile: the GEMM's tiles are padded to 16 pixels, and the passes add
 their terms in a fixed order (:func:`msmtu_batch.model.fastmath.fma`). Measured on the
 2-core development VM: 2.7x the straightforward model at its best batch size, 53 % of the
@@ -37,9 +37,11 @@ RMSE within 1e-5 of fp32.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -67,7 +69,22 @@ def gate_product(weight: torch.Tensor, operand: torch.Tensor, out: torch.Tensor 
     return torch.mm(weight, operand, out=out)
 
 
-PIXELS_PER_THREAD = 1024  # a tile's gates, state and GEMM input (~2.6 KB per pixel) stay in a 2 MB L2
+def l2_bytes_per_core(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """A core's L2 cache in bytes (Linux's sysfs: ``caches``), None where unknown."""
+    units = {"K": 2**10, "M": 2**20}
+    for index in sorted(caches.glob("index*")):
+        with contextlib.suppress(OSError, ValueError):
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip()
+                return int(size.rstrip("KM")) * units.get(size[-1], 1)
+    return None
+
+
+# Pixels a tile: 1024 per MiB of a core's L2, 1024 to 2048. With 1 MiB (the AMD EPYC VM) tiles
+# of 2048 were 1-10 % slower than 1024; with 2 MiB (the Xeon with AMX) 6 % faster in fp32 and
+# 10-15 % in bf16, the per-call costs of the GEMMs and passes (20 and 5.5 us) spread over twice the
+# pixels (benchmarks/NOTES.md, fifth and eleventh sessions).
+PIXELS_PER_THREAD = 1024 * min(2, max(1, (l2_bytes_per_core() or 0) // 2**20))
 # Tiles are padded to a multiple of this many pixels: the GEMM libraries compute the last,
 # partial vector of columns with other kernels, whose sums differ in the last bit (AMD EPYC,
 # torch 2.13: one pixel unmixed alone differed from the same pixel in a chunk by 7e-9).
