@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from msmtu_batch.model import recurrence
-from msmtu_batch.model.brits import BRITS, BritsConfig, LossWeights, brits_loss
+from msmtu_batch.model.brits import BRITS, BritsConfig, BritsOutput, LossWeights, brits_loss
 from msmtu_batch.model.fastmath import fast_sigmoid, fast_tanh
 from msmtu_batch.model.preprocess import compute_deltas
 from msmtu_batch.model.recurrence import MIN_TILE, _tiles, steps_on_tiles
@@ -89,14 +89,56 @@ def test_hand_written_backward_is_exact_in_float64_with_exact_activations(seed, 
         assert_same(grads[name], reference, f"gradient of {name}", 1e-10, 1e-14)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def distance_to_the_loss_kinks(model: BRITS, series, ancillary) -> float:
+    """How far the model's estimates lie from the points where the loss's absolute values turn
+    (the masked L1 of each estimate against an observed value, and |forward - backward| of the
+    gap-filled series), computed in float64. Closer than the fused kernels' approximations
+    (3e-7) reach, the fused gradient may take the other side: one such example (seed 72, n 135,
+    hidden 1: a history estimate 1.4e-8 from its value) moved a gradient by 1.5 %."""
+    captured = {}
+    recurrence_of = BRITS.__dict__["_recurrence"].__func__
+    directions_of = BritsOutput.__dict__["of_directions"].__func__
+
+    def recurrence_kept(values_both, missing, *args):
+        estimates = recurrence_of(values_both, missing, *args)
+        captured["l1"] = min(float(((e - values_both).abs() + 1e9 * missing).min()) for e in estimates[:3])
+        return estimates
+
+    def directions_kept(cls, logits_f, logits_b, imputed_f, imputed_b, *args):
+        # at an observed value both directions give the value itself: the same bits, no kink to cross
+        gaps = series[1] == 0
+        captured["consistency"] = float((imputed_f - imputed_b).abs()[gaps].min()) if gaps.any() else np.inf
+        return directions_of(cls, logits_f, logits_b, imputed_f, imputed_b, *args)
+
+    exact = BRITS(model.cfg).double()
+    exact.load_state_dict(model.state_dict())
+    exact.fused_recurrence = False
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(BRITS, "_recurrence", staticmethod(recurrence_kept))
+        patch.setattr(BritsOutput, "of_directions", classmethod(directions_kept))
+        exact(*(s.double() for s in series), None if ancillary is None else ancillary.double())
+    return min(captured.values())
+
+
+def test_an_example_on_a_kink_of_the_loss_is_recognised():
+    """The example that once failed the comparison below: a history estimate of pixel 24 lies
+    1.4e-8 from its observed value, where the L1's derivative turns sign (moving that pixel's
+    values by 1e-3 made the fused gradients agree to 6e-11)."""
+    model = random_model(72, 2, 0, 1, "sigmoid", "reversed")
+    series, ancillary, _ = random_batch(np.random.default_rng(72), 135, 0, 2, 0.4)
+    assert distance_to_the_loss_kinks(model, series, ancillary) < 1e-7
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(n=st.sampled_from([1, 5, MIN_TILE * 2 + 7, 300]), hidden=st.sampled_from([1, 4, 24]),
        threads=st.sampled_from([1, 2]), **MODELS)
 def test_fused_recurrence_gives_the_models_outputs_and_gradients(seed, n, hidden, n_ancillary, n_classes, gaps,
                                                                   combine, deltas, threads):
-    """The compiled float32 kernels, on one or two tiles, against the model in float32."""
+    """The compiled float32 kernels, on one or two tiles, against the model in float32, where
+    the loss is differentiable by a margin (:func:`distance_to_the_loss_kinks`)."""
     model = random_model(seed, n_classes, n_ancillary, hidden, combine, deltas)
     batch = random_batch(np.random.default_rng(seed), n, n_ancillary, n_classes, gaps)
+    assume(distance_to_the_loss_kinks(model, *batch[:2]) > 1e-5)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
