@@ -5,7 +5,6 @@ for BRITS, the engines and the pipeline against the research code's way of runni
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from msmtu_batch.model.brits import BRITS, BritsConfig
+from msmtu_batch.model.gemm import cpuinfo
 from msmtu_batch.model.preprocess import Standardizer
 from msmtu_batch.runtime.errors import MsmtuError
 from msmtu_batch.runtime.tiling import peak_memory_mib
@@ -42,14 +42,9 @@ def cpu_description() -> dict:
     """The CPU every figure of a bench comes from: its model name, cores and which of
     :data:`CPU_FLAGS` it has (Linux's /proc/cpuinfo, as ``lscpu`` reads it; elsewhere the
     platform's name and no flags)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+    fields = cpuinfo()
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
     return {"model": model, "cores": os.cpu_count(), "flags": {flag: flag in flags for flag in CPU_FLAGS}}
 
 

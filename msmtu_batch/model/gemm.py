@@ -28,14 +28,22 @@ def _onednn_linear():
         return None
 
 
-def intel_cpu() -> bool:
-    """Whether this is an Intel CPU (Linux's /proc/cpuinfo; False where it cannot tell)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in Linux's /proc/cpuinfo (``vendor_id``, ``model name``,
+    ``flags``, ...), as ``lscpu`` reads them; empty where there is no such file."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
             key, _, value = line.partition(":")
-            if key.strip() == "vendor_id":
-                return value.strip() == "GenuineIntel"
-    return False
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def intel_cpu() -> bool:
+    """Whether this is an Intel CPU (False where it cannot tell)."""
+    return cpuinfo().get("vendor_id") == "GenuineIntel"
 
 
 ONEDNN_LINEAR = _onednn_linear()

@@ -422,8 +422,7 @@ class _Direction:
             _cell_then_next_input(_gate_values(product) if gate_values is None else gate_values, cell, hidden,
                                   t == steps - 1, deltas[following], values[following], masks[following],
                                   self.step_weights, gemm_input, scratch, gemm_operand, self.sigmoid_alpha)
-        layer = gate_product(self.head_weight, head_input_t, None if through_onednn(torch.float32) else
-                             torch.empty(self.head_weight.shape[0], batch))
+        layer = gate_product(self.head_weight, head_input_t, None)
         logits = np.empty((output_bias.shape[0], batch), np.float32)
         probabilities = np.empty((batch, output_bias.shape[0]), np.float32)
         _classify(layer.numpy(), output_weight, output_bias, logits, np.empty((2, batch), np.float32), probabilities)
