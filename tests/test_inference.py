@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from msmtu_batch.model.amx import amx_available
 from msmtu_batch.model.brits import BRITS, BritsConfig
 from msmtu_batch.model.fastmath import decay_factor, lstm_update, tanh_fraction, wide_vectors
 from msmtu_batch.model.inference import FusedBrits, bfloat16_round_trip, cpu_has_kernels, l2_bytes_per_core, predict
@@ -208,34 +209,43 @@ def test_bfloat16_rounding_and_widening_are_torchs(numbers):
 class RoundedProductCell(torch.nn.Module):
     """An LSTM cell whose gate product is the bf16 engine's: weights (bias as a column) and the
     input [x, mask, 1, h] rounded to bfloat16, multiplied exactly (float64), the gates rounded
-    to bfloat16; the rest in float32."""
+    to bfloat16 (oneDNN's torch.mm) or to float32 (the AMX tiles); the rest in float32."""
 
-    def __init__(self, cell: torch.nn.LSTMCell) -> None:
+    def __init__(self, cell: torch.nn.LSTMCell, gates: torch.dtype) -> None:
         super().__init__()
         self.weight = torch.cat([cell.weight_ih, (cell.bias_ih + cell.bias_hh)[:, None], cell.weight_hh], dim=1)
+        self.gates = gates
 
     def forward(self, x, state):
         h, c = state
         operand = torch.cat([x, torch.ones(len(x), 1), h], dim=1)
         exact = operand.bfloat16().double() @ self.weight.bfloat16().double().t()
-        i, f, g, o = exact.to(torch.bfloat16).float().chunk(4, dim=1)
+        i, f, g, o = exact.to(self.gates).float().chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
 
 
-def test_bf16_engine_equals_the_model_with_bf16_gate_products():
+@pytest.mark.parametrize("tiles", [False, True], ids=["onednn", "amx-tiles"])
+def test_bf16_engine_equals_the_model_with_bf16_gate_products(tiles):
     """The bf16 engine against the research formulation with its LSTM products rounded as the
     engine rounds them (reference above); the fp32 engine is further from that reference than
-    the tolerance, so the test sees whether the products are really bf16."""
+    the tolerance, so the test sees whether the products are really bf16. Both of its GEMMs:
+    oneDNN's torch.mm, and AMX tiles inside the pass where this CPU has them."""
+    if tiles and not amx_available():
+        pytest.skip("this CPU has no AMX tiles (or Linux did not grant them)")
+    if not tiles and not cpu_has_kernels("bf16"):
+        pytest.skip("this CPU has no bf16 matrix kernels (the engine refuses it in a run)")
     cfg = BritsConfig(n_classes=8, n_ancillary=4)
     model = random_model(6, cfg, 3.0)
     rounded = ResearchBRITS(cfg).eval()
     rounded.load_state_dict(model.state_dict())
     for direction in (rounded.forward_pass, rounded.backward_pass):
-        direction.cell = RoundedProductCell(direction.cell)
+        direction.cell = RoundedProductCell(direction.cell, torch.float32 if tiles else torch.bfloat16)
     inputs = random_inputs(np.random.default_rng(6), 1500, 4)
     expected = reference(rounded, inputs)
-    got = predict(model, inputs, precision="bf16")
+    engine = FusedBrits(model, "bf16", tiles=tiles)
+    assert engine.tiles == tiles
+    got = engine(inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward, inputs.ancillary)
     fp32 = predict(model, inputs)
     for key in ("abundance", "uncertainty", "imputed"):
         distance = np.abs(got[key] - expected[key])
@@ -245,21 +255,25 @@ def test_bf16_engine_equals_the_model_with_bf16_gate_products():
     np.testing.assert_allclose(got["abundance"].sum(axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(("precision", "tiles"), [("fp32", False), ("bf16", False), ("bf16", True)],
+                         ids=["fp32", "bf16-onednn", "bf16-amx-tiles"])
 @pytest.mark.parametrize("hidden", [8, 100])
-def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden, precision):
+def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden, precision, tiles):
     """What a pixel gets does not hang on its neighbours: the GEMM's tiles are padded to 16
     pixels, and the Numba passes and the head add the same terms in the same order in a
     loop's vector body and in its remainder (torch's head did not: MKL took other kernels
     for a tile of 16 pixels than for one of 144, and a pixel's logits moved in the last bit).
-    The bf16 engine's GEMM (oneDNN's) too, where this CPU has its kernels."""
+    The bf16 engine's GEMMs too, oneDNN's and the AMX tiles (whose blocks of 128 pixels are
+    padded to 32), where this CPU has them."""
     if not cpu_has_kernels(precision):
         pytest.skip(f"this CPU has no {precision} matrix kernels (the engine refuses it in a run)")
+    if tiles and not amx_available():
+        pytest.skip("this CPU has no AMX tiles (or Linux did not grant them)")
     cfg = BritsConfig(n_classes=5, n_ancillary=3, hidden=hidden, embed=4, head_hidden=8)
     model = random_model(3, cfg, 1.0)
     inputs = random_inputs(np.random.default_rng(3), 700, cfg.n_ancillary)
     arrays = (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward, inputs.ancillary)
-    engine = FusedBrits(model, precision)
+    engine = FusedBrits(model, precision, tiles=tiles)
     threads_before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # the tile on one thread, the parts on two (as in a run and in unmix)

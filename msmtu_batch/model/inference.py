@@ -50,6 +50,15 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
+from msmtu_batch.model.amx import (
+    K_PER_TILE,
+    aligned_zeros,
+    amx_available,
+    configure_tiles,
+    release_tiles,
+    tile_configuration,
+    tile_product,
+)
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
 from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fma, lstm_update, wide_vectors
 from msmtu_batch.model.gemm import through_onednn, times_transposed
@@ -258,6 +267,77 @@ def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weig
                         sigmoid_alpha)
 
 
+# The bf16 engine on a CPU with AMX: a block of pixels runs its whole recurrence in one call, the
+# gates' product made with tiles inside the pass (msmtu_batch.model.amx), every buffer the block's
+# own, 64-byte aligned and in L2. A direction took 3.8-3.9 us a pixel against 5.8-6.3 through
+# oneDNN's torch.mm (one core, 2048 pixels; 4.1-4.3 in blocks of 64 or 256; Intel Xeon with AMX,
+# benchmarks/NOTES.md, twelfth session).
+TILE_BLOCK = 128
+_TILE_CONFIGURATION = tile_configuration()
+
+
+@numba.njit(inline="always", fastmath=True)
+def _interleave_bfloat16(rows, operand, pairs, width):
+    """The GEMM's right factor as the tiles take it: ``operand[r, p]`` holds ``rows[2r, p]`` in its low
+    16 bits and ``rows[2r + 1, p]`` in its high, both rounded to bfloat16, for the first ``pairs`` r."""
+    high = np.uint32(16)
+    for r in range(pairs):
+        even, odd, target = rows[2 * r, :width], rows[2 * r + 1, :width], operand[r, :width]
+        for p in range(width):
+            target[p] = np.uint32(round_to_bfloat16(even[p])) | (np.uint32(round_to_bfloat16(odd[p])) << high)
+
+
+@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def _recurrence_in_tiles(tile_weight, configuration, values, masks, deltas, weights, sigmoid_alpha, hidden_out,
+                         filled):
+    """One direction's recurrence over (T, F, B) ``values``/``masks``/``deltas``: the last hidden
+    state into ``hidden_out`` (H, B), the gap-filled series into ``filled`` (T, F, B) unless it
+    is empty. ``tile_weight`` (4H and 2F + 1 + H each padded to a multiple of 32) holds the gate
+    weight's bfloat16 bits; the gates come out float32 (AMX adds in float32 and does not round
+    them to bfloat16, as oneDNN's torch.mm does)."""
+    steps, n_features, n = values.shape
+    n_hidden = hidden_out.shape[0]
+    n_gate_rows, k_padded = tile_weight.shape
+    no_copy = np.empty((0, 0), np.uint16)  # _next_input's bfloat16 copy; the operand is interleaved here
+    for block in numba.prange((n + TILE_BLOCK - 1) // TILE_BLOCK):
+        wide_vectors()
+        configure_tiles(configuration.ctypes.data)  # per thread, and a block may run on any
+        p0 = block * TILE_BLOCK
+        width = min(TILE_BLOCK, n - p0)
+        padded = (width + 31) // 32 * 32  # two tiles of pixels at a time; the extra pixels are zeros
+        x = aligned_zeros((steps, n_features, padded), np.float32)
+        m = aligned_zeros((steps, n_features, padded), np.float32)
+        d = aligned_zeros((steps, n_features, padded), np.float32)
+        x[:, :, :width] = values[:, :, p0:p0 + width]
+        m[:, :, :width] = masks[:, :, p0:p0 + width]
+        d[:, :, :width] = deltas[:, :, p0:p0 + width]
+        gemm_input = aligned_zeros((k_padded, padded), np.float32)  # rows past 2F + 1 + H stay 0
+        gemm_input[2 * n_features] = 1.0
+        operand = aligned_zeros((k_padded // 2, padded), np.uint32)
+        gates = aligned_zeros((n_gate_rows, padded), np.float32)
+        hidden = aligned_zeros((n_hidden, padded), np.float32)
+        cell = aligned_zeros((n_hidden, padded), np.float32)
+        scratch = aligned_zeros((3, n_features, padded), np.float32)
+        _next_input(0, padded, hidden, d[0], x[0], m[0], weights, gemm_input, scratch, no_copy, sigmoid_alpha)
+        for t in range(steps):
+            if filled.shape[0]:
+                filled[t, :, p0:p0 + width] = gemm_input[:n_features, :width]
+            # the first step's state is zero: only the first tile of K (x, mask, 1) adds anything
+            k_tiles = (2 * n_features + 1 + K_PER_TILE - 1) // K_PER_TILE if t == 0 else k_padded // K_PER_TILE
+            _interleave_bfloat16(gemm_input, operand, k_tiles * K_PER_TILE // 2, padded)
+            tile_product(tile_weight, operand, gates, k_tiles)
+            for j in range(n_hidden):
+                gi, gf, gg, go = gates[j], gates[n_hidden + j], gates[2 * n_hidden + j], gates[3 * n_hidden + j]
+                c, h = cell[j], hidden[j]
+                for p in range(padded):
+                    c[p], h[p] = lstm_update(gi[p], gf[p], gg[p], go[p], c[p])
+            if t < steps - 1:
+                _next_input(0, padded, hidden, d[t + 1], x[t + 1], m[t + 1], weights, gemm_input, scratch, no_copy,
+                            sigmoid_alpha)
+        hidden_out[:, p0:p0 + width] = hidden[:, :width]
+        release_tiles()
+
+
 @numba.njit(inline="always", fastmath=True)
 def _relu(rows, p0, p1):
     zero = np.float32(0.0)
@@ -350,9 +430,13 @@ class _Direction:
     # for _embed and _classify: the embedding's weight and bias (empty without ancillary data),
     # the output layer's
     head_weights: tuple[np.ndarray, ...]
+    # the gate weight's bfloat16 bits padded for _recurrence_in_tiles (64-byte aligned), or None
+    # where the GEMM is torch's
+    tile_weight: np.ndarray | None = None
 
     @classmethod
-    def of(cls, rits: RITS, cfg: BritsConfig, gemm_dtype: torch.dtype = torch.float32) -> _Direction:
+    def of(cls, rits: RITS, cfg: BritsConfig, gemm_dtype: torch.dtype = torch.float32, tiles: bool = False
+           ) -> _Direction:
         cell = rits.cell
         gate_weight = torch.cat([cell.weight_ih, (cell.bias_ih + cell.bias_hh)[:, None], cell.weight_hh], dim=1)
         tensor = lambda p: p.detach().float().cpu().contiguous()  # noqa: E731
@@ -372,16 +456,46 @@ class _Direction:
         head_weights = (*embedding_weights, array(output_layer.weight), array(output_layer.bias))
         gate_weight = tensor(gate_weight).to(gemm_dtype)
         first_gate_weight = gate_weight[:, :2 * cfg.n_features + 1].contiguous()
+        tile_weight = None
+        if tiles:  # torch's buffers are 64-byte aligned, as the tile loads want
+            padded = torch.zeros(*(-(-extent // K_PER_TILE) * K_PER_TILE for extent in gate_weight.shape),
+                                 dtype=torch.bfloat16)
+            padded[:gate_weight.shape[0], :gate_weight.shape[1]] = gate_weight
+            tile_weight = _bfloat16_bits(padded)
         return cls(gate_weight, first_gate_weight, step_weights, cfg.combine_activation == "sigmoid", head_weight,
-                   head_weights)
+                   head_weights, tile_weight)
 
     def probabilities(self, values: np.ndarray, masks: np.ndarray, deltas: np.ndarray, ancillary: np.ndarray,
                       filled: np.ndarray | None) -> np.ndarray:
         """Class probabilities (B, K) of one direction over a tile; ``values``/``masks``/``deltas`` are
         (T, F, B) in this direction's time order, ``ancillary`` (A, B). Writes the gap-filled
         series into ``filled`` (T, F, B) when given."""
-        steps, n_features, batch = values.shape
+        batch = values.shape[2]
         n_hidden = self.gate_weight.shape[0] // 4
+        embedding_weight, embedding_bias, output_weight, output_bias = self.head_weights
+        n_embedded = embedding_weight.shape[0]
+        # the head's GEMM input [h; embedded ancillary data; 1]: the recurrence's state is its first rows
+        head_input_t = torch.zeros(n_hidden + n_embedded + 1, batch)
+        head_input = head_input_t.numpy()
+        head_input[-1] = 1.0
+        if n_embedded:
+            _embed(ancillary, embedding_weight, embedding_bias, head_input[n_hidden:-1])
+        if self.tile_weight is not None:
+            _recurrence_in_tiles(self.tile_weight, _TILE_CONFIGURATION, values, masks, deltas, self.step_weights,
+                                 self.sigmoid_alpha, head_input[:n_hidden],
+                                 np.empty((0, 0, 0), np.float32) if filled is None else filled)
+        else:
+            self._recurrence(values, masks, deltas, head_input[:n_hidden], filled)
+        layer = gate_product(self.head_weight, head_input_t, None)
+        logits = np.empty((output_bias.shape[0], batch), np.float32)
+        probabilities = np.empty((batch, output_bias.shape[0]), np.float32)
+        _classify(layer.numpy(), output_weight, output_bias, logits, np.empty((2, batch), np.float32), probabilities)
+        return probabilities
+
+    def _recurrence(self, values: np.ndarray, masks: np.ndarray, deltas: np.ndarray, hidden: np.ndarray,
+                    filled: np.ndarray | None) -> None:
+        """The recurrence with torch's GEMM, one call a step: the last state into ``hidden``."""
+        steps, n_features, batch = values.shape
         gemm_dtype = self.gate_weight.dtype
         # torch allocates 64-byte aligned buffers; MKL's results can depend on alignment, and a
         # resumed run must reproduce an uninterrupted one bit for bit
@@ -397,15 +511,6 @@ class _Direction:
         # after each GEMM it took 20 us a step, torch's code being out of the cache by then (Intel
         # Xeon with AMX, benchmarks/NOTES.md, eleventh session)
         gate_values = None if gates is None else _gate_values(gates)
-        embedding_weight, embedding_bias, output_weight, output_bias = self.head_weights
-        n_embedded = embedding_weight.shape[0]
-        # the head's GEMM input [h; embedded ancillary data; 1]: the recurrence's state is its first rows
-        head_input_t = torch.zeros(n_hidden + n_embedded + 1, batch)
-        head_input = head_input_t.numpy()
-        head_input[-1] = 1.0
-        if n_embedded:
-            _embed(ancillary, embedding_weight, embedding_bias, head_input[n_hidden:-1])
-        hidden = head_input[:n_hidden]
         cell = np.zeros_like(hidden)
         scratch = np.empty((3, n_features, batch), np.float32)
         _first_input(hidden, deltas[0], values[0], masks[0], self.step_weights, gemm_input, scratch, gemm_operand,
@@ -422,11 +527,6 @@ class _Direction:
             _cell_then_next_input(_gate_values(product) if gate_values is None else gate_values, cell, hidden,
                                   t == steps - 1, deltas[following], values[following], masks[following],
                                   self.step_weights, gemm_input, scratch, gemm_operand, self.sigmoid_alpha)
-        layer = gate_product(self.head_weight, head_input_t, None)
-        logits = np.empty((output_bias.shape[0], batch), np.float32)
-        probabilities = np.empty((batch, output_bias.shape[0]), np.float32)
-        _classify(layer.numpy(), output_weight, output_bias, logits, np.empty((2, batch), np.float32), probabilities)
-        return probabilities
 
 
 def _feature_major(series: np.ndarray, padded: int) -> np.ndarray:
@@ -465,16 +565,20 @@ class FusedBrits:
 
     ``precision`` bf16 multiplies in bfloat16 (weights and each step's GEMM input rounded,
     gates returned in bfloat16); the state, the decays, the regressions and the head stay
-    float32. Fast only on CPUs with bf16 instructions (AVX512-BF16, AMX)."""
+    float32. Fast only on CPUs with bf16 instructions (AVX512-BF16, AMX). With AMX (``tiles``,
+    by default where :func:`~msmtu_batch.model.amx.amx_available`) the product is made inside
+    the Numba pass and its gates stay float32."""
 
-    def __init__(self, model: BRITS, precision: str = "fp32") -> None:
+    def __init__(self, model: BRITS, precision: str = "fp32", *, tiles: bool | None = None) -> None:
         if precision not in FUSED_PRECISIONS:
             raise ValueError(f"precision {precision!r}: the CPU engine runs {' or '.join(FUSED_PRECISIONS)}")
         self.config = model.cfg
         self.precision = precision
+        # bf16 with AMX tiles inside the pass where the CPU has them (``tiles`` None), else oneDNN's torch.mm
+        self.tiles = precision == "bf16" and (amx_available() if tiles is None else tiles)
         gemm_dtype = PRECISIONS[precision] or torch.float32
-        self.forward_pass = _Direction.of(model.forward_pass, model.cfg, gemm_dtype)
-        self.backward_pass = _Direction.of(model.backward_pass, model.cfg, gemm_dtype)
+        self.forward_pass = _Direction.of(model.forward_pass, model.cfg, gemm_dtype, self.tiles)
+        self.backward_pass = _Direction.of(model.backward_pass, model.cfg, gemm_dtype, self.tiles)
 
     def __call__(self, values: np.ndarray, masks: np.ndarray, deltas_forward: np.ndarray,
                  deltas_backward: np.ndarray, ancillary: np.ndarray | None = None, *, imputed: bool = True,
