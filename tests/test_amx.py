@@ -1,5 +1,6 @@
 """The AMX tile product of the bf16 engine against NumPy, on random shapes and values (where the
-CPU has AMX; elsewhere the engine multiplies through oneDNN and these tests skip)."""
+CPU has AMX; elsewhere the engine multiplies through oneDNN and these tests skip), and the
+engine's refusal of tiles where Linux does not grant them."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from msmtu_batch.model.amx import (
 )
 from msmtu_batch.model.inference import _interleave_bfloat16
 
-pytestmark = pytest.mark.skipif(not amx_available(), reason="this CPU has no AMX tiles (or Linux did not grant them)")
+needs_amx = pytest.mark.skipif(not amx_available(), reason="this CPU has no AMX tiles (or Linux did not grant them)")
 
 
 @numba.njit
@@ -39,6 +40,7 @@ def bfloat16(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(values).to(torch.bfloat16)
 
 
+@needs_amx
 @settings(max_examples=40, deadline=None)
 @given(gate_tiles=st.integers(1, 4), k_tiles=st.integers(1, 4), used_k_tiles=st.integers(1, 4),
        pixel_tiles=st.integers(1, 4), scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
@@ -68,3 +70,16 @@ def test_the_operand_interleaves_row_pairs_rounded_as_torch_rounds():
     _interleave_bfloat16(rows, operand, 32, 32)
     bits = bfloat16(rows).view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
     np.testing.assert_array_equal(operand, bits[0::2] | (bits[1::2] << 16))
+
+
+def test_asking_for_tiles_where_linux_does_not_grant_them_is_refused(monkeypatch):
+    """Without the permission Linux gives a process, a tile instruction is illegal and kills it:
+    the engine refuses ``tiles`` instead (any CPU: the check is made as if this one had none)."""
+    from msmtu_batch.model import inference
+    from msmtu_batch.model.brits import BRITS, BritsConfig
+
+    monkeypatch.setattr(inference, "amx_available", lambda: False)
+    model = BRITS(BritsConfig(n_classes=3))
+    with pytest.raises(ValueError, match=r"^tiles: this CPU has no AMX tiles \(or Linux did not grant them\)$"):
+        inference.FusedBrits(model, "bf16", tiles=True)
+    assert not inference.FusedBrits(model, "bf16").tiles

@@ -289,52 +289,65 @@ def _interleave_bfloat16(rows, operand, pairs, width):
 
 @numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
 def _recurrence_in_tiles(tile_weight, configuration, values, masks, deltas, weights, sigmoid_alpha, hidden_out,
-                         filled):
+                         filled, threads):
     """One direction's recurrence over (T, F, B) ``values``/``masks``/``deltas``: the last hidden
     state into ``hidden_out`` (H, B), the gap-filled series into ``filled`` (T, F, B) unless it
     is empty. ``tile_weight`` (4H and 2F + 1 + H each padded to a multiple of 32) holds the gate
     weight's bfloat16 bits; the gates come out float32 (AMX adds in float32 and does not round
-    them to bfloat16, as oneDNN's torch.mm does)."""
+    them to bfloat16, as oneDNN's torch.mm does). ``threads``: Numba's threads for this call."""
     steps, n_features, n = values.shape
     n_hidden = hidden_out.shape[0]
     n_gate_rows, k_padded = tile_weight.shape
     no_copy = np.empty((0, 0), np.uint16)  # _next_input's bfloat16 copy; the operand is interleaved here
-    for block in numba.prange((n + TILE_BLOCK - 1) // TILE_BLOCK):
+    n_blocks = (n + TILE_BLOCK - 1) // TILE_BLOCK
+    workers = min(threads, n_blocks)
+    # a worker's buffers serve all its blocks: made and zeroed for each block, they took 0.16 us a
+    # pixel and direction (of 3.4)
+    for worker in numba.prange(workers):
         wide_vectors()
-        configure_tiles(configuration.ctypes.data)  # per thread, and a block may run on any
-        p0 = block * TILE_BLOCK
-        width = min(TILE_BLOCK, n - p0)
-        padded = (width + 31) // 32 * 32  # two tiles of pixels at a time; the extra pixels are zeros
-        x = aligned_zeros((steps, n_features, padded), np.float32)
-        m = aligned_zeros((steps, n_features, padded), np.float32)
-        d = aligned_zeros((steps, n_features, padded), np.float32)
-        x[:, :, :width] = values[:, :, p0:p0 + width]
-        m[:, :, :width] = masks[:, :, p0:p0 + width]
-        d[:, :, :width] = deltas[:, :, p0:p0 + width]
-        gemm_input = aligned_zeros((k_padded, padded), np.float32)  # rows past 2F + 1 + H stay 0
+        configure_tiles(configuration.ctypes.data)  # per thread
+        x = aligned_zeros((steps, n_features, TILE_BLOCK), np.float32)
+        m = aligned_zeros((steps, n_features, TILE_BLOCK), np.float32)
+        d = aligned_zeros((steps, n_features, TILE_BLOCK), np.float32)
+        gemm_input = aligned_zeros((k_padded, TILE_BLOCK), np.float32)  # rows past 2F + 1 + H stay 0
         gemm_input[2 * n_features] = 1.0
-        operand = aligned_zeros((k_padded // 2, padded), np.uint32)
-        gates = aligned_zeros((n_gate_rows, padded), np.float32)
-        hidden = aligned_zeros((n_hidden, padded), np.float32)
-        cell = aligned_zeros((n_hidden, padded), np.float32)
-        scratch = aligned_zeros((3, n_features, padded), np.float32)
-        _next_input(0, padded, hidden, d[0], x[0], m[0], weights, gemm_input, scratch, no_copy, sigmoid_alpha)
-        for t in range(steps):
-            if filled.shape[0]:
-                filled[t, :, p0:p0 + width] = gemm_input[:n_features, :width]
-            # the first step's state is zero: only the first tile of K (x, mask, 1) adds anything
-            k_tiles = (2 * n_features + 1 + K_PER_TILE - 1) // K_PER_TILE if t == 0 else k_padded // K_PER_TILE
-            _interleave_bfloat16(gemm_input, operand, k_tiles * K_PER_TILE // 2, padded)
-            tile_product(tile_weight, operand, gates, k_tiles)
+        operand = aligned_zeros((k_padded // 2, TILE_BLOCK), np.uint32)
+        gates = aligned_zeros((n_gate_rows, TILE_BLOCK), np.float32)
+        hidden = aligned_zeros((n_hidden, TILE_BLOCK), np.float32)
+        cell = aligned_zeros((n_hidden, TILE_BLOCK), np.float32)
+        scratch = aligned_zeros((3, n_features, TILE_BLOCK), np.float32)
+        for block in range(worker, n_blocks, workers):
+            p0 = block * TILE_BLOCK
+            width = min(TILE_BLOCK, n - p0)  # a last, narrower block: its extra columns are zero pixels
+            for t in range(steps):
+                for k in range(n_features):
+                    x[t, k, :width] = values[t, k, p0:p0 + width]
+                    m[t, k, :width] = masks[t, k, p0:p0 + width]
+                    d[t, k, :width] = deltas[t, k, p0:p0 + width]
+                    x[t, k, width:] = 0.0
+                    m[t, k, width:] = 0.0
+                    d[t, k, width:] = 0.0
+            hidden[:] = 0.0
+            cell[:] = 0.0
+            _next_input(0, TILE_BLOCK, hidden, d[0], x[0], m[0], weights, gemm_input, scratch, no_copy, sigmoid_alpha)
+            for t in range(steps):
+                if filled.shape[0]:
+                    for k in range(n_features):
+                        filled[t, k, p0:p0 + width] = gemm_input[k, :width]
+                # the first step's state is zero: only the first tile of K (x, mask, 1) adds anything
+                k_tiles = (2 * n_features + 1 + K_PER_TILE - 1) // K_PER_TILE if t == 0 else k_padded // K_PER_TILE
+                _interleave_bfloat16(gemm_input, operand, k_tiles * K_PER_TILE // 2, TILE_BLOCK)
+                tile_product(tile_weight, operand, gates, k_tiles)
+                for j in range(n_hidden):
+                    gi, gf, gg, go = gates[j], gates[n_hidden + j], gates[2 * n_hidden + j], gates[3 * n_hidden + j]
+                    c, h = cell[j], hidden[j]
+                    for p in range(TILE_BLOCK):
+                        c[p], h[p] = lstm_update(gi[p], gf[p], gg[p], go[p], c[p])
+                if t < steps - 1:
+                    _next_input(0, TILE_BLOCK, hidden, d[t + 1], x[t + 1], m[t + 1], weights, gemm_input, scratch,
+                                no_copy, sigmoid_alpha)
             for j in range(n_hidden):
-                gi, gf, gg, go = gates[j], gates[n_hidden + j], gates[2 * n_hidden + j], gates[3 * n_hidden + j]
-                c, h = cell[j], hidden[j]
-                for p in range(padded):
-                    c[p], h[p] = lstm_update(gi[p], gf[p], gg[p], go[p], c[p])
-            if t < steps - 1:
-                _next_input(0, padded, hidden, d[t + 1], x[t + 1], m[t + 1], weights, gemm_input, scratch, no_copy,
-                            sigmoid_alpha)
-        hidden_out[:, p0:p0 + width] = hidden[:, :width]
+                hidden_out[j, p0:p0 + width] = hidden[j, :width]
         release_tiles()
 
 
@@ -483,7 +496,8 @@ class _Direction:
         if self.tile_weight is not None:
             _recurrence_in_tiles(self.tile_weight, _TILE_CONFIGURATION, values, masks, deltas, self.step_weights,
                                  self.sigmoid_alpha, head_input[:n_hidden],
-                                 np.empty((0, 0, 0), np.float32) if filled is None else filled)
+                                 np.empty((0, 0, 0), np.float32) if filled is None else filled,
+                                 numba.get_num_threads())
         else:
             self._recurrence(values, masks, deltas, head_input[:n_hidden], filled)
         layer = gate_product(self.head_weight, head_input_t, None)
@@ -574,7 +588,10 @@ class FusedBrits:
             raise ValueError(f"precision {precision!r}: the CPU engine runs {' or '.join(FUSED_PRECISIONS)}")
         self.config = model.cfg
         self.precision = precision
-        # bf16 with AMX tiles inside the pass where the CPU has them (``tiles`` None), else oneDNN's torch.mm
+        # bf16 with AMX tiles inside the pass where the CPU has them (``tiles`` None), else oneDNN's torch.mm;
+        # amx_available also asks Linux for the tiles, without which their first instruction is illegal
+        if tiles and not amx_available():
+            raise ValueError("tiles: this CPU has no AMX tiles (or Linux did not grant them)")
         self.tiles = precision == "bf16" and (amx_available() if tiles is None else tiles)
         gemm_dtype = PRECISIONS[precision] or torch.float32
         self.forward_pass = _Direction.of(model.forward_pass, model.cfg, gemm_dtype, self.tiles)
