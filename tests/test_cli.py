@@ -15,6 +15,7 @@ import pytest
 import xarray as xr
 
 from msmtu_batch.inputs.cube import open_input_cube
+from msmtu_batch.model.amx import amx_available
 from tests.test_faults import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,6 +290,10 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     bf16 = record["rates"]["model_fused_bf16"]
     assert (f"bf16 engine: {bf16 / record['rates']['model_fused']:.2f}x the fp32 engine, "
             f"{bf16 / record['bf16_ceiling']:.1%} of the bf16 ceiling") in "\n".join(lines)
+    # the bf16 ceiling: the faster of torch's bf16 GEMM and, where the engine multiplies with them, AMX tiles
+    assert (record["tile_gemm_flops"] is not None) == amx_available()
+    assert record["bf16_ceiling"] == pytest.approx(
+        max(record["bf16_gemm_flops"], record["tile_gemm_flops"] or 0.0) * record["ceiling"] / record["gemm_flops"])
     around = record["end_to_end"]["model_only_before_and_after"]
     assert [around[name][0] for name in around] == [record["rates"][name] for name in around]
     ratio, with_head = (record["end_to_end"]["pixels_per_second"] / (sum(around[name]) / 2)

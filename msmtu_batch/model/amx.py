@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import platform
+import time
 
 import numba
 import numpy as np
@@ -188,3 +189,37 @@ def tile_product(weight, operand, product, k_tiles):
             store_tile(1, p0 + m * p_stride + (n + PIXELS_PER_TILE) * 4, p_stride)
             store_tile(2, p0 + (m + TILE_ROWS) * p_stride + n * 4, p_stride)
             store_tile(3, p0 + (m + TILE_ROWS) * p_stride + (n + PIXELS_PER_TILE) * 4, p_stride)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _repeated_tile_products(weight, operands, products, configuration, k_tiles, blocks, repeats):
+    threads = operands.shape[0]
+    for worker in numba.prange(threads):
+        configure_tiles(configuration.ctypes.data)
+        for _ in range(repeats):
+            for _block in range(worker, blocks, threads):
+                tile_product(weight, operands[worker], products[worker], k_tiles)
+        release_tiles()
+
+
+def tile_product_rate(batch: int = 4096, hidden: int = 100, features: int = 14, block: int = 128,
+                      seconds: float = 1.0) -> float:
+    """Measured FLOP/s of :func:`tile_product` on the LSTM's product (4 ``hidden`` x ``features`` +
+    1 + ``hidden`` times ``batch`` pixels in blocks of ``block``, as the bf16 engine multiplies;
+    the padding to tiles not counted), on Numba's threads; call only where :func:`amx_available`."""
+    import torch  # the buffers: torch's are 64-byte aligned
+
+    threads = numba.get_num_threads()
+    n_gates, k = 4 * hidden, features + 1 + hidden
+    padded = lambda extent: -(-extent // K_PER_TILE) * K_PER_TILE  # noqa: E731
+    weight = torch.randn(padded(n_gates), padded(k)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    operands = torch.randn(threads, padded(k) // 2, block, 2).to(torch.bfloat16).view(torch.int32).numpy()
+    operands = operands.reshape(threads, padded(k) // 2, block).view(np.uint32)
+    products = torch.empty(threads, padded(n_gates), block).numpy()
+    configuration, blocks, k_tiles = tile_configuration(), -(-batch // block), padded(k) // K_PER_TILE
+    _repeated_tile_products(weight, operands, products, configuration, k_tiles, blocks, 5)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _repeated_tile_products(weight, operands, products, configuration, k_tiles, blocks, 10)
+        count += 10
+    return 2.0 * batch * (features + hidden) * n_gates * count / (time.perf_counter() - start)
