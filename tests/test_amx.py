@@ -74,12 +74,13 @@ def test_the_operand_interleaves_row_pairs_rounded_as_torch_rounds():
 
 def test_asking_for_tiles_where_linux_does_not_grant_them_is_refused(monkeypatch):
     """Without the permission Linux gives a process, a tile instruction is illegal and kills it:
-    the engine refuses ``tiles`` instead (any CPU: the check is made as if this one had none)."""
+    the engine refuses bf16 ``blocks`` instead (any CPU: the check is made as if this one had none)."""
     from msmtu_batch.model import inference
     from msmtu_batch.model.brits import BRITS, BritsConfig
 
     monkeypatch.setattr(inference, "amx_available", lambda: False)
     model = BRITS(BritsConfig(n_classes=3))
-    with pytest.raises(ValueError, match=r"^tiles: this CPU has no AMX tiles \(or Linux did not grant them\)$"):
-        inference.FusedBrits(model, "bf16", tiles=True)
-    assert not inference.FusedBrits(model, "bf16").tiles
+    with pytest.raises(ValueError,
+                       match=r"^blocks in bf16: this CPU has no AMX tiles \(or Linux did not grant them\)$"):
+        inference.FusedBrits(model, "bf16", blocks=True)
+    assert not inference.FusedBrits(model, "bf16").blocks

@@ -290,7 +290,11 @@ def test_bench_reports_every_method_against_the_ceiling(tmp_path):
     bf16 = record["rates"]["model_fused_bf16"]
     assert (f"bf16 engine: {bf16 / record['rates']['model_fused']:.2f}x the fp32 engine, "
             f"{bf16 / record['bf16_ceiling']:.1%} of the bf16 ceiling") in "\n".join(lines)
-    # the bf16 ceiling: the faster of torch's bf16 GEMM and, where the engine multiplies with them, AMX tiles
+    # each ceiling: the faster of torch's GEMM and the engine's own product where it runs in blocks
+    from msmtu_batch.model.inference import FP32_IN_BLOCKS
+
+    assert (record["vector_gemm_flops"] is not None) == FP32_IN_BLOCKS
+    assert record["gemm_flops"] == max(record["torch_gemm_flops"], record["vector_gemm_flops"] or 0.0)
     assert (record["tile_gemm_flops"] is not None) == amx_available()
     assert record["bf16_ceiling"] == pytest.approx(
         max(record["bf16_gemm_flops"], record["tile_gemm_flops"] or 0.0) * record["ceiling"] / record["gemm_flops"])

@@ -72,18 +72,21 @@ def test_tanh_sigmoid_and_decay_approximations_are_float_accurate():
 # derandomized: the same 25 examples on every run; with fresh random ones a run on 2026-12-01 met an
 # ill-conditioned case (seed=248987, n=144, n_classes=2, n_ancillary=0; saturated gates) whose imputed
 # value differs by 1.25e-4 -- a tolerance question for the fused engine (issue 14), not a flake to land on
+@pytest.mark.parametrize("blocks", [False, True], ids=["torch-gemm", "blocks"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 300), n_classes=st.integers(2, 10),
        n_ancillary=st.integers(0, 6), hidden=st.integers(1, 40), steps=st.integers(1, 12),
        scale=st.sampled_from([1.0, 4.0]), observed=st.floats(0.0, 1.0))
-def test_fused_engine_equals_the_model(seed, n, n_classes, n_ancillary, hidden, steps, scale, observed):
+def test_fused_engine_equals_the_model(blocks, seed, n, n_classes, n_ancillary, hidden, steps, scale, observed):
+    """The fp32 engine both ways: torch's GEMM between passes, and the recurrence in blocks with
+    the vectors' product inside the kernel."""
     cfg = BritsConfig(n_classes=n_classes, n_ancillary=n_ancillary, n_steps=steps, hidden=hidden,
                       embed=max(1, hidden // 2), head_hidden=hidden)
     model = random_model(seed % 2**31, cfg, scale)
     inputs = random_inputs(np.random.default_rng(seed), n, n_ancillary, steps, observed)
     expected = reference(model, inputs)
-    got = FusedBrits(model)(inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward,
-                            inputs.ancillary, tile=64)
+    got = FusedBrits(model, blocks=blocks)(inputs.values, inputs.masks, inputs.deltas_forward,
+                                           inputs.deltas_backward, inputs.ancillary, tile=64)
     for key, value in expected.items():
         np.testing.assert_allclose(got[key], value, atol=TOLERANCE, rtol=RELATIVE, err_msg=key)
     np.testing.assert_allclose(got["abundance"].sum(axis=1), 1.0, atol=1e-5)
@@ -110,7 +113,8 @@ def test_the_engine_without_onednn_multiplies_with_torch_mm_and_equals_the_model
     model = random_model(3, BritsConfig(n_classes=6, n_ancillary=3), 2.0)
     inputs = random_inputs(np.random.default_rng(3), 700, 3)
     expected = reference(model, inputs)
-    monkeypatch.setattr(gemm, "FP32_THROUGH_ONEDNN", True)  # whatever this machine's CPU
+    monkeypatch.setattr(inference, "FP32_IN_BLOCKS", False)  # torch's GEMM between passes, whatever the CPU
+    monkeypatch.setattr(gemm, "FP32_THROUGH_ONEDNN", True)
     with_onednn = predict(model, inputs)
     products: list[str] = []
     mm = torch.mm
@@ -243,8 +247,8 @@ def test_bf16_engine_equals_the_model_with_bf16_gate_products(tiles):
         direction.cell = RoundedProductCell(direction.cell, torch.float32 if tiles else torch.bfloat16)
     inputs = random_inputs(np.random.default_rng(6), 1500, 4)
     expected = reference(rounded, inputs)
-    engine = FusedBrits(model, "bf16", tiles=tiles)
-    assert engine.tiles == tiles
+    engine = FusedBrits(model, "bf16", blocks=tiles)
+    assert engine.blocks == tiles
     got = engine(inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward, inputs.ancillary)
     fp32 = predict(model, inputs)
     for key in ("abundance", "uncertainty", "imputed"):
@@ -255,25 +259,25 @@ def test_bf16_engine_equals_the_model_with_bf16_gate_products(tiles):
     np.testing.assert_allclose(got["abundance"].sum(axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("precision", "tiles"), [("fp32", False), ("bf16", False), ("bf16", True)],
-                         ids=["fp32", "bf16-onednn", "bf16-amx-tiles"])
+@pytest.mark.parametrize(("precision", "blocks"), [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)],
+                         ids=["fp32-torch", "fp32-blocks", "bf16-onednn", "bf16-amx-tiles"])
 @pytest.mark.parametrize("hidden", [8, 100])
-def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden, precision, tiles):
+def test_a_pixel_gets_the_same_bits_in_a_tile_of_any_width(hidden, precision, blocks):
     """What a pixel gets does not hang on its neighbours: the GEMM's tiles are padded to 16
     pixels, and the Numba passes and the head add the same terms in the same order in a
     loop's vector body and in its remainder (torch's head did not: MKL took other kernels
     for a tile of 16 pixels than for one of 144, and a pixel's logits moved in the last bit).
-    The bf16 engine's GEMMs too, oneDNN's and the AMX tiles (whose blocks of 128 pixels are
-    padded to 32), where this CPU has them."""
+    Each GEMM: torch's between passes, and the products inside the kernel's blocks of 128 pixels
+    (fp32 vectors; bf16 AMX tiles where this CPU has them)."""
     if not cpu_has_kernels(precision):
         pytest.skip(f"this CPU has no {precision} matrix kernels (the engine refuses it in a run)")
-    if tiles and not amx_available():
+    if blocks and precision == "bf16" and not amx_available():
         pytest.skip("this CPU has no AMX tiles (or Linux did not grant them)")
     cfg = BritsConfig(n_classes=5, n_ancillary=3, hidden=hidden, embed=4, head_hidden=8)
     model = random_model(3, cfg, 1.0)
     inputs = random_inputs(np.random.default_rng(3), 700, cfg.n_ancillary)
     arrays = (inputs.values, inputs.masks, inputs.deltas_forward, inputs.deltas_backward, inputs.ancillary)
-    engine = FusedBrits(model, precision, tiles=tiles)
+    engine = FusedBrits(model, precision, blocks=blocks)
     threads_before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # the tile on one thread, the parts on two (as in a run and in unmix)

@@ -14,6 +14,13 @@ LSTM's matrix product, which is the only real work. Here each step is:
    feature regressions, their combination and the gap filling, writing the next GEMM's
    input in place.
 
+Where the engine runs in blocks (:class:`FusedBrits`' ``blocks``: fp32 on Intel's CPUs, bf16 with
+AMX), the GEMM moves inside the Numba pass: a block of 128 pixels runs all its steps in one call,
+its product made by 16-float vectors (:mod:`msmtu_batch.model.vector_gemm`) or AMX tiles
+(:mod:`msmtu_batch.model.amx`), its buffers in L2 and nothing called per step; 1.2-1.3x the
+fp32 engine and 1.5-1.7x the bf16 one with torch's GEMM between passes (Intel Xeon with AMX,
+benchmarks/NOTES.md, twelfth session).
+
 Before the first step a Numba pass embeds the ancillary data; after the last, the head's first
 layer is one more GEMM over ``[h; embedded ancillary data; 1]`` and a last Numba pass computes
 the logits and the softmax. Every pass releases the GIL: a tile runs on one thread, and per step
@@ -61,8 +68,9 @@ from msmtu_batch.model.amx import (
 )
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
 from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fma, lstm_update, wide_vectors
-from msmtu_batch.model.gemm import through_onednn, times_transposed
+from msmtu_batch.model.gemm import intel_cpu, through_onednn, times_transposed
 from msmtu_batch.model.preprocess import ModelInputs
+from msmtu_batch.model.vector_gemm import pack_weight, vector_product
 from msmtu_batch.runtime.errors import MsmtuError
 
 
@@ -267,11 +275,13 @@ def _cell_then_next_input(gates, cell, hidden, last, deltas, values, masks, weig
                         sigmoid_alpha)
 
 
-# The bf16 engine on a CPU with AMX: a block of pixels runs its whole recurrence in one call, the
-# gates' product made with tiles inside the pass (msmtu_batch.model.amx), every buffer the block's
-# own, 64-byte aligned and in L2. A direction took 3.8-3.9 us a pixel against 5.8-6.3 through
-# oneDNN's torch.mm (one core, 2048 pixels; 4.1-4.3 in blocks of 64 or 256; Intel Xeon with AMX,
-# benchmarks/NOTES.md, twelfth session).
+# The engine in blocks: a block of pixels runs its whole recurrence in one Numba call, the gates'
+# product made inside the pass (AMX tiles in bf16, msmtu_batch.model.amx; 16-float vectors in
+# fp32, msmtu_batch.model.vector_gemm), every buffer 64-byte aligned and in L2, and no call out
+# per step. On the Intel Xeon with AMX (one core, 2048 pixels) a bf16 direction took 3.8-3.9 us a
+# pixel against 5.8-6.3 through oneDNN's torch.mm (4.1-4.3 in blocks of 64 or 256); the fp32 engine
+# ran 105,000-108,000 pixels/s against 85,000-93,000 with MKL's torch.mm between passes
+# (benchmarks/NOTES.md, twelfth session).
 TILE_BLOCK = 128
 _TILE_CONFIGURATION = tile_configuration()
 
@@ -287,17 +297,71 @@ def _interleave_bfloat16(rows, operand, pairs, width):
             target[p] = np.uint32(round_to_bfloat16(even[p])) | (np.uint32(round_to_bfloat16(odd[p])) << high)
 
 
+def _block_product(weight, k_rows, gemm_input, operand, gates):
+    """``gates`` = ``weight`` times the first ``k_rows`` rows of ``gemm_input``, by AMX tiles where
+    ``weight`` holds bfloat16 bits (``operand`` their interleaved right factor), else by vectors."""
+
+
+@overload(_block_product, inline="always")
+def _block_product_of(weight, k_rows, gemm_input, operand, gates):
+    # chosen by the weight's type as Numba compiles: the tile instructions exist only in the
+    # bf16 kernel, which runs only where the CPU has them
+    if weight.dtype == types.uint16:
+        def product(weight, k_rows, gemm_input, operand, gates):
+            k_tiles = (k_rows + K_PER_TILE - 1) // K_PER_TILE
+            _interleave_bfloat16(gemm_input, operand, k_tiles * K_PER_TILE // 2, gates.shape[1])
+            tile_product(weight, operand, gates, k_tiles)
+        return product
+    return lambda weight, k_rows, gemm_input, operand, gates: vector_product(weight, k_rows, gemm_input, gates)
+
+
+def _block_product_shape(weight):
+    """(gate rows, rows of the GEMM's input) that :func:`_block_product` takes with ``weight``."""
+
+
+@overload(_block_product_shape, inline="always")
+def _block_product_shape_of(weight):
+    if weight.dtype == types.uint16:
+        return lambda weight: weight.shape
+    # the vectors' packed (G / 12, K, 12): the input's rows padded as the tiles' are
+    return lambda weight: (weight.shape[0] * weight.shape[2], (weight.shape[1] + K_PER_TILE - 1) // K_PER_TILE
+                           * K_PER_TILE)
+
+
+def _begin_products(weight, configuration):
+    """Configure this thread's tiles for the bf16 kernel."""
+
+
+@overload(_begin_products, inline="always")
+def _begin_products_of(weight, configuration):
+    if weight.dtype == types.uint16:
+        return lambda weight, configuration: configure_tiles(configuration.ctypes.data)
+    return lambda weight, configuration: None
+
+
+def _end_products(weight):
+    """Release this thread's tiles after the bf16 kernel."""
+
+
+@overload(_end_products, inline="always")
+def _end_products_of(weight):
+    if weight.dtype == types.uint16:
+        return lambda weight: release_tiles()
+    return lambda weight: None
+
+
 @numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def _recurrence_in_tiles(tile_weight, configuration, values, masks, deltas, weights, sigmoid_alpha, hidden_out,
-                         filled, threads):
+def _recurrence_in_blocks(block_weight, configuration, values, masks, deltas, weights, sigmoid_alpha, hidden_out,
+                          filled, threads):
     """One direction's recurrence over (T, F, B) ``values``/``masks``/``deltas``: the last hidden
     state into ``hidden_out`` (H, B), the gap-filled series into ``filled`` (T, F, B) unless it
-    is empty. ``tile_weight`` (4H and 2F + 1 + H each padded to a multiple of 32) holds the gate
-    weight's bfloat16 bits; the gates come out float32 (AMX adds in float32 and does not round
-    them to bfloat16, as oneDNN's torch.mm does). ``threads``: Numba's threads for this call."""
+    is empty. ``block_weight`` is the gate weight as :func:`_block_product` takes it: bfloat16
+    bits for the tiles, whose gates come out float32 (AMX adds in float32 and does not round
+    them to bfloat16, as oneDNN's torch.mm does), or fp32 packed for the vectors.
+    ``threads``: Numba's threads for this call."""
     steps, n_features, n = values.shape
     n_hidden = hidden_out.shape[0]
-    n_gate_rows, k_padded = tile_weight.shape
+    n_gate_rows, k_padded = _block_product_shape(block_weight)
     no_copy = np.empty((0, 0), np.uint16)  # _next_input's bfloat16 copy; the operand is interleaved here
     n_blocks = (n + TILE_BLOCK - 1) // TILE_BLOCK
     workers = min(threads, n_blocks)
@@ -305,7 +369,7 @@ def _recurrence_in_tiles(tile_weight, configuration, values, masks, deltas, weig
     # pixel and direction (of 3.4)
     for worker in numba.prange(workers):
         wide_vectors()
-        configure_tiles(configuration.ctypes.data)  # per thread
+        _begin_products(block_weight, configuration)  # per thread
         x = aligned_zeros((steps, n_features, TILE_BLOCK), np.float32)
         m = aligned_zeros((steps, n_features, TILE_BLOCK), np.float32)
         d = aligned_zeros((steps, n_features, TILE_BLOCK), np.float32)
@@ -329,26 +393,24 @@ def _recurrence_in_tiles(tile_weight, configuration, values, masks, deltas, weig
                     d[t, k, width:] = 0.0
             hidden[:] = 0.0
             cell[:] = 0.0
-            _next_input(0, TILE_BLOCK, hidden, d[0], x[0], m[0], weights, gemm_input, scratch, no_copy, sigmoid_alpha)
             for t in range(steps):
+                # one call site: a second inlined copy of the pass took the compilation from 31 to 60 s
+                _next_input(0, TILE_BLOCK, hidden, d[t], x[t], m[t], weights, gemm_input, scratch, no_copy,
+                            sigmoid_alpha)
                 if filled.shape[0]:
                     for k in range(n_features):
                         filled[t, k, p0:p0 + width] = gemm_input[k, :width]
-                # the first step's state is zero: only the first tile of K (x, mask, 1) adds anything
-                k_tiles = (2 * n_features + 1 + K_PER_TILE - 1) // K_PER_TILE if t == 0 else k_padded // K_PER_TILE
-                _interleave_bfloat16(gemm_input, operand, k_tiles * K_PER_TILE // 2, TILE_BLOCK)
-                tile_product(tile_weight, operand, gates, k_tiles)
+                # the first step's state is zero: only x, the mask and 1 add anything
+                _block_product(block_weight, 2 * n_features + 1 if t == 0 else 2 * n_features + 1 + n_hidden,
+                               gemm_input, operand, gates)
                 for j in range(n_hidden):
                     gi, gf, gg, go = gates[j], gates[n_hidden + j], gates[2 * n_hidden + j], gates[3 * n_hidden + j]
                     c, h = cell[j], hidden[j]
                     for p in range(TILE_BLOCK):
                         c[p], h[p] = lstm_update(gi[p], gf[p], gg[p], go[p], c[p])
-                if t < steps - 1:
-                    _next_input(0, TILE_BLOCK, hidden, d[t + 1], x[t + 1], m[t + 1], weights, gemm_input, scratch,
-                                no_copy, sigmoid_alpha)
             for j in range(n_hidden):
                 hidden_out[j, p0:p0 + width] = hidden[j, :width]
-        release_tiles()
+        _end_products(block_weight)
 
 
 @numba.njit(inline="always", fastmath=True)
@@ -443,12 +505,12 @@ class _Direction:
     # for _embed and _classify: the embedding's weight and bias (empty without ancillary data),
     # the output layer's
     head_weights: tuple[np.ndarray, ...]
-    # the gate weight's bfloat16 bits padded for _recurrence_in_tiles (64-byte aligned), or None
-    # where the GEMM is torch's
-    tile_weight: np.ndarray | None = None
+    # the gate weight for _recurrence_in_blocks (bfloat16 bits for the tiles, fp32 packed for the
+    # vectors; 64-byte aligned), or None where the GEMM is torch's, a call per step
+    block_weight: np.ndarray | None = None
 
     @classmethod
-    def of(cls, rits: RITS, cfg: BritsConfig, gemm_dtype: torch.dtype = torch.float32, tiles: bool = False
+    def of(cls, rits: RITS, cfg: BritsConfig, gemm_dtype: torch.dtype = torch.float32, blocks: bool = False
            ) -> _Direction:
         cell = rits.cell
         gate_weight = torch.cat([cell.weight_ih, (cell.bias_ih + cell.bias_hh)[:, None], cell.weight_hh], dim=1)
@@ -469,14 +531,16 @@ class _Direction:
         head_weights = (*embedding_weights, array(output_layer.weight), array(output_layer.bias))
         gate_weight = tensor(gate_weight).to(gemm_dtype)
         first_gate_weight = gate_weight[:, :2 * cfg.n_features + 1].contiguous()
-        tile_weight = None
-        if tiles:  # torch's buffers are 64-byte aligned, as the tile loads want
+        block_weight = None
+        if blocks and gemm_dtype == torch.bfloat16:  # torch's buffers are 64-byte aligned, as the tile loads want
             padded = torch.zeros(*(-(-extent // K_PER_TILE) * K_PER_TILE for extent in gate_weight.shape),
                                  dtype=torch.bfloat16)
             padded[:gate_weight.shape[0], :gate_weight.shape[1]] = gate_weight
-            tile_weight = _bfloat16_bits(padded)
+            block_weight = _bfloat16_bits(padded)
+        elif blocks:
+            block_weight = pack_weight(gate_weight.numpy())
         return cls(gate_weight, first_gate_weight, step_weights, cfg.combine_activation == "sigmoid", head_weight,
-                   head_weights, tile_weight)
+                   head_weights, block_weight)
 
     def probabilities(self, values: np.ndarray, masks: np.ndarray, deltas: np.ndarray, ancillary: np.ndarray,
                       filled: np.ndarray | None) -> np.ndarray:
@@ -493,11 +557,11 @@ class _Direction:
         head_input[-1] = 1.0
         if n_embedded:
             _embed(ancillary, embedding_weight, embedding_bias, head_input[n_hidden:-1])
-        if self.tile_weight is not None:
-            _recurrence_in_tiles(self.tile_weight, _TILE_CONFIGURATION, values, masks, deltas, self.step_weights,
-                                 self.sigmoid_alpha, head_input[:n_hidden],
-                                 np.empty((0, 0, 0), np.float32) if filled is None else filled,
-                                 numba.get_num_threads())
+        if self.block_weight is not None:
+            _recurrence_in_blocks(self.block_weight, _TILE_CONFIGURATION, values, masks, deltas, self.step_weights,
+                                  self.sigmoid_alpha, head_input[:n_hidden],
+                                  np.empty((0, 0, 0), np.float32) if filled is None else filled,
+                                  numba.get_num_threads())
         else:
             self._recurrence(values, masks, deltas, head_input[:n_hidden], filled)
         layer = gate_product(self.head_weight, head_input_t, None)
@@ -553,7 +617,11 @@ def _feature_major(series: np.ndarray, padded: int) -> np.ndarray:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-FUSED_PRECISIONS = ("fp32", "bf16")  # fp16 has no fast CPU matrix product (measured: 20x slower than fp32)
+FUSED_PRECISIONS = ("fp32", "bf16")
+# fp32 in blocks (the vectors' product inside the kernel) on Intel's CPUs, where it measured 1.15-1.25x
+# MKL's torch.mm between passes (NOTES, twelfth session); elsewhere oneDNN's linear layer, twice MKL's
+# rate on the AMD EPYC VM, where the blocks have not been measured
+FP32_IN_BLOCKS = intel_cpu()  # fp16 has no fast CPU matrix product (measured: 20x slower than fp32)
 
 
 @functools.cache
@@ -579,23 +647,27 @@ class FusedBrits:
 
     ``precision`` bf16 multiplies in bfloat16 (weights and each step's GEMM input rounded,
     gates returned in bfloat16); the state, the decays, the regressions and the head stay
-    float32. Fast only on CPUs with bf16 instructions (AVX512-BF16, AMX). With AMX (``tiles``,
-    by default where :func:`~msmtu_batch.model.amx.amx_available`) the product is made inside
-    the Numba pass and its gates stay float32."""
+    float32. Fast only on CPUs with bf16 instructions (AVX512-BF16, AMX).
 
-    def __init__(self, model: BRITS, precision: str = "fp32", *, tiles: bool | None = None) -> None:
+    ``blocks``: each block of pixels runs its whole recurrence in one Numba call with the gates'
+    product inside it (:func:`_recurrence_in_blocks`), rather than torch's GEMM between passes.
+    By default: in bf16 where the CPU has AMX (:func:`~msmtu_batch.model.amx.amx_available`; the
+    gates then stay float32), in fp32 where :data:`FP32_IN_BLOCKS`."""
+
+    def __init__(self, model: BRITS, precision: str = "fp32", *, blocks: bool | None = None) -> None:
         if precision not in FUSED_PRECISIONS:
             raise ValueError(f"precision {precision!r}: the CPU engine runs {' or '.join(FUSED_PRECISIONS)}")
         self.config = model.cfg
         self.precision = precision
-        # bf16 with AMX tiles inside the pass where the CPU has them (``tiles`` None), else oneDNN's torch.mm;
         # amx_available also asks Linux for the tiles, without which their first instruction is illegal
-        if tiles and not amx_available():
-            raise ValueError("tiles: this CPU has no AMX tiles (or Linux did not grant them)")
-        self.tiles = precision == "bf16" and (amx_available() if tiles is None else tiles)
+        if blocks and precision == "bf16" and not amx_available():
+            raise ValueError("blocks in bf16: this CPU has no AMX tiles (or Linux did not grant them)")
+        if blocks is None:
+            blocks = amx_available() if precision == "bf16" else FP32_IN_BLOCKS
+        self.blocks = blocks
         gemm_dtype = PRECISIONS[precision] or torch.float32
-        self.forward_pass = _Direction.of(model.forward_pass, model.cfg, gemm_dtype, self.tiles)
-        self.backward_pass = _Direction.of(model.backward_pass, model.cfg, gemm_dtype, self.tiles)
+        self.forward_pass = _Direction.of(model.forward_pass, model.cfg, gemm_dtype, blocks)
+        self.backward_pass = _Direction.of(model.backward_pass, model.cfg, gemm_dtype, blocks)
 
     def __call__(self, values: np.ndarray, masks: np.ndarray, deltas_forward: np.ndarray,
                  deltas_backward: np.ndarray, ancillary: np.ndarray | None = None, *, imputed: bool = True,
