@@ -68,7 +68,7 @@ from msmtu_batch.model.amx import (
 )
 from msmtu_batch.model.brits import BRITS, RITS, BritsConfig, as_tensor
 from msmtu_batch.model.fastmath import decay_factor, fast_sigmoid, fma, lstm_update, wide_vectors
-from msmtu_batch.model.gemm import intel_cpu, through_onednn, times_transposed
+from msmtu_batch.model.gemm import cpuinfo, intel_cpu, through_onednn, times_transposed
 from msmtu_batch.model.preprocess import ModelInputs
 from msmtu_batch.model.vector_gemm import pack_weight, vector_product
 from msmtu_batch.runtime.errors import MsmtuError
@@ -617,11 +617,12 @@ def _feature_major(series: np.ndarray, padded: int) -> np.ndarray:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-FUSED_PRECISIONS = ("fp32", "bf16")
-# fp32 in blocks (the vectors' product inside the kernel) on Intel's CPUs, where it measured 1.15-1.25x
-# MKL's torch.mm between passes (NOTES, twelfth session); elsewhere oneDNN's linear layer, twice MKL's
-# rate on the AMD EPYC VM, where the blocks have not been measured
-FP32_IN_BLOCKS = intel_cpu()  # fp16 has no fast CPU matrix product (measured: 20x slower than fp32)
+FUSED_PRECISIONS = ("fp32", "bf16")  # fp16 has no fast CPU matrix product (measured: 20x slower than fp32)
+# fp32 in blocks (the vectors' product inside the kernel) on Intel's CPUs with AVX-512, where it measured
+# 1.2-1.3x MKL's torch.mm between passes with the same bits (NOTES, twelfth session; its 24 sums of 16
+# floats need AVX-512's 32 registers); elsewhere torch's GEMM: oneDNN's linear layer, twice MKL's rate on
+# the AMD EPYC VM, where the blocks have not been measured
+FP32_IN_BLOCKS = intel_cpu() and "avx512f" in cpuinfo().get("flags", "").split()
 
 
 @functools.cache
