@@ -365,8 +365,8 @@ def _recurrence_in_blocks(block_weight, configuration, values, masks, deltas, we
     no_copy = np.empty((0, 0), np.uint16)  # _next_input's bfloat16 copy; the operand is interleaved here
     n_blocks = (n + TILE_BLOCK - 1) // TILE_BLOCK
     workers = min(threads, n_blocks)
-    # a worker's buffers serve all its blocks: made and zeroed for each block, they took 0.16 us a
-    # pixel and direction (of 3.4)
+    # a worker's buffers serve all its blocks: made for each block, with the inputs copied as 3-D
+    # slices (gathers), they took 0.36 us a pixel and direction of 3.4
     for worker in numba.prange(workers):
         wide_vectors()
         _begin_products(block_weight, configuration)  # per thread
